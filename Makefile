@@ -1,0 +1,32 @@
+# Two set-up commands for a fresh clone: `make demo` and `make test`.
+# Each creates .venv and installs what it needs. TORCH pins the CPU build that lies
+# on the development machines' disk; users with GPUs can pass their own, e.g.
+#   make test TORCH="torch>=2.3 --index-url https://download.pytorch.org/whl/cu124"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-slow install clean
+
+$(BIN)/swinssl: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/swinssl
+
+demo: install
+	$(BIN)/swinssl phantom --out runs/demo/data --cases 4 --size 64 --seed 0
+	$(BIN)/swinssl data check runs/demo/data
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs

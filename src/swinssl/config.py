@@ -1,0 +1,233 @@
+"""Typed configuration: dataclasses with defaults, YAML presets, ``key=value`` overrides.
+
+A config is plain data. ``load_config`` starts from the dataclass defaults, applies a
+YAML preset (a file path, or a preset name such as ``data/phantom`` looked up in
+``configs/``), then command-line overrides like ``preprocess.roi_size=64`` or
+``data=PATH`` (short for ``data.path=PATH``). Every key and value is validated:
+an unknown key or a wrong type raises ``ConfigError`` naming the key and the
+allowed keys or values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+from swinssl.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+Modality = Literal["CT", "MRI", "auto"]
+
+
+@dataclass
+class DataConfig:
+    """Where the volumes are and what they are."""
+
+    path: str = ""  # a folder of volumes, an MSD/nnU-Net dataset.json, or an nnU-Net raw folder
+    modality: Modality = "auto"  # used where the dataset does not say; auto: from folder names, then intensities
+    num_classes: int = 0  # 0: take from the dataset's labels (or the label values found)
+
+
+@dataclass
+class PreprocessConfig:
+    """How a volume becomes network input. Stored with every checkpoint (its plan)."""
+
+    orientation: str = "RAS"
+    spacing: tuple[float, float, float] | None = None  # mm; None keeps each volume's own spacing
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)  # HU mapped to [0, 1], clipped
+    mri_percentiles: tuple[float, float] = (0.5, 99.5)  # mapped to [0, 1], clipped
+    mri_normalization: Literal["percentile", "zscore"] = "percentile"
+    crop_foreground: bool = True
+    foreground_threshold: float = 0.0  # on the normalised image: voxels above it are foreground
+    roi_size: tuple[int, int, int] = (96, 96, 96)
+    num_crops: int = 2  # random crops per volume and visit
+    pos_fraction: float = 0.5  # fine-tuning: share of crops centred on a labelled voxel
+    augment: bool = True  # fine-tuning: flips, rot90, intensity shift/scale
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    seed: int = 0
+
+
+# A section given a scalar sets this field: ``data=PATH`` means ``data.path=PATH``.
+SHORTHANDS = {"data": "path"}
+
+
+def load_config(preset: str | Path | None = None, overrides: Sequence[str] = (), cls: type = Config) -> Any:
+    """Build a validated config of type ``cls`` from defaults, a preset and overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if preset:
+        path = resolve_preset(preset)
+        source = str(path)
+        raw = _read_yaml(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    if overrides:
+        source = "command line" if source == "defaults" else f"{source} + command line"
+    return from_dict(cls, raw, source=source)
+
+
+def resolve_preset(preset: str | Path) -> Path:
+    """A preset is a YAML file path or a name relative to ``configs/`` (``.yaml`` optional)."""
+    path = Path(preset)
+    candidates = [path, PRESET_DIR / path, PRESET_DIR / path.with_suffix(".yaml")]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    names = sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in PRESET_DIR.rglob("*.yaml"))
+    raise ConfigError(f"{preset}: no such config file or preset; presets: {', '.join(names)}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} malformed YAML ({getattr(err, 'problem', err)})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value); the value is parsed as YAML (numbers, lists, null, true)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"{item!r}: overrides are key=value, e.g. preprocess.roi_size=64")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) == 1 and parts[0] in SHORTHANDS and not isinstance(value, dict):
+        parts = [parts[0], SHORTHANDS[parts[0]]]
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, raw: dict[str, Any], source: str = "config", prefix: str = "") -> Any:
+    """Construct dataclass ``cls`` from nested dicts, checking keys and types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a section (key: value), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'; allowed: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against type ``tp`` and convert where lossless (list -> tuple, int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
+
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source, prefix=f"{key}.")
+    if origin is Literal:
+        if value not in args:
+            fail("one of " + ", ".join(map(str, args)))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, source)
+        fail(" or ".join(map(_type_name, args)))
+    if origin is tuple:
+        if isinstance(value, str) and "," in value:
+            value = [yaml.safe_load(v) for v in value.split(",")]
+        if len(args) == 2 and args[1] is Ellipsis:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return tuple(_coerce(v, args[0], key, source) for v in items)
+        if not isinstance(value, (list, tuple)):
+            if len(set(args)) == 1 and not isinstance(value, (dict, str)):
+                value = [value] * len(args)  # roi_size=96 means (96, 96, 96)
+            else:
+                fail(f"a list of {len(args)} values")
+        if len(value) != len(args):
+            fail(f"a list of {len(args)} values")
+        return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            fail("a list")
+        return [_coerce(v, args[0], key, source) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail("a mapping")
+        return {_coerce(k, args[0], key, source): _coerce(v, args[1], key, source) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            fail("a string")
+        return str(value)
+    if tp is Any:
+        return value
+    raise TypeError(f"config type {tp!r} of {key} is not supported")  # a bug in a dataclass, not user input
+
+
+def _type_name(tp: Any) -> str:
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) that ``from_dict`` reads back."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    from swinssl.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,151 @@
+"""Reading volumes and labels with MONAI, and checking them before anything else sees them.
+
+Every read goes through ``read_image`` / ``read_label``, which turn library failures
+and bad content into one-line ``DataError`` messages that start with the file:
+missing, empty or truncated files, unknown formats, arrays that are not 3D,
+NaN/Inf voxels, labels whose grid differs from their image, label values outside
+the declared classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import LoadImage
+
+from swinssl.data.discover import VOLUME_SUFFIXES, is_dicom_file
+from swinssl.errors import DataError
+
+# MONAI's DICOM readers warn about an optional GPU decoder when created; it is noise here.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    _loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
+
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+def read_volume(path: str | Path) -> MetaTensor:
+    """Read one file (or DICOM series folder) as a channel-first float32 MetaTensor (C, X, Y, Z)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        if not any(is_dicom_file(p) for p in path.iterdir() if p.is_file()):
+            raise DataError(f"{path}: folder holds no DICOM files")
+    else:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file (0 bytes)")
+        if not path.name.lower().endswith(VOLUME_SUFFIXES + (".dcm",)):
+            raise DataError(f"{path}: unsupported file type (expected one of {', '.join(VOLUME_SUFFIXES)})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = _loader(str(path))
+    except Exception as err:  # noqa: BLE001 - any reader failure becomes one clear line
+        raise DataError(f"{path}: cannot read ({_reason(err)})") from None
+    return image
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    # MONAI wraps reader errors in a long multi-line message; the last line names the cause.
+    detail = text[-1] if text else ""
+    for line in text:
+        if "truncated" in line.lower() or "eof" in line.lower() or "compressed" in line.lower():
+            detail = line
+    detail = detail[:200]
+    return f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+
+
+def read_image(paths: str | Path | Sequence[str | Path], channels: int | None = None) -> MetaTensor:
+    """Read an image from one file or one file per channel; check it is 3D and finite.
+
+    Returns float32 ``(C, X, Y, Z)`` with the affine in ``.affine`` (RAS world, as MONAI reads it).
+    ``channels`` is the expected channel count (None: one per file).
+    """
+    files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    parts = [read_volume(f) for f in files]
+    per_file = channels if len(files) == 1 and channels else 1
+    for f, part in zip(files, parts):
+        _check_3d(f, part, per_file)
+        _check_finite(f, part)
+    image = parts[0]
+    if len(parts) > 1:
+        for f, part in zip(files[1:], parts[1:]):
+            _check_same_grid(f, part, files[0], parts[0], what="channel")
+        image = MetaTensor(torch.cat([p.as_tensor() for p in parts]), meta=parts[0].meta)
+    if channels is not None and image.shape[0] != channels:
+        raise DataError(f"{files[0]}: has {image.shape[0]} channels, expected {channels}")
+    return image
+
+
+def read_label(path: str | Path, image: MetaTensor, image_path: str | Path, classes: Sequence[int] | None = None) -> MetaTensor:
+    """Read a label map for ``image``; check grid, integrality and class values.
+
+    Returns float32 ``(1, X, Y, Z)`` holding class indices (MONAI's convention).
+    """
+    path = Path(path)
+    label = read_volume(path)
+    _check_3d(path, label)
+    _check_finite(path, label)
+    _check_same_grid(path, label, Path(image_path), image, what="label")
+    values = torch.unique(label)
+    if not torch.equal(values, values.round()):
+        raise DataError(f"{path}: label has non-integer values (e.g. {values[values != values.round()][0].item():g})")
+    if classes is not None:
+        extra = sorted(set(int(v) for v in values.tolist()) - set(int(c) for c in classes))
+        if extra:
+            raise DataError(f"{path}: label values {extra} are not among the declared classes {sorted(classes)}")
+    return label
+
+
+def _check_3d(path: Path, image: MetaTensor, channels: int = 1) -> None:
+    """MONAI reads a 2D file as (1, X, Y) and a 4D one as (C, X, Y, Z): both fail here."""
+    if image.ndim != 4 or image.shape[0] != channels:
+        shape = tuple(image.shape[1:]) + ((image.shape[0],) if image.shape[0] > 1 else ())
+        want = "a 3D volume" if channels == 1 else f"a 3D volume with {channels} channels"
+        raise DataError(f"{path}: expected {want}, got a {len(shape)}D array of shape {shape}")
+    if min(image.shape[1:]) < 1:
+        raise DataError(f"{path}: empty volume of shape {tuple(image.shape[1:])}")
+
+
+def _check_finite(path: Path, image: torch.Tensor) -> None:
+    bad = (~torch.isfinite(image)).sum().item()
+    if bad:
+        nan = torch.isnan(image).sum().item()
+        raise DataError(f"{path}: {bad} non-finite voxels ({nan} NaN, {bad - nan} Inf)")
+
+
+def _check_same_grid(path: Path, other: MetaTensor, ref_path: Path, ref: MetaTensor, what: str) -> None:
+    if tuple(other.shape[1:]) != tuple(ref.shape[1:]):
+        raise DataError(
+            f"{path}: {what} shape {tuple(other.shape[1:])} differs from image {ref_path.name} shape {tuple(ref.shape[1:])}"
+        )
+    a, b = np.asarray(other.affine, dtype=np.float64), np.asarray(ref.affine, dtype=np.float64)
+    if not np.allclose(a, b, atol=AFFINE_TOLERANCE_MM, rtol=1e-4):
+        worst = float(np.abs(a - b).max())
+        raise DataError(f"{path}: {what} affine differs from image {ref_path.name} (max difference {worst:.4g} mm)")
+
+
+def spacing_of(image: MetaTensor) -> tuple[float, ...]:
+    affine = np.asarray(image.affine, dtype=np.float64)
+    return tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+
+
+def orientation_of(image: MetaTensor) -> str:
+    import nibabel as nib
+
+    return "".join(nib.aff2axcodes(np.asarray(image.affine, dtype=np.float64)))
+
+
+def guess_modality(image: torch.Tensor) -> str:
+    """CT if the volume holds Hounsfield-like negative values (air near -1000), else MRI."""
+    low = torch.quantile(image.flatten()[:: max(1, image.numel() // 200_000)].float(), 0.01).item()
+    return "CT" if low < -500 else "MRI"

@@ -1,0 +1,195 @@
+"""MONAI transform pipelines, one function per stage: pre-training, fine-tuning, inference.
+
+Items are dicts made by ``case_item``: ``{"image": path(s), "label": path or None,
+"modality": "CT" | "MRI" | None, "case_id": str}``. Every pipeline starts with
+``LoadCased`` (read + check, see ``swinssl.data.io``) and normalises each volume by
+its own modality, so one pipeline serves mixed CT + MRI data:
+
+- CT: HU window ``ct_window`` mapped to [0, 1], clipped;
+- MRI: ``mri_percentiles`` (per channel) mapped to [0, 1], clipped, or z-score on
+  non-zero voxels (``mri_normalization: zscore``).
+
+Outputs are channel-first float32 MetaTensors ``(C, X, Y, Z)``; labels are
+``(1, X, Y, Z)`` class indices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Mapping, Sequence
+
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    Invertd,
+    CropForegroundd,
+    MapTransform,
+    NormalizeIntensity,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropSamplesd,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
+    Spacingd,
+    SpatialPadd,
+)
+
+from swinssl.config import PreprocessConfig
+from swinssl.data.discover import Case
+from swinssl.data.io import guess_modality, read_image, read_label
+from swinssl.errors import DataError
+
+
+def case_item(case: Case) -> dict[str, Any]:
+    """The dict a pipeline consumes for one case."""
+    images = [str(p) for p in case.images]
+    return {
+        "image": images[0] if len(images) == 1 else images,
+        "label": str(case.label) if case.label else None,
+        "modality": case.modality,
+        "case_id": case.case_id,
+    }
+
+
+class LoadCased(MapTransform):
+    """Read ``image`` (and ``label`` when present) with the checks of ``swinssl.data.io``.
+
+    Resolves a missing ``modality`` from intensities (CT if air-like values are present).
+    ``classes``: allowed label values (None: any integers); ``channels``: expected image channels.
+    """
+
+    def __init__(self, classes: Sequence[int] | None = None, channels: int = 1, require_label: bool = False):
+        super().__init__(keys=["image", "label"], allow_missing_keys=True)
+        self.classes = classes
+        self.channels = channels
+        self.require_label = require_label
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image_path = d["image"]
+        d["image"] = read_image(image_path, channels=self.channels)
+        first = image_path if isinstance(image_path, str) else image_path[0]
+        if d.get("label"):
+            d["label"] = read_label(d["label"], d["image"], first, self.classes)
+        elif self.require_label:
+            raise DataError(f"{first}: no label for this case (fine-tuning needs one)")
+        else:
+            d.pop("label", None)
+        if not d.get("modality"):
+            d["modality"] = guess_modality(d["image"])
+        return d
+
+
+class NormalizeByModalityd(MapTransform):
+    """Scale ``image`` by the modality named in the item (see module docstring)."""
+
+    def __init__(self, cfg: PreprocessConfig):
+        super().__init__(keys=["image"])
+        self.ct = ScaleIntensityRange(*cfg.ct_window, b_min=0.0, b_max=1.0, clip=True)
+        if cfg.mri_normalization == "percentile":
+            self.mri = ScaleIntensityRangePercentiles(*cfg.mri_percentiles, b_min=0.0, b_max=1.0, clip=True, channel_wise=True)
+        else:
+            self.mri = NormalizeIntensity(nonzero=True, channel_wise=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        modality = d.get("modality")
+        if modality not in ("CT", "MRI"):
+            raise DataError(f"{d.get('case_id', '?')}: unknown modality {modality!r} (expected CT or MRI)")
+        d["image"] = (self.ct if modality == "CT" else self.mri)(d["image"])
+        return d
+
+
+def _geometry(cfg: PreprocessConfig, keys: list[str]) -> list:
+    """Reorient and (optionally) resample; labels use nearest-neighbour."""
+    steps: list = [Orientationd(keys=keys, axcodes=cfg.orientation, labels=None)]
+    if cfg.spacing is not None:
+        modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+        steps.append(Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes))
+    return steps
+
+
+def _foreground(cfg: PreprocessConfig, keys: list[str]) -> list:
+    if not cfg.crop_foreground:
+        return []
+    threshold = cfg.foreground_threshold
+    return [CropForegroundd(keys=keys, source_key="image", select_fn=lambda x: x > threshold, allow_smaller=True)]
+
+
+def pretrain_transforms(cfg: PreprocessConfig, channels: int = 1) -> Compose:
+    """Unlabelled volumes -> ``cfg.num_crops`` random crops of ``cfg.roi_size`` in [0, 1] (a list of items)."""
+    keys = ["image"]
+    return Compose(
+        [
+            LoadCased(classes=None, channels=channels),
+            *_geometry(cfg, keys),
+            NormalizeByModalityd(cfg),
+            *_foreground(cfg, keys),
+            SpatialPadd(keys=keys, spatial_size=cfg.roi_size),
+            RandSpatialCropSamplesd(keys=keys, roi_size=cfg.roi_size, num_samples=cfg.num_crops, random_size=False),
+        ]
+    )
+
+
+def finetune_transforms(
+    cfg: PreprocessConfig, classes: Sequence[int] | None = None, channels: int = 1, train: bool = True
+) -> Compose:
+    """Image + label. ``train``: label-guided random crops and augmentation; else whole volumes."""
+    keys = ["image", "label"]
+    steps: list = [
+        LoadCased(classes=classes, channels=channels, require_label=True),
+        *_geometry(cfg, keys),
+        NormalizeByModalityd(cfg),
+        *_foreground(cfg, keys),
+    ]
+    if train:
+        steps += [
+            SpatialPadd(keys=keys, spatial_size=cfg.roi_size),
+            RandCropByPosNegLabeld(
+                keys=keys,
+                label_key="label",
+                spatial_size=cfg.roi_size,
+                pos=cfg.pos_fraction,
+                neg=1.0 - cfg.pos_fraction,
+                num_samples=cfg.num_crops,
+                image_key="image",
+                image_threshold=cfg.foreground_threshold,
+            ),
+        ]
+        if cfg.augment:
+            steps += [
+                RandFlipd(keys=keys, prob=0.1, spatial_axis=0),
+                RandFlipd(keys=keys, prob=0.1, spatial_axis=1),
+                RandFlipd(keys=keys, prob=0.1, spatial_axis=2),
+                RandRotate90d(keys=keys, prob=0.1, max_k=3),
+                RandScaleIntensityd(keys="image", factors=0.1, prob=0.1),
+                RandShiftIntensityd(keys="image", offsets=0.1, prob=0.1),
+            ]
+    return Compose(steps)
+
+
+def inference_transforms(cfg: PreprocessConfig, channels: int = 1) -> Compose:
+    """Image only, every spatial step invertible: ``invert`` maps network outputs back to the input grid."""
+    keys = ["image"]
+    return Compose(
+        [LoadCased(classes=None, channels=channels), *_geometry(cfg, keys), NormalizeByModalityd(cfg), *_foreground(cfg, keys)]
+    )
+
+
+def invert(transforms: Compose, item: Mapping[Hashable, Any], output: torch.Tensor, nearest: bool = True) -> MetaTensor:
+    """Map ``output`` (C, ...) on the grid of ``item["image"]`` back to the grid of the input file.
+
+    Undoes foreground cropping, resampling and reorientation (MONAI's ``Invertd``); the
+    result has the input's spatial shape and ``.affine``. ``nearest`` keeps masks integer.
+    """
+    image = item["image"]
+    if not isinstance(image, MetaTensor):
+        raise TypeError("invert needs the MetaTensor produced by the pipeline")
+    if tuple(output.shape[1:]) != tuple(image.shape[1:]):
+        raise ValueError(f"output spatial shape {tuple(output.shape[1:])} differs from the transformed image {tuple(image.shape[1:])}")
+    inverter = Invertd(keys="pred", transform=transforms, orig_keys="image", nearest_interp=nearest)
+    return inverter({**item, "pred": output.detach().to(torch.float32)})["pred"]

@@ -1,0 +1,29 @@
+"""Errors that swinssl reports to users as one clear line.
+
+The CLI prints ``error: <message>`` for these and exits with the code below; any
+other exception is a bug and keeps its traceback.
+"""
+
+
+class SwinsslError(Exception):
+    """Base class: a problem with the user's input, reported without a traceback."""
+
+    exit_code = 1
+
+
+class DataError(SwinsslError, ValueError):
+    """A volume, label or dataset file is unreadable, malformed or inconsistent.
+
+    The message starts with the offending path.
+    """
+
+    exit_code = 3
+
+
+class ConfigError(SwinsslError, ValueError):
+    """A configuration file or a ``key=value`` override is invalid.
+
+    The message names the key and, where it helps, the allowed values.
+    """
+
+    exit_code = 2

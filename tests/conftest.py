@@ -1,0 +1,43 @@
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+LPS_AFFINE = np.array([[-1.5, 0, 0, 30.0], [0, -1.5, 0, 40.0], [0, 0, 2.0, -20.0], [0, 0, 0, 1]])
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray = LPS_AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array), affine), str(path))
+    return path
+
+
+def body_volume(shape=(40, 36, 28), modality="CT", seed=0):
+    """A box 'body' in air with a labelled block (1) and a small block (2); returns (image, label)."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(shape, np.uint8)
+    body = np.zeros(shape, bool)
+    body[4:-4, 4:-4, 3:-3] = True
+    label[10:20, 10:18, 8:16] = 1
+    label[24:28, 22:26, 18:21] = 2
+    if modality == "CT":
+        image = np.where(body, 40.0, -1000.0) + np.where(label == 1, 20.0, 0) + np.where(label == 2, 110.0, 0)
+    else:
+        image = np.where(body, 300.0, 0.0) + np.where(label == 1, 200.0, 0) + np.where(label == 2, -150.0, 0)
+    image = image + rng.normal(0, 5, shape) * body
+    return image.astype(np.float32), label
+
+
+@pytest.fixture
+def ct_case(tmp_path):
+    image, label = body_volume(modality="CT")
+    return write_nifti(tmp_path / "ct_image.nii.gz", image), write_nifti(tmp_path / "ct_label.nii.gz", label)
+
+
+@pytest.fixture
+def mri_case(tmp_path):
+    image, label = body_volume(modality="MRI", seed=1)
+    return write_nifti(tmp_path / "mri_image.nii.gz", image), write_nifti(tmp_path / "mri_label.nii.gz", label)

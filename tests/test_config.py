@@ -1,0 +1,113 @@
+from pathlib import Path
+
+import pytest
+
+from swinssl.config import Config, PreprocessConfig, from_dict, load_config, resolve_preset, save_config, to_dict
+from swinssl.errors import ConfigError
+
+
+def test_defaults_without_preset():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.preprocess.roi_size == (96, 96, 96)
+    assert cfg.preprocess.ct_window == (-1000.0, 1000.0)
+    assert cfg.data.modality == "auto"
+
+
+def test_preset_by_name_and_by_path_are_the_same():
+    by_name = load_config("preprocess/ct")
+    by_path = load_config(resolve_preset("preprocess/ct.yaml"))
+    assert by_name == by_path
+    assert by_name.preprocess.spacing == (1.5, 1.5, 2.0)
+    assert by_name.preprocess.ct_window == (-175.0, 250.0)
+    assert by_name.data.modality == "CT"
+
+
+def test_every_shipped_preset_loads():
+    presets = sorted(Path(resolve_preset("preprocess/ct")).parents[1].rglob("*.yaml"))
+    assert len(presets) >= 2
+    for preset in presets:
+        load_config(preset)
+
+
+def test_overrides_apply_after_preset_with_yaml_values():
+    cfg = load_config("preprocess/ct", ["preprocess.roi_size=[64, 64, 32]", "preprocess.spacing=null", "seed=7"])
+    assert cfg.preprocess.roi_size == (64, 64, 32)
+    assert cfg.preprocess.spacing is None
+    assert cfg.seed == 7
+    assert cfg.preprocess.ct_window == (-175.0, 250.0)  # untouched preset value
+
+
+def test_scalar_broadcasts_to_3_tuple_and_comma_lists_parse():
+    cfg = load_config(None, ["preprocess.roi_size=64", "preprocess.spacing=1,1,2.5"])
+    assert cfg.preprocess.roi_size == (64, 64, 64)
+    assert cfg.preprocess.spacing == (1.0, 1.0, 2.5)
+
+
+def test_data_shorthand_sets_data_path():
+    assert load_config(None, ["data=/some/folder"]).data.path == "/some/folder"
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError, match=r"unknown key 'preprocess.roi_sz'; allowed: .*roi_size"):
+        load_config(None, ["preprocess.roi_sz=64"])
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'sed'; allowed: data, preprocess, seed"):
+        load_config(None, ["sed=1"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("preprocess.num_crops=two", "preprocess.num_crops must be an integer"),
+        ("preprocess.num_crops=2.5", "preprocess.num_crops must be an integer"),
+        ("preprocess.crop_foreground=maybe", "preprocess.crop_foreground must be true or false"),
+        ("preprocess.roi_size=[64, 64]", "preprocess.roi_size must be a list of 3 values"),
+        ("preprocess.mri_normalization=minmax", "must be one of percentile, zscore"),
+        ("data.modality=PET", "data.modality must be one of CT, MRI, auto"),
+        ("preprocess.ct_window=wide", "preprocess.ct_window must be"),
+        ("preprocess=3", "preprocess must be a section"),
+    ],
+)
+def test_wrong_type_names_key_and_allowed_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="overrides are key=value"):
+        load_config(None, ["preprocess.roi_size"])
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preprocess:\n  roi_size: [64, 64\n  num_crops: 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: line \d+ malformed YAML"):
+        load_config(bad)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
+        load_config(bad)
+
+
+def test_missing_preset_lists_available():
+    with pytest.raises(ConfigError, match=r"nope: no such config file or preset; presets: .*preprocess/ct"):
+        load_config("nope")
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config("preprocess/mri", ["preprocess.roi_size=48", "seed=3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert not [p for p in tmp_path.iterdir() if p.name != "config.yaml"]  # no temporary file left
+
+
+def test_from_dict_on_a_section_class():
+    cfg = from_dict(PreprocessConfig, {"roi_size": [32, 32, 32]})
+    assert cfg.roi_size == (32, 32, 32)
+    assert to_dict(cfg)["roi_size"] == [32, 32, 32]

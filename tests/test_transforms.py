@@ -1,0 +1,151 @@
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import LPS_AFFINE, body_volume, write_nifti
+
+from swinssl.config import PreprocessConfig
+from swinssl.data.io import orientation_of, spacing_of
+from swinssl.data.transforms import (
+    NormalizeByModalityd,
+    finetune_transforms,
+    inference_transforms,
+    invert,
+    pretrain_transforms,
+)
+
+
+def item(image, label=None, modality="CT"):
+    return {"image": str(image), "label": str(label) if label else None, "modality": modality, "case_id": "x"}
+
+
+def test_ct_window_maps_hu_to_unit_range_and_clips():
+    norm = NormalizeByModalityd(PreprocessConfig(ct_window=(-1000.0, 1000.0)))
+    hu = torch.tensor([[[[-2000.0, -1000.0, 0.0, 500.0, 1000.0, 3000.0]]]])
+    out = norm({"image": hu, "modality": "CT"})["image"]
+    assert torch.allclose(out.flatten(), torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0, 1.0]))
+
+
+def test_mri_percentiles_map_to_unit_range_per_channel():
+    norm = NormalizeByModalityd(PreprocessConfig(mri_percentiles=(0.0, 100.0)))
+    x = torch.stack([torch.linspace(0, 100, 1000), torch.linspace(50, 5000, 1000)]).reshape(2, 10, 10, 10)
+    out = norm({"image": x, "modality": "MRI"})["image"]
+    for c in range(2):
+        assert out[c].min().item() == pytest.approx(0.0)
+        assert out[c].max().item() == pytest.approx(1.0)
+
+
+def test_mri_zscore_on_nonzero_voxels():
+    norm = NormalizeByModalityd(PreprocessConfig(mri_normalization="zscore"))
+    x = torch.zeros(1, 10, 10, 10)
+    x[0, 2:8, 2:8, 2:8] = torch.randn(6, 6, 6) * 30 + 200
+    out = norm({"image": x, "modality": "MRI"})["image"]
+    inside = out[x != 0]
+    assert inside.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert inside.std().item() == pytest.approx(1.0, abs=1e-2)
+    assert torch.all(out[x == 0] == 0)
+
+
+def test_pretrain_pipeline_gives_num_crops_of_roi_in_unit_range(ct_case):
+    cfg = PreprocessConfig(roi_size=(16, 16, 16), num_crops=3, spacing=(2.0, 2.0, 2.0))
+    crops = pretrain_transforms(cfg)(item(ct_case[0]))
+    assert len(crops) == 3
+    for crop in crops:
+        image = crop["image"]
+        assert image.shape == (1, 16, 16, 16) and image.dtype == torch.float32
+        assert 0.0 <= image.min().item() and image.max().item() <= 1.0
+        assert orientation_of(image) == "RAS"
+        assert spacing_of(image) == pytest.approx((2.0, 2.0, 2.0))
+        assert "label" not in crop
+
+
+def test_pretrain_crops_are_seeded(ct_case):
+    cfg = PreprocessConfig(roi_size=(16, 16, 16), num_crops=2)
+    pipeline = pretrain_transforms(cfg)
+    pipeline.set_random_state(seed=5)
+    first = [c["image"] for c in pipeline(item(ct_case[0]))]
+    pipeline.set_random_state(seed=5)
+    second = [c["image"] for c in pipeline(item(ct_case[0]))]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_volume_smaller_than_roi_is_padded(tmp_path):
+    image, _ = body_volume(shape=(20, 18, 14))
+    path = write_nifti(tmp_path / "small_ct.nii.gz", image)
+    crops = pretrain_transforms(PreprocessConfig(roi_size=(32, 32, 32), num_crops=1))(item(path))
+    assert crops[0]["image"].shape == (1, 32, 32, 32)
+
+
+def test_mixed_ct_and_mri_normalised_by_their_own_modality(ct_case, mri_case):
+    cfg = PreprocessConfig(roi_size=(16, 16, 16), num_crops=1, crop_foreground=False)
+    pipeline = pretrain_transforms(cfg)
+    ct = pipeline(item(ct_case[0], modality="CT"))[0]
+    mri = pipeline(item(mri_case[0], modality="MRI"))[0]
+    assert ct["modality"] == "CT" and mri["modality"] == "MRI"
+    for crop in (ct, mri):
+        assert 0.0 <= crop["image"].min().item() and crop["image"].max().item() <= 1.0
+
+
+def test_modality_guessed_from_intensities_when_unknown(ct_case, mri_case):
+    cfg = PreprocessConfig(roi_size=(16, 16, 16), num_crops=1)
+    assert pretrain_transforms(cfg)(item(ct_case[0], modality=None))[0]["modality"] == "CT"
+    assert pretrain_transforms(cfg)(item(mri_case[0], modality=None))[0]["modality"] == "MRI"
+
+
+def test_finetune_train_crops_follow_labels(ct_case):
+    cfg = PreprocessConfig(roi_size=(16, 16, 16), num_crops=4, pos_fraction=1.0, augment=True)
+    crops = finetune_transforms(cfg, classes=[0, 1, 2])(item(*ct_case))
+    assert len(crops) == 4
+    for crop in crops:
+        assert crop["image"].shape == crop["label"].shape == (1, 16, 16, 16)
+        values = set(torch.unique(crop["label"]).tolist())
+        assert values <= {0.0, 1.0, 2.0}
+        assert values - {0.0}, "pos_fraction=1 crops must be centred on a labelled voxel"
+
+
+def test_finetune_validation_keeps_whole_volume_and_label_grid(ct_case):
+    cfg = PreprocessConfig(crop_foreground=False)
+    out = finetune_transforms(cfg, train=False)(item(*ct_case))
+    assert out["image"].shape == out["label"].shape == (1, 40, 36, 28)
+    assert orientation_of(out["label"]) == "RAS"
+    assert set(torch.unique(out["label"]).tolist()) == {0.0, 1.0, 2.0}
+    assert out["label"].sum().item() == pytest.approx(nib.load(ct_case[1]).get_fdata().sum())
+
+
+def test_inference_inverse_restores_input_grid_exactly_without_resampling(ct_case):
+    cfg = PreprocessConfig(spacing=None, crop_foreground=True)
+    pipeline = inference_transforms(cfg)
+    data = pipeline(item(ct_case[0]))
+    assert orientation_of(data["image"]) == "RAS"
+    assert data["image"].shape[1:] != (40, 36, 28)  # foreground crop removed the air margin
+    # A "prediction" on the transformed grid: the label pushed through the same spatial steps.
+    label_on_grid = finetune_transforms(cfg, train=False)(item(*ct_case))["label"]
+    back = invert(pipeline, data, label_on_grid)
+    original = nib.load(ct_case[1])
+    assert back.shape == (1, *original.shape)
+    np.testing.assert_allclose(np.asarray(back.affine), original.affine, atol=1e-5)
+    np.testing.assert_array_equal(back[0].numpy(), original.get_fdata())
+
+
+def test_inference_inverse_after_resampling_lands_on_input_grid(ct_case):
+    cfg = PreprocessConfig(spacing=(1.0, 1.0, 1.0))
+    pipeline = inference_transforms(cfg)
+    data = pipeline(item(ct_case[0]))
+    assert spacing_of(data["image"]) == pytest.approx((1.0, 1.0, 1.0))
+    label_on_grid = finetune_transforms(cfg, train=False)(item(*ct_case))["label"]
+    back = invert(pipeline, data, label_on_grid)
+    original = nib.load(ct_case[1]).get_fdata()
+    assert back.shape == (1, *original.shape)
+    np.testing.assert_allclose(np.asarray(back.affine), LPS_AFFINE, atol=1e-5)
+    assert set(torch.unique(back).tolist()) <= {0.0, 1.0, 2.0}  # nearest: still class indices
+    for c in (1, 2):
+        pred, ref = back[0].numpy() == c, original == c
+        dice = 2 * (pred & ref).sum() / (pred.sum() + ref.sum())
+        assert dice > 0.9, f"class {c}: Dice {dice:.3f} after resample + inverse"
+
+
+def test_invert_rejects_output_of_wrong_shape(ct_case):
+    pipeline = inference_transforms(PreprocessConfig())
+    data = pipeline(item(ct_case[0]))
+    with pytest.raises(ValueError, match="differs from the transformed image"):
+        invert(pipeline, data, torch.zeros(1, 4, 4, 4))
