@@ -45,6 +45,10 @@ def _user_errors() -> Iterator[None]:
     except SwinsslError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(err.exit_code) from None
+    except OSError as err:  # unwritable output folder, full disk, ...
+        where = err.filename or "output"
+        typer.echo(f"error: {where}: {err.strerror or err}", err=True)
+        raise typer.Exit(3) from None
 
 
 def _version(value: bool) -> None:

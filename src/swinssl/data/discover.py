@@ -64,7 +64,7 @@ def find_dataset(path: str | Path, modality: str = "auto") -> Dataset:
     elif path.is_file():
         if not is_volume_file(path):
             raise DataError(f"{path}: not a volume file (expected one of {', '.join(VOLUME_SUFFIXES)}) or a dataset.json")
-        dataset = Dataset(path.parent, "folder", [Case(_case_id(path), (path,), None, _modality_hint(path))])
+        dataset = Dataset(path.parent, "folder", [Case(_case_id(path), (path,), None, _modality_hint(path, path.parent))])
     else:
         dataset = _from_folder(path)
     if not dataset.cases:
@@ -80,6 +80,8 @@ def is_volume_file(path: Path) -> bool:
 
 
 def is_dicom_file(path: Path) -> bool:
+    if path.name.startswith("."):  # hidden files (e.g. macOS ._ resource forks) are never data
+        return False
     if path.suffix.lower() == ".dcm":
         return True
     if path.suffix:
@@ -108,7 +110,7 @@ def _from_folder(root: Path) -> Dataset:
         (labels if _is_label_name(vol) else images).append(vol)
     pairs = _pair_labels(images, labels)
     unmatched = [lab for lab in labels if lab not in pairs.values()]
-    cases = [Case(_case_id(img), (img,), pairs.get(img), _modality_hint(img)) for img in images + unmatched]
+    cases = [Case(_case_id(img), (img,), pairs.get(img), _modality_hint(img, root)) for img in images + unmatched]
     return Dataset(root, "folder", sorted(cases, key=lambda c: str(c.images[0])))
 
 
@@ -155,10 +157,8 @@ def _pair_labels(images: list[Path], labels: list[Path]) -> dict[Path, Path]:
 
 
 def _same_place(image: Path, label: Path) -> bool:
-    if image.parent == label.parent:
-        return True
-    # images*/x and labels*/x side by side
-    return image.parent.parent == label.parent.parent and image.parent.name.lower().startswith("images")
+    """Same folder, or sibling folders such as images*/x with labels*/x (or masks*/x)."""
+    return image.parent == label.parent or image.parent.parent == label.parent.parent
 
 
 def _case_id(path: Path) -> str:
@@ -168,10 +168,10 @@ def _case_id(path: Path) -> str:
     return "_".join(tokens)
 
 
-def _modality_hint(path: Path) -> str | None:
-    """CT or MRI when the file or one of its folders says so by name; else None."""
+def _modality_hint(path: Path, root: Path) -> str | None:
+    """CT or MRI when the file or one of its folders inside ``root`` says so by name; else None."""
     words = set(_tokens(path))
-    for part in path.parts[-4:-1]:
+    for part in path.parent.relative_to(root).parts:  # folders above the dataset say nothing about it
         words |= set(re.split(r"[_\-. ]+", part.lower()))
     is_ct, is_mri = bool(words & CT_TOKENS), bool(words & MRI_TOKENS)
     if is_ct != is_mri:

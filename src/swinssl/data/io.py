@@ -10,6 +10,7 @@ the declared classes.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +28,7 @@ logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     _loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
+    _itk_loader = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
 
 AFFINE_TOLERANCE_MM = 1e-3
 
@@ -44,24 +46,28 @@ def read_volume(path: str | Path) -> MetaTensor:
             raise DataError(f"{path}: empty file (0 bytes)")
         if not path.name.lower().endswith(VOLUME_SUFFIXES + (".dcm",)):
             raise DataError(f"{path}: unsupported file type (expected one of {', '.join(VOLUME_SUFFIXES)})")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = _loader(str(path))
-    except Exception as err:  # noqa: BLE001 - any reader failure becomes one clear line
-        raise DataError(f"{path}: cannot read ({_reason(err)})") from None
-    return image
+    loaders = [_loader]
+    if path.name.lower().endswith((".nrrd", ".nhdr")):
+        loaders.append(_itk_loader)  # pynrrd needs 'space directions'; ITK also reads 'spacings'-only files
+    for i, loader in enumerate(loaders):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return loader(str(path))
+        except Exception as err:  # noqa: BLE001 - any reader failure becomes one clear line
+            if i == len(loaders) - 1:
+                raise DataError(f"{path}: cannot read ({_reason(err, path)})") from None
+    raise AssertionError("unreachable")
 
 
-def _reason(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    # MONAI wraps reader errors in a long multi-line message; the last line names the cause.
-    detail = text[-1] if text else ""
-    for line in text:
-        if "truncated" in line.lower() or "eof" in line.lower() or "compressed" in line.lower():
-            detail = line
-    detail = detail[:200]
-    return f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+def _reason(err: Exception, path: Path) -> str:
+    """The library's message on one line, without the path (the message starts with it already)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    text = text.replace(str(path), "the file").replace(path.name, "the file")
+    # MONAI prefixes reader failures with the list of readers it tried; keep the cause.
+    text = re.sub(r"^.*?cannot find a suitable reader for file: the file\.?\s*", "", text)
+    text = text[:240]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def read_image(paths: str | Path | Sequence[str | Path], channels: int | None = None) -> MetaTensor:
@@ -120,7 +126,7 @@ def _check_finite(path: Path, image: torch.Tensor) -> None:
     bad = (~torch.isfinite(image)).sum().item()
     if bad:
         nan = torch.isnan(image).sum().item()
-        raise DataError(f"{path}: {bad} non-finite voxels ({nan} NaN, {bad - nan} Inf)")
+        raise DataError(f"{path}: {bad} non-finite voxel{'s' if bad > 1 else ''} ({nan} NaN, {bad - nan} Inf)")
 
 
 def _check_same_grid(path: Path, other: MetaTensor, ref_path: Path, ref: MetaTensor, what: str) -> None:

@@ -41,7 +41,27 @@ from monai.transforms import (
 from swinssl.config import PreprocessConfig
 from swinssl.data.discover import Case
 from swinssl.data.io import guess_modality, read_image, read_label
-from swinssl.errors import DataError
+from swinssl.errors import DataError, SwinsslError
+
+
+class Pipeline(Compose):
+    """MONAI ``Compose`` that lets our one-line errors through.
+
+    MONAI wraps any failure inside a transform in ``RuntimeError("applying transform ...")``;
+    a ``SwinsslError`` (which names the file) is re-raised as it is.
+    """
+
+    def __call__(self, input_, *args, **kwargs):
+        try:
+            return super().__call__(input_, *args, **kwargs)
+        except RuntimeError as err:
+            cause = err.__cause__
+            while cause is not None and not isinstance(cause, SwinsslError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+        # Raised outside the handler so that the error does not chain back to MONAI's wrapper.
+        raise cause
 
 
 def case_item(case: Case) -> dict[str, Any]:
@@ -120,10 +140,10 @@ def _foreground(cfg: PreprocessConfig, keys: list[str]) -> list:
     return [CropForegroundd(keys=keys, source_key="image", select_fn=lambda x: x > threshold, allow_smaller=True)]
 
 
-def pretrain_transforms(cfg: PreprocessConfig, channels: int = 1) -> Compose:
+def pretrain_transforms(cfg: PreprocessConfig, channels: int = 1) -> Pipeline:
     """Unlabelled volumes -> ``cfg.num_crops`` random crops of ``cfg.roi_size`` in [0, 1] (a list of items)."""
     keys = ["image"]
-    return Compose(
+    return Pipeline(
         [
             LoadCased(classes=None, channels=channels),
             *_geometry(cfg, keys),
@@ -137,7 +157,7 @@ def pretrain_transforms(cfg: PreprocessConfig, channels: int = 1) -> Compose:
 
 def finetune_transforms(
     cfg: PreprocessConfig, classes: Sequence[int] | None = None, channels: int = 1, train: bool = True
-) -> Compose:
+) -> Pipeline:
     """Image + label. ``train``: label-guided random crops and augmentation; else whole volumes."""
     keys = ["image", "label"]
     steps: list = [
@@ -169,13 +189,13 @@ def finetune_transforms(
                 RandScaleIntensityd(keys="image", factors=0.1, prob=0.1),
                 RandShiftIntensityd(keys="image", offsets=0.1, prob=0.1),
             ]
-    return Compose(steps)
+    return Pipeline(steps)
 
 
-def inference_transforms(cfg: PreprocessConfig, channels: int = 1) -> Compose:
+def inference_transforms(cfg: PreprocessConfig, channels: int = 1) -> Pipeline:
     """Image only, every spatial step invertible: ``invert`` maps network outputs back to the input grid."""
     keys = ["image"]
-    return Compose(
+    return Pipeline(
         [LoadCased(classes=None, channels=channels), *_geometry(cfg, keys), NormalizeByModalityd(cfg), *_foreground(cfg, keys)]
     )
 

@@ -1,0 +1,359 @@
+"""Bad input: every kind of broken file or dataset gives one line that names the file and the problem."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from swinssl.cli import app
+from swinssl.config import PreprocessConfig
+from swinssl.data.check import check_dataset
+from swinssl.data.discover import find_dataset
+from swinssl.data.io import read_image, read_label, read_volume
+from swinssl.data.transforms import pretrain_transforms
+from swinssl.errors import DataError
+
+pytestmark = pytest.mark.filterwarnings("ignore:builtin type:DeprecationWarning")  # SWIG noise from itk
+
+_rng = np.random.default_rng(0)
+
+
+def write_volume(path: Path, arr=None, shape=(16, 16, 16), affine=None) -> Path:
+    """Write a small NIfTI volume (random floats unless ``arr`` is given); returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if arr is None:
+        arr = _rng.random(shape, dtype=np.float32)
+    nib.save(nib.Nifti1Image(np.asarray(arr), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def data_error(call, path: Path, *fragments: str) -> str:
+    """Run ``call``; assert it raises one-line DataError starting with ``path`` and holding every fragment."""
+    with pytest.raises(DataError) as excinfo:
+        call()
+    message = str(excinfo.value)
+    assert message.startswith(f"{path}: "), message
+    assert "\n" not in message, message
+    problem = message[len(f"{path}: "):]  # fragments are looked for after the path, never in it
+    for fragment in fragments:
+        assert fragment in problem, message
+    return problem
+
+
+def one_problem(dataset, path: Path, *fragments: str) -> str:
+    """check_dataset reports exactly one problem; it starts with ``path`` and holds every fragment."""
+    _, problems = check_dataset(dataset)
+    assert len(problems) == 1, problems
+    message = problems[0]
+    assert message.startswith(f"{path}: "), message
+    problem = message[len(f"{path}: "):]
+    for fragment in fragments:
+        assert fragment in problem, message
+    return problem
+
+
+# --- files that cannot be read ------------------------------------------------------------------
+
+
+def test_missing_file_is_named(tmp_path):
+    path = tmp_path / "absent.nii.gz"
+    data_error(lambda: read_image(path), path, "file not found")
+
+
+def test_zero_byte_file_is_reported_empty(tmp_path):
+    path = tmp_path / "zero.nii.gz"
+    path.write_bytes(b"")
+    data_error(lambda: read_image(path), path, "empty file (0 bytes)")
+
+
+def test_cut_short_gzip_nifti_cannot_be_read(tmp_path):
+    good = write_volume(tmp_path / "good.nii.gz").read_bytes()
+    path = tmp_path / "cut.nii.gz"
+    path.write_bytes(good[: len(good) // 2])
+
+    problem = data_error(lambda: read_image(path), path, "cannot read")
+    assert re.search(r"EOF|ended before|truncated", problem), problem
+
+
+def test_cut_short_plain_nifti_says_how_many_bytes_are_missing(tmp_path):
+    good = write_volume(tmp_path / "good.nii").read_bytes()
+    path = tmp_path / "cut.nii"
+    path.write_bytes(good[: len(good) // 2])
+
+    problem = data_error(lambda: read_image(path), path, "cannot read")
+    assert "bytes" in problem, problem
+
+
+def test_text_file_with_volume_extension_cannot_be_read(tmp_path):
+    path = tmp_path / "x.nii.gz"
+    path.write_text("this is a text file, not a volume\n")
+    data_error(lambda: read_image(path), path, "cannot read", "not a gzip file")
+
+
+def test_unsupported_extension_is_refused(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_text("1 2 3\n")
+    data_error(lambda: read_volume(path), path, "unsupported file type", ".nii.gz")
+
+
+# --- arrays that are not a finite 3D volume -----------------------------------------------------
+
+
+def test_2d_array_is_not_a_volume(tmp_path):
+    path = write_volume(tmp_path / "slice.nii.gz", shape=(16, 16))
+    data_error(lambda: read_image(path), path, "expected a 3D volume", "got a 2D array of shape (16, 16)")
+
+
+def test_4d_array_where_3d_expected(tmp_path):
+    path = write_volume(tmp_path / "timeseries.nii.gz", shape=(8, 8, 8, 3))
+    data_error(lambda: read_image(path), path, "expected a 3D volume", "got a 4D array of shape (8, 8, 8, 3)")
+
+
+def test_nan_voxels_are_counted(tmp_path):
+    arr = _rng.random((16, 16, 16), dtype=np.float32)
+    arr[1, 2, 3] = arr[4, 5, 6] = np.nan
+    path = write_volume(tmp_path / "nan.nii.gz", arr)
+    data_error(lambda: read_image(path), path, "2 non-finite voxels (2 NaN, 0 Inf)")
+
+
+def test_inf_voxels_are_counted(tmp_path):
+    arr = _rng.random((16, 16, 16), dtype=np.float32)
+    arr[1, 2, 3], arr[4, 5, 6] = np.inf, -np.inf
+    path = write_volume(tmp_path / "inf.nii.gz", arr)
+    data_error(lambda: read_image(path), path, "2 non-finite voxels (0 NaN, 2 Inf)")
+
+
+# --- labels that do not fit their image ---------------------------------------------------------
+
+
+def _image(tmp_path: Path):
+    path = write_volume(tmp_path / "img.nii.gz")
+    return path, read_image(path)
+
+
+def test_label_with_another_shape_names_both_files(tmp_path):
+    image_path, image = _image(tmp_path)
+    label = write_volume(tmp_path / "lab.nii.gz", np.zeros((16, 16, 8), np.uint8))
+    data_error(
+        lambda: read_label(label, image, image_path),
+        label,
+        "label shape (16, 16, 8) differs from image img.nii.gz shape (16, 16, 16)",
+    )
+
+
+def test_label_with_another_affine_names_both_files(tmp_path):
+    image_path, image = _image(tmp_path)
+    shifted = np.eye(4)
+    shifted[0, 3] = 5.0
+    label = write_volume(tmp_path / "lab.nii.gz", np.zeros((16, 16, 16), np.uint8), affine=shifted)
+    data_error(lambda: read_label(label, image, image_path), label, "label affine differs from image img.nii.gz", "5 mm")
+
+
+def test_label_values_outside_declared_classes_via_read_label(tmp_path):
+    image_path, image = _image(tmp_path)
+    arr = np.zeros((16, 16, 16), np.uint8)
+    arr[0, 0, 0], arr[1, 1, 1] = 1, 3
+    label = write_volume(tmp_path / "lab.nii.gz", arr)
+    data_error(
+        lambda: read_label(label, image, image_path, classes=[0, 1]),
+        label,
+        "label values [3] are not among the declared classes [0, 1]",
+    )
+
+
+def test_label_values_outside_msd_labels_via_check_dataset(tmp_path):
+    write_volume(tmp_path / "imagesTr" / "a.nii.gz")
+    arr = np.zeros((16, 16, 16), np.uint8)
+    arr[0, 0, 0], arr[1, 1, 1] = 1, 4
+    label = write_volume(tmp_path / "labelsTr" / "a.nii.gz", arr)
+    (tmp_path / "dataset.json").write_text(
+        json.dumps(
+            {
+                "modality": {"0": "CT"},
+                "labels": {"0": "background", "1": "liver"},
+                "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}],
+            }
+        )
+    )
+    one_problem(find_dataset(tmp_path), label, "label values [4] are not among the declared classes [0, 1]")
+
+
+def test_non_integer_label_values(tmp_path):
+    image_path, image = _image(tmp_path)
+    arr = np.zeros((16, 16, 16), np.float32)
+    arr[2, 2, 2] = 0.5
+    label = write_volume(tmp_path / "lab.nii.gz", arr)
+    data_error(lambda: read_label(label, image, image_path), label, "label has non-integer values (e.g. 0.5)")
+
+
+# --- datasets that cannot be discovered ---------------------------------------------------------
+
+
+def test_folder_without_volumes_is_named(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "README.txt").write_text("no volumes here")
+    (folder / ".hidden.nii.gz").write_bytes(b"")
+    data_error(lambda: find_dataset(folder), folder, "no volumes found")
+
+
+def _msd(root: Path, training: list, **extra) -> Path:
+    path = root / "dataset.json"
+    path.write_text(json.dumps({"modality": {"0": "CT"}, "labels": {"0": "background"}, "training": training, **extra}))
+    return path
+
+
+def test_dataset_json_entry_pointing_to_a_missing_file(tmp_path):
+    write_volume(tmp_path / "imagesTr" / "a.nii.gz")
+    write_volume(tmp_path / "labelsTr" / "a.nii.gz")
+    path = _msd(
+        tmp_path,
+        [
+            {"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"},
+            {"image": "./imagesTr/b.nii.gz", "label": "./labelsTr/a.nii.gz"},
+        ],
+    )
+    data_error(lambda: find_dataset(tmp_path), path, "training[1].image './imagesTr/b.nii.gz' does not exist")
+
+
+def test_dataset_json_entry_outside_the_dataset_folder(tmp_path):
+    root = tmp_path / "ds"
+    write_volume(tmp_path / "x.nii.gz")  # exists, but outside the dataset
+    write_volume(root / "labelsTr" / "x.nii.gz")
+    path = _msd(root, [{"image": "../x.nii.gz", "label": "./labelsTr/x.nii.gz"}])
+    data_error(lambda: find_dataset(root), path, "training[0].image '../x.nii.gz' points outside the dataset folder")
+
+
+def test_malformed_dataset_json(tmp_path):
+    path = tmp_path / "dataset.json"
+    path.write_text('{\n  "modality": {"0": "CT"},\n  "training": [\n')
+    data_error(lambda: find_dataset(tmp_path), path, "malformed JSON (line")
+
+
+def test_dataset_json_that_is_neither_msd_nor_nnunet(tmp_path):
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"name": "something", "files": ["a.nii.gz"]}))
+    data_error(lambda: find_dataset(path), path, "not an MSD dataset.json", "nor an nnU-Net one")
+
+
+def _nnunet(root: Path, n_cases=2, num_training=2) -> Path:
+    for i in range(n_cases):
+        for c in range(2):
+            write_volume(root / "imagesTr" / f"case_{i:03d}_{c:04d}.nii.gz")
+        write_volume(root / "labelsTr" / f"case_{i:03d}.nii.gz", np.zeros((16, 16, 16), np.uint8))
+    path = root / "dataset.json"
+    path.write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "T1", "1": "T2"},
+                "labels": {"background": 0, "tumour": 1},
+                "numTraining": num_training,
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
+    return path
+
+
+def test_nnunet_missing_channel_file_is_named(tmp_path):
+    path = _nnunet(tmp_path)
+    missing = tmp_path / "imagesTr" / "case_001_0001.nii.gz"
+    missing.unlink()
+    data_error(lambda: find_dataset(tmp_path), missing, "missing channel file", f"2 channels declared in {path}")
+
+
+def test_nnunet_num_training_mismatch(tmp_path):
+    path = _nnunet(tmp_path, n_cases=2, num_training=3)
+    data_error(lambda: find_dataset(tmp_path), path, "numTraining is 3 but 2 training cases were found")
+
+
+def test_nnunet_missing_training_label_is_named(tmp_path):
+    _nnunet(tmp_path)
+    label = tmp_path / "labelsTr" / "case_000.nii.gz"
+    label.unlink()
+    data_error(lambda: find_dataset(tmp_path), label, "missing label for training case case_000")
+
+
+def test_constant_volume_is_reported_by_check_dataset(tmp_path):
+    write_volume(tmp_path / "good.nii.gz")
+    flat = write_volume(tmp_path / "flat.nii.gz", np.full((16, 16, 16), 7.0, np.float32))
+    one_problem(find_dataset(tmp_path), flat, "constant volume (every voxel is 7)")
+
+
+# --- `swinssl data check` on bad data -----------------------------------------------------------
+
+
+def test_data_check_cli_reports_one_line_per_bad_volume(tmp_path):
+    write_volume(tmp_path / "good.nii.gz", shape=(16, 18, 20))
+    arr = _rng.random((16, 16, 16), dtype=np.float32)
+    arr[0, 0, 0] = np.nan
+    bad = write_volume(tmp_path / "broken.nii.gz", arr)
+
+    result = CliRunner().invoke(app, ["data", "check", str(tmp_path)])
+
+    assert result.exit_code == 1, result.output
+    assert "good.nii.gz" in result.stdout and "16x18x20" in result.stdout
+    assert "broken.nii.gz" not in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {bad}: 1 non-finite voxel (1 NaN, 0 Inf)"]
+    assert "1 of 2 volumes have problems" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("kind", ["nonexistent", "empty"])
+def test_data_check_cli_without_volumes_exits_3_with_one_line(tmp_path, kind):
+    path = tmp_path / kind
+    if kind == "empty":
+        path.mkdir()
+    problem = "no such file or folder" if kind == "nonexistent" else "no volumes found"
+
+    result = CliRunner().invoke(app, ["data", "check", str(path)])
+
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {path}: ") and problem in lines[0]
+    assert result.stdout == ""
+    assert "Traceback" not in result.output
+
+
+# --- a bad volume inside a MONAI pipeline -------------------------------------------------------
+
+
+def _nan_item(tmp_path: Path) -> tuple[Path, dict]:
+    arr = _rng.random((16, 16, 16), dtype=np.float32)
+    arr[3, 3, 3] = np.nan
+    path = write_volume(tmp_path / "nan_in_pipeline.nii.gz", arr)
+    return path, {"image": str(path), "label": None, "modality": "MRI", "case_id": "nan_in_pipeline"}
+
+
+def test_bad_volume_in_pretraining_pipeline_carries_the_data_error(tmp_path):
+    path, item = _nan_item(tmp_path)
+
+    with pytest.raises(Exception) as excinfo:
+        pretrain_transforms(PreprocessConfig(roi_size=(16, 16, 16)))(item)
+
+    chain, err = [], excinfo.value
+    while err is not None:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    data_errors = [e for e in chain if isinstance(e, DataError)]
+    assert data_errors, [type(e).__name__ for e in chain]
+    assert str(data_errors[0]).startswith(f"{path}: ")
+    assert "non-finite" in str(data_errors[0])
+
+
+def test_bad_volume_in_pretraining_pipeline_error_message_names_the_file(tmp_path):
+    path, item = _nan_item(tmp_path)
+
+    with pytest.raises(Exception) as excinfo:
+        pretrain_transforms(PreprocessConfig(roi_size=(16, 16, 16)))(item)
+
+    assert str(path) in str(excinfo.value)
+    assert "non-finite" in str(excinfo.value)
