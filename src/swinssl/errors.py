@@ -27,3 +27,12 @@ class ConfigError(SwinsslError, ValueError):
     """
 
     exit_code = 2
+
+
+class CheckpointError(SwinsslError, ValueError):
+    """A checkpoint is unreadable, unsafe, or does not fit the model.
+
+    The message starts with the checkpoint path (or ``<state dict>``).
+    """
+
+    exit_code = 3

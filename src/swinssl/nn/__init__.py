@@ -1,0 +1,7 @@
+"""Networks: the Swin encoder, SwinUNETR, and loading of pre-trained weights."""
+
+from swinssl.nn.load import LoadReport, load_pretrained
+from swinssl.nn.swin_transformer import SwinTransformer
+from swinssl.nn.swin_unetr import SIZES, NetworkConfig, SwinUNETR, build_network, swin_unetr
+
+__all__ = ["LoadReport", "NetworkConfig", "SIZES", "SwinTransformer", "SwinUNETR", "build_network", "load_pretrained", "swin_unetr"]

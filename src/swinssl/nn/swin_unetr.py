@@ -1,0 +1,123 @@
+"""Swin UNETR (Hatamizadeh et al., 2022): Swin encoder + UNETR residual conv decoder.
+
+State-dict compatible with ``monai.networks.nets.SwinUNETR`` (``swinViT.*``,
+``encoder1..4``, ``encoder10``, ``decoder5..1``, ``out``). Unlike MONAI it accepts any
+input size: the input is zero-padded to a multiple of 32 (and to 64 along the last axis
+when every axis fits in 32, since the bottleneck's instance norm needs more than one
+voxel) and the logits are cropped back.
+
+Sizes (``feature_size``): tiny 12, small 24, base 48, large 96; see ``swin_unetr``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+from torch import nn
+
+from swinssl.nn.swin_transformer import SwinTransformer
+
+SIZES = {"tiny": 12, "small": 24, "base": 48, "large": 96}
+
+
+@dataclass
+class NetworkConfig:
+    """Everything needed to rebuild the network; stored in every checkpoint."""
+
+    in_channels: int = 1
+    out_channels: int = 14
+    feature_size: int = 48
+    depths: tuple[int, int, int, int] = (2, 2, 2, 2)
+    num_heads: tuple[int, int, int, int] = (3, 6, 12, 24)
+    window_size: int = 7
+    patch_size: int = 2
+    use_v2: bool = False
+    downsample: str = "merging"  # merging (released weights) | mergingv2
+    norm_name: str = "instance"
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    dropout_path_rate: float = 0.0
+    normalize: bool = True
+    use_checkpoint: bool = False
+
+
+class SwinUNETR(nn.Module):
+    """(B, in_channels, D, H, W) -> logits (B, out_channels, D, H, W), any D, H, W."""
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 14, feature_size: int = 48,
+                 depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
+                 window_size: int = 7, patch_size: int = 2, use_v2: bool = False, downsample: str = "merging",
+                 norm_name: str = "instance", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 dropout_path_rate: float = 0.0, normalize: bool = True, use_checkpoint: bool = False):
+        super().__init__()
+        self.config = NetworkConfig(in_channels, out_channels, feature_size, tuple(depths), tuple(num_heads),
+                                    window_size, patch_size, use_v2, downsample, norm_name, drop_rate,
+                                    attn_drop_rate, dropout_path_rate, normalize, use_checkpoint)
+        self.normalize = normalize
+        self.multiple = patch_size**5  # five halvings: patch embedding + four stages
+        f = feature_size
+        self.swinViT = SwinTransformer(in_channels, f, (window_size,) * 3, (patch_size,) * 3, depths, num_heads,
+                                       drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                                       drop_path_rate=dropout_path_rate, use_checkpoint=use_checkpoint,
+                                       downsample=downsample, use_v2=use_v2)
+
+        def enc(cin: int, cout: int) -> UnetrBasicBlock:
+            return UnetrBasicBlock(3, cin, cout, kernel_size=3, stride=1, norm_name=norm_name, res_block=True)
+
+        def up(cin: int, cout: int) -> UnetrUpBlock:
+            return UnetrUpBlock(3, cin, cout, kernel_size=3, upsample_kernel_size=2, norm_name=norm_name, res_block=True)
+
+        self.encoder1 = enc(in_channels, f)
+        self.encoder2 = enc(f, f)
+        self.encoder3 = enc(2 * f, 2 * f)
+        self.encoder4 = enc(4 * f, 4 * f)
+        self.encoder10 = enc(16 * f, 16 * f)
+        self.decoder5 = up(16 * f, 8 * f)
+        self.decoder4 = up(8 * f, 4 * f)
+        self.decoder3 = up(4 * f, 2 * f)
+        self.decoder2 = up(2 * f, f)
+        self.decoder1 = up(f, f)
+        self.out = UnetOutBlock(3, f, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5:
+            raise ValueError(f"expected input (B, C, D, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected {self.config.in_channels} input channels, got {x.shape[1]}")
+        size = x.shape[2:]
+        pads = [(-s) % self.multiple for s in size]
+        if all(s + p == self.multiple for s, p in zip(size, pads)):
+            # A single bottleneck voxel cannot be instance-normalised: give the last axis two.
+            pads[2] += self.multiple
+        if any(pads):  # any size works: pad to a multiple of 32, crop the logits back
+            x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]))
+        logits = self.decode(x, self.swinViT(x, self.normalize))
+        return logits[:, :, : size[0], : size[1], : size[2]] if any(pads) else logits
+
+    def decode(self, x: torch.Tensor, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """UNETR decoder from the input and the encoder's 5 feature maps."""
+        enc0 = self.encoder1(x)
+        enc1 = self.encoder2(hidden[0])
+        enc2 = self.encoder3(hidden[1])
+        enc3 = self.encoder4(hidden[2])
+        dec4 = self.encoder10(hidden[4])
+        dec3 = self.decoder5(dec4, hidden[3])
+        dec2 = self.decoder4(dec3, enc3)
+        dec1 = self.decoder3(dec2, enc2)
+        dec0 = self.decoder2(dec1, enc1)
+        return self.out(self.decoder1(dec0, enc0))
+
+
+def swin_unetr(size: str = "base", **kwargs) -> SwinUNETR:
+    """A SwinUNETR of a named size (tiny/small/base/large = feature 12/24/48/96)."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+    return SwinUNETR(feature_size=SIZES[size], **kwargs)
+
+
+def build_network(config: NetworkConfig) -> SwinUNETR:
+    return SwinUNETR(**asdict(config))

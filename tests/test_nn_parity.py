@@ -1,0 +1,141 @@
+"""Our SwinUNETR against MONAI's: same keys, same outputs, same gradients."""
+
+import pytest
+import torch
+from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
+
+import swinssl.nn.swin_transformer as swin_module
+from swinssl.nn import SwinUNETR, swin_unetr
+
+# Forward parity: feature, use_v2, downsample, in_channels, input shape (B, D, H, W)
+FORWARD_CASES = [
+    (12, False, "merging", 1, (1, 64, 64, 64)),
+    (24, True, "merging", 4, (2, 64, 64, 64)),
+    (12, False, "mergingv2", 1, (1, 96, 64, 64)),
+    (48, False, "merging", 1, (1, 64, 64, 64)),
+]
+# Gradient parity on smaller inputs (MONAI's backward dominates the suite's time on CPU)
+GRADIENT_CASES = [
+    (12, False, "merging", 1, (1, 64, 64, 32)),
+    (24, True, "merging", 4, (1, 64, 32, 64)),
+    (12, True, "mergingv2", 2, (1, 32, 64, 64)),
+    (48, False, "merging", 1, (1, 64, 32, 32)),
+]
+
+
+def pair(feature, use_v2, downsample, in_channels, out_channels=3):
+    torch.manual_seed(0)
+    ref = MonaiSwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=feature,
+                         use_v2=use_v2, downsample=downsample)
+    ours = SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=feature,
+                     use_v2=use_v2, downsample=downsample)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+@pytest.mark.parametrize("feature, use_v2, downsample, in_channels, shape", FORWARD_CASES)
+def test_outputs_match_monai(feature, use_v2, downsample, in_channels, shape):
+    ref, ours = pair(feature, use_v2, downsample, in_channels)
+    x = torch.randn(shape[0], in_channels, *shape[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), ref.eval()(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("feature, use_v2, downsample, in_channels, shape", GRADIENT_CASES)
+def test_gradients_match_monai_in_train_mode(feature, use_v2, downsample, in_channels, shape):
+    ref, ours = pair(feature, use_v2, downsample, in_channels)
+    x = torch.randn(shape[0], in_channels, *shape[1:])
+    target = torch.randn(shape[0], 3, *shape[1:])
+    ref.train(), ours.train()
+    ((ref(x) - target) ** 2).mean().backward()
+    ((ours(x) - target) ** 2).mean().backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, param in ours.named_parameters():
+        assert param.grad is not None, name
+        torch.testing.assert_close(param.grad, ref_grads[name].grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_state_dict_keys_and_shapes_equal_monai_both_ways():
+    ref, ours = pair(24, True, "merging", 4)
+    assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    ref.load_state_dict(ours.state_dict(), strict=True)  # ours -> MONAI, strictly
+
+
+def test_encoder_matches_monai_at_32_cubed():
+    # MONAI's full network cannot run 32^3 (one bottleneck voxel); its encoder can.
+    ref, ours = pair(12, False, "merging", 1)
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(ours.swinViT(x), ref.swinViT(x)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(32, 32, 32), (37, 50, 29), (17, 64, 40), (5, 6, 7)])
+def test_any_input_size_gives_same_size_logits(shape):
+    net = swin_unetr("tiny", in_channels=1, out_channels=2).eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 1, *shape)).shape == (1, 2, *shape)
+
+
+def test_padding_is_invisible_at_multiples_of_32():
+    net = swin_unetr("tiny", out_channels=2).eval()
+    x = torch.randn(1, 1, 64, 64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), net.decode(x, net.swinViT(x)))
+
+
+def test_attention_runs_through_sdpa_in_training(monkeypatch):
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(swin_module.F, "scaled_dot_product_attention", counting)
+    net = swin_unetr("tiny", out_channels=2).train()
+    net(torch.randn(1, 1, 64, 64, 32)).mean().backward()
+    assert len(calls) == 8 and all(calls)  # 4 stages x 2 blocks, each with bias (+ shift) mask
+
+
+def test_activation_checkpointing_keeps_outputs_and_gradients():
+    torch.manual_seed(0)
+    plain = SwinUNETR(feature_size=12, out_channels=2)
+    ckpt = SwinUNETR(feature_size=12, out_channels=2, use_checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 1, 64, 32, 32)
+    plain(x).square().mean().backward()
+    ckpt(x).square().mean().backward()
+    grads = dict(plain.named_parameters())
+    for name, param in ckpt.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name].grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_feature_sizes_and_bottleneck_width():
+    for size, feature in (("tiny", 12), ("small", 24), ("base", 48), ("large", 96)):
+        net = swin_unetr(size, out_channels=2)
+        assert net.encoder10.layer.conv1.conv.weight.shape[:2] == (16 * feature, 16 * feature)
+
+
+def test_full_size_shapes_on_meta_device():
+    # Full-size configs are for GPUs: check their shapes without allocating.
+    with torch.device("meta"):
+        net = SwinUNETR(in_channels=1, out_channels=14, feature_size=48)
+        hidden = net.swinViT(torch.empty(2, 1, 96, 96, 96))
+        assert [tuple(h.shape) for h in hidden] == [
+            (2, 48, 48, 48, 48), (2, 96, 24, 24, 24), (2, 192, 12, 12, 12), (2, 384, 6, 6, 6), (2, 768, 3, 3, 3)
+        ]
+
+
+def test_bad_configs_and_inputs_raise_clearly():
+    with pytest.raises(ValueError, match="not divisible by 5 heads"):
+        SwinUNETR(feature_size=12, num_heads=(5, 6, 12, 24))
+    with pytest.raises(ValueError, match="downsample must be one of merging, mergingv2"):
+        SwinUNETR(feature_size=12, downsample="pool")
+    with pytest.raises(ValueError, match="size must be one of tiny, small, base, large"):
+        swin_unetr("huge")
+    net = swin_unetr("tiny", in_channels=2, out_channels=2)
+    with pytest.raises(ValueError, match="expected 2 input channels, got 1"):
+        net(torch.randn(1, 1, 32, 32, 32))
+    with pytest.raises(ValueError, match=r"expected input \(B, C, D, H, W\)"):
+        net(torch.randn(2, 32, 32, 32))
