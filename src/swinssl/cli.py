@@ -123,6 +123,29 @@ def data_check(
     typer.echo(f"all {len(reports)} volumes readable and consistent")
 
 
+@app.command()
+def pretrain(
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. data=PATH train.steps=500."),
+    config: str = typer.Option("pretrain/swin_unetr_tiny", "--config", "-c", help="Preset name or YAML file."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
+) -> None:
+    """Self-supervised pre-training of a Swin encoder (method from the config) on unlabelled volumes.
+
+    Writes a run directory (config, data manifest, metrics.csv, TensorBoard, previews,
+    checkpoints/last.pt) and prints where it is. The encoder loads into SwinUNETR with
+    swinssl.nn.load_pretrained.
+    """
+    from swinssl.config import load_config
+    from swinssl.engine.pretrain import pretrain as run
+
+    with _user_errors():
+        if resume is not None:
+            run_dir = run(resume=resume, overrides=overrides or [])
+        else:
+            run_dir = run(load_config(config, overrides or []))
+    typer.echo(f"run directory: {run_dir}")
+
+
 @contextlib.contextmanager
 def _progress(total: int, what: str) -> Iterator:
     from tqdm import tqdm

@@ -53,9 +53,66 @@ class PreprocessConfig:
 
 
 @dataclass
+class ModelConfig:
+    """The network (stored in checkpoints as the plan's ``network``). Sizes: tiny 12, small 24, base 48, large 96."""
+
+    feature_size: int = 48
+    in_channels: int = 1
+    out_channels: int = 2  # fine-tuning classes incl. background (unused by pre-training)
+    depths: tuple[int, int, int, int] = (2, 2, 2, 2)
+    num_heads: tuple[int, int, int, int] = (3, 6, 12, 24)
+    window_size: int = 7
+    use_v2: bool = False
+    downsample: Literal["merging", "mergingv2"] = "merging"
+    dropout_path_rate: float = 0.0
+    use_checkpoint: bool = False  # activation checkpointing: less memory, about 1.3x the time
+
+
+@dataclass
+class MethodConfig:
+    """A pre-training method: proxy tasks with their loss weights, and the view maker's settings."""
+
+    name: Literal["swin_unetr"] = "swin_unetr"
+    weights: dict[str, float] = field(default_factory=lambda: {"inpaint": 1.0, "rotate": 1.0, "contrast": 1.0})
+    temperature: float = 0.5  # NT-Xent
+    embed_dim: int = 512  # contrastive head output
+    max_cutout: float = 0.3  # fraction of the crop cut out per view, drawn from U(0, max_cutout)
+
+
+@dataclass
+class TrainConfig:
+    """The engine: optimisation, devices, logging, checkpoints. Steps are optimiser steps."""
+
+    steps: int = 1000
+    batch_size: int = 2  # volumes per device and micro-step; each gives preprocess.num_crops crops
+    accumulate: int = 1  # micro-steps per optimiser step
+    lr: float = 4e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int = 50
+    clip_grad: float = 1.0  # max gradient norm; 0 disables
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"
+    num_workers: int = 2
+    val_fraction: float = 0.1  # held-out volumes for the validation loss (at least one when > 0)
+    val_every: int = 100
+    log_every: int = 10
+    preview_every: int = 100
+    checkpoint_every: int = 100
+    out: str = "runs"  # run directories are created under it
+    name: str = ""  # run directory name; default <method>-<date>-<time>
+    keep_memory: bool = True  # CPU: keep freed memory (faster steps, more resident memory)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
 
 

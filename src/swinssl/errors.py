@@ -36,3 +36,9 @@ class CheckpointError(SwinsslError, ValueError):
     """
 
     exit_code = 3
+
+
+class TrainingError(SwinsslError, RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+    exit_code = 4

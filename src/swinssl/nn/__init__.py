@@ -2,6 +2,6 @@
 
 from swinssl.nn.load import LoadReport, load_pretrained
 from swinssl.nn.swin_transformer import SwinTransformer
-from swinssl.nn.swin_unetr import SIZES, NetworkConfig, SwinUNETR, build_network, swin_unetr
+from swinssl.nn.swin_unetr import SIZES, SwinUNETR, build_network, swin_unetr
 
-__all__ = ["LoadReport", "NetworkConfig", "SIZES", "SwinTransformer", "SwinUNETR", "build_network", "load_pretrained", "swin_unetr"]
+__all__ = ["LoadReport", "SIZES", "SwinTransformer", "SwinUNETR", "build_network", "load_pretrained", "swin_unetr"]

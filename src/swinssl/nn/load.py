@@ -232,8 +232,8 @@ def _check_plan(ckpt: Mapping, model: nn.Module, name: str) -> None:
     """Our checkpoints say which patch-merging order they used; loading into the other is wrong silently."""
     network = (ckpt.get("plan") or {}).get("network") if isinstance(ckpt.get("plan"), Mapping) else None
     config = getattr(model, "config", None)
-    if not network or config is None:
+    if not network or not isinstance(config, dict):
         return
-    theirs, ours = network.get("downsample"), getattr(config, "downsample", None)
+    theirs, ours = network.get("downsample"), config.get("downsample")
     if theirs and ours and theirs != ours:
         raise CheckpointError(f"{name}: weights use patch merging '{theirs}' but the model uses '{ours}'; build the model with downsample='{theirs}'")

@@ -11,38 +11,18 @@ Sizes (``feature_size``): tiny 12, small 24, base 48, large 96; see ``swin_unetr
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import asdict
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from swinssl.nn.swin_transformer import SwinTransformer
 
 SIZES = {"tiny": 12, "small": 24, "base": 48, "large": 96}
-
-
-@dataclass
-class NetworkConfig:
-    """Everything needed to rebuild the network; stored in every checkpoint."""
-
-    in_channels: int = 1
-    out_channels: int = 14
-    feature_size: int = 48
-    depths: tuple[int, int, int, int] = (2, 2, 2, 2)
-    num_heads: tuple[int, int, int, int] = (3, 6, 12, 24)
-    window_size: int = 7
-    patch_size: int = 2
-    use_v2: bool = False
-    downsample: str = "merging"  # merging (released weights) | mergingv2
-    norm_name: str = "instance"
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    dropout_path_rate: float = 0.0
-    normalize: bool = True
-    use_checkpoint: bool = False
 
 
 class SwinUNETR(nn.Module):
@@ -54,9 +34,12 @@ class SwinUNETR(nn.Module):
                  norm_name: str = "instance", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  dropout_path_rate: float = 0.0, normalize: bool = True, use_checkpoint: bool = False):
         super().__init__()
-        self.config = NetworkConfig(in_channels, out_channels, feature_size, tuple(depths), tuple(num_heads),
-                                    window_size, patch_size, use_v2, downsample, norm_name, drop_rate,
-                                    attn_drop_rate, dropout_path_rate, normalize, use_checkpoint)
+        # Constructor arguments, as plain data: checkpoints store them as the network plan.
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size,
+                           depths=list(depths), num_heads=list(num_heads), window_size=window_size,
+                           patch_size=patch_size, use_v2=use_v2, downsample=downsample, norm_name=norm_name,
+                           drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                           dropout_path_rate=dropout_path_rate, normalize=normalize, use_checkpoint=use_checkpoint)
         self.normalize = normalize
         self.multiple = patch_size**5  # five halvings: patch embedding + four stages
         f = feature_size
@@ -86,8 +69,8 @@ class SwinUNETR(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5:
             raise ValueError(f"expected input (B, C, D, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected {self.config.in_channels} input channels, got {x.shape[1]}")
+        if x.shape[1] != self.config["in_channels"]:
+            raise ValueError(f"expected {self.config['in_channels']} input channels, got {x.shape[1]}")
         size = x.shape[2:]
         pads = [(-s) % self.multiple for s in size]
         if all(s + p == self.multiple for s, p in zip(size, pads)):
@@ -100,16 +83,23 @@ class SwinUNETR(nn.Module):
 
     def decode(self, x: torch.Tensor, hidden: list[torch.Tensor]) -> torch.Tensor:
         """UNETR decoder from the input and the encoder's 5 feature maps."""
-        enc0 = self.encoder1(x)
-        enc1 = self.encoder2(hidden[0])
-        enc2 = self.encoder3(hidden[1])
-        enc3 = self.encoder4(hidden[2])
-        dec4 = self.encoder10(hidden[4])
-        dec3 = self.decoder5(dec4, hidden[3])
-        dec2 = self.decoder4(dec3, enc3)
-        dec1 = self.decoder3(dec2, enc2)
-        dec0 = self.decoder2(dec1, enc1)
-        return self.out(self.decoder1(dec0, enc0))
+        run = self._run
+        enc0 = run(self.encoder1, x)
+        enc1 = run(self.encoder2, hidden[0])
+        enc2 = run(self.encoder3, hidden[1])
+        enc3 = run(self.encoder4, hidden[2])
+        dec4 = run(self.encoder10, hidden[4])
+        dec3 = run(self.decoder5, dec4, hidden[3])
+        dec2 = run(self.decoder4, dec3, enc3)
+        dec1 = run(self.decoder3, dec2, enc2)
+        dec0 = run(self.decoder2, dec1, enc1)
+        return self.out(run(self.decoder1, dec0, enc0))
+
+    def _run(self, block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        # The full-resolution conv blocks hold most of the activation memory: recompute them in backward.
+        if self.config["use_checkpoint"] and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *inputs, use_reentrant=False)
+        return block(*inputs)
 
 
 def swin_unetr(size: str = "base", **kwargs) -> SwinUNETR:
@@ -119,5 +109,10 @@ def swin_unetr(size: str = "base", **kwargs) -> SwinUNETR:
     return SwinUNETR(feature_size=SIZES[size], **kwargs)
 
 
-def build_network(config: NetworkConfig) -> SwinUNETR:
-    return SwinUNETR(**asdict(config))
+def build_network(model: Any, out_channels: int | None = None) -> SwinUNETR:
+    """SwinUNETR from a ``swinssl.config.ModelConfig`` (or a dict with the same keys)."""
+    fields = model if isinstance(model, dict) else asdict(model)
+    kwargs = {k: v for k, v in fields.items() if k in SwinUNETR.__init__.__code__.co_varnames}
+    if out_channels is not None:
+        kwargs["out_channels"] = out_channels
+    return SwinUNETR(**kwargs)

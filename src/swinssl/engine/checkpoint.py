@@ -1,0 +1,46 @@
+"""Checkpoints: written atomically, read with ``weights_only=True``.
+
+Format (a dict of tensors and plain data, so it loads without unpickling code)::
+
+    {"format": "swinssl", "version": str, "kind": "pretrain" | "finetune", "step": int,
+     "model": state dict, "optimizer": ..., "scheduler": ..., "rng": {"torch": ByteTensor, ...},
+     "plan": {"network": {...}, "preprocess": {...}, "method": {...}, "manifest_sha256": str,
+              "package_version": str},
+     "metrics": {...}}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swinssl.nn.load import read_checkpoint
+from swinssl.utils import atomic_path
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` via a temporary file, fsync and rename: never half a file."""
+    path = Path(path)
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint without executing code (``CheckpointError`` with the path otherwise)."""
+    return read_checkpoint(path)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

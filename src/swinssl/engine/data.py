@@ -1,0 +1,94 @@
+"""Deterministic, resumable loading of random crops.
+
+Which volume and which random crop a step sees is a function of (seed, step, rank,
+position) only: the sampler yields ``(case index, sample seed)`` keys and the dataset
+reseeds the MONAI pipeline with that seed before running it. So a resumed run sees
+exactly the batches the uninterrupted run would have seen, whatever the number of
+loader workers, and no RNG state has to be saved for the data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from monai.data import list_data_collate
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from swinssl.data.discover import Case
+from swinssl.data.transforms import Pipeline, case_item
+
+
+def sample_seed(seed: int, step: int, rank: int, position: int) -> int:
+    """A 31-bit seed for one sample, distinct across steps, ranks and positions."""
+    rng = np.random.default_rng([seed, step, rank, position])
+    return int(rng.integers(0, 2**31 - 1))
+
+
+class StepSampler(Sampler):
+    """Yields ``(case index, seed)`` for steps ``start_step`` onwards, ``per_step`` items per step.
+
+    Cases are visited in a fresh permutation per pass over the data (per rank), so each
+    volume is seen once per pass; the permutation of pass p depends only on (seed, rank, p).
+    """
+
+    def __init__(self, num_cases: int, per_step: int, seed: int, rank: int = 0, start_step: int = 0,
+                 steps: int | None = None):
+        self.num_cases, self.per_step, self.seed, self.rank = num_cases, per_step, seed, rank
+        self.start_step, self.steps = start_step, steps
+
+    def _case(self, index: int) -> int:
+        epoch, offset = divmod(index, self.num_cases)
+        order = np.random.default_rng([self.seed, self.rank, epoch, 7]).permutation(self.num_cases)
+        return int(order[offset])
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        step = self.start_step
+        while self.steps is None or step < self.steps:
+            for position in range(self.per_step):
+                index = step * self.per_step + position
+                yield self._case(index), sample_seed(self.seed, step, self.rank, position)
+            step += 1
+
+    def __len__(self) -> int:
+        if self.steps is None:
+            raise TypeError("an endless sampler has no length")
+        return (self.steps - self.start_step) * self.per_step
+
+
+class SeededDataset(Dataset):
+    """Runs ``pipeline`` on case ``index`` with the pipeline's random state set from the key's seed."""
+
+    def __init__(self, cases: Sequence[Case], pipeline: Pipeline):
+        self.items = [case_item(c) for c in cases]
+        self.pipeline = pipeline
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        self.pipeline.set_random_state(seed=seed)
+        return self.pipeline(dict(self.items[index]))
+
+
+def crop_loader(cases: Sequence[Case], pipeline: Pipeline, batch_size: int, seed: int, rank: int = 0,
+                start_step: int = 0, steps: int | None = None, num_workers: int = 0) -> DataLoader:
+    """Batches of ``batch_size`` volumes (each giving the pipeline's crops), one batch per step."""
+    sampler = StepSampler(len(cases), batch_size, seed, rank, start_step, steps)
+    return DataLoader(
+        SeededDataset(cases, pipeline),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=list_data_collate,  # flattens each volume's list of crops into the batch
+        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+
+
+def images_of(batch: dict) -> torch.Tensor:
+    """The image tensor of a collated batch, as a plain tensor (no MetaTensor bookkeeping in the model)."""
+    image = batch["image"]
+    return image.as_tensor() if hasattr(image, "as_tensor") else image

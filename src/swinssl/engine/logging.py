@@ -1,0 +1,68 @@
+"""What a run shows: CSV metrics, TensorBoard scalars, PNG previews."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from swinssl.utils import atomic_path
+
+
+class MetricLogger:
+    """Appends ``step, split, name, value`` rows to ``metrics.csv`` and mirrors them to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.csv_path = run_dir / "metrics.csv"
+        new = not self.csv_path.exists()
+        self.file = open(self.csv_path, "a", newline="")
+        self.writer = csv.writer(self.file)
+        if new:
+            self.writer.writerow(["step", "split", "name", "value"])
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, split: str, values: Mapping[str, float]) -> None:
+        for name, value in values.items():
+            self.writer.writerow([step, split, name, f"{value:.6g}"])
+            if self.tb is not None:
+                self.tb.add_scalar(f"{split}/{name}", value, step)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return [{**row, "step": int(row["step"]), "value": float(row["value"])} for row in csv.DictReader(f)]
+
+
+def save_preview(path: Path, panels: Mapping[str, torch.Tensor], title: str = "") -> Path:
+    """One row of mid-slices: each panel a (D, H, W) or (C, D, H, W) volume; the middle slice of D is shown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2), squeeze=False)
+    for ax, (name, volume) in zip(axes[0], panels.items()):
+        volume = volume.detach().float().cpu()
+        volume = volume[0] if volume.ndim == 4 else volume
+        ax.imshow(volume[volume.shape[0] // 2].T, cmap="gray", origin="lower", vmin=0.0, vmax=1.0)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    return path

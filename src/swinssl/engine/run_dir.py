@@ -1,0 +1,96 @@
+"""Run directories: everything needed to understand, reproduce and resume a run.
+
+``<out>/<name>/``: ``config.yaml`` (resolved), ``manifest.json`` (data files with sizes and
+SHA-256), ``environment.json`` (package versions, host, devices), ``metrics.csv``,
+``tensorboard/``, ``previews/``, ``checkpoints/{last,step_N}.pt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+import swinssl
+from swinssl.config import save_config
+from swinssl.data.discover import Case
+from swinssl.errors import ConfigError
+from swinssl.utils import atomic_write_text, sha256_file
+
+PACKAGES = ("torch", "monai", "lightning-fabric", "numpy", "nibabel", "itk-io", "pynrrd", "pydicom")
+
+
+def new_run_dir(out: str | Path, name: str, method: str) -> Path:
+    """Create a fresh run directory; refuses to reuse an existing non-empty one (resume instead)."""
+    name = name or f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(out) / name
+    if path.exists() and any(path.iterdir()):
+        raise ConfigError(f"{path}: run directory exists; pass --resume {path} to continue it, or another train.name")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_manifest(path: Path, splits: dict[str, Sequence[Case]]) -> str:
+    """List every data file with size and SHA-256; returns the manifest's own SHA-256."""
+    entries = {}
+    for split, cases in splits.items():
+        entries[split] = []
+        for case in cases:
+            files = [*case.images, *([case.label] if case.label else [])]
+            entries[split].append({
+                "case_id": case.case_id,
+                "modality": case.modality,
+                "files": [{"path": str(f), "bytes": _size(f), "sha256": _digest(f)} for f in files],
+            })
+    text = json.dumps(entries, indent=2)
+    atomic_write_text(path / "manifest.json", text)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
+
+
+def _digest(path: Path) -> str:
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()  # a DICOM series: hash of its files' hashes
+    for p in sorted(path.iterdir()):
+        digest.update(sha256_file(p).encode())
+    return digest.hexdigest()
+
+
+def write_environment(path: Path) -> None:
+    import torch
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    env = {
+        "swinssl": swinssl.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available() and [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "packages": versions,
+        "command": sys.argv,
+    }
+    atomic_write_text(path / "environment.json", json.dumps(env, indent=2))
+
+
+def write_run_files(path: Path, cfg, splits: dict[str, Sequence[Case]]) -> str:
+    save_config(cfg, path / "config.yaml")
+    write_environment(path)
+    return write_manifest(path, splits)

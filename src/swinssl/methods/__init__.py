@@ -1,0 +1,9 @@
+"""Pre-training methods: each a small module naming its model, views and losses."""
+
+from swinssl.methods import swin_unetr
+
+METHODS = {"swin_unetr": swin_unetr}
+
+
+def get_method(name: str):
+    return METHODS[name]

@@ -1,0 +1,101 @@
+"""Swin UNETR self-supervised pre-training heads (Tang et al., CVPR 2022, sec. 3.2).
+
+All three read the encoder's last stage, the bottleneck feature map ``(B, 16C, d, h, w)``
+with C the feature size (``in_dim = 16C``; 768 for the base model). Its tokens are
+``x.flatten(2).transpose(1, 2)``, ``(B, d*h*w, 16C)``, in (d, h, w) raster order.
+
+As in the reference ``SSLHead`` (research-contributions ``SwinUNETR/Pretrain``), the
+rotation head reads token 0 and the contrastive head token 1, and the reconstruction
+head is the reference's "vae" upsampler; its ``layers`` indices equal the reference's
+``conv`` indices, so reference weights load after renaming ``conv.`` to ``layers.``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _check_bottleneck(x: torch.Tensor, in_dim: int) -> None:
+    if x.ndim != 5 or x.shape[1] != in_dim:
+        raise ValueError(f"expected a bottleneck of shape (B, {in_dim}, d, h, w), got shape {tuple(x.shape)}")
+
+
+def bottleneck_token(x: torch.Tensor, index: int) -> torch.Tensor:
+    """Token ``index`` of a bottleneck ``(B, E, d, h, w)`` in raster order -> ``(B, E)``."""
+    return x.flatten(2)[:, :, index]
+
+
+class RotationHead(nn.Module):
+    """Rotation prediction (Tang et al., CVPR 2022, sec. 3.2): which quarter turn was applied.
+
+    A linear layer on bottleneck token 0 (voxel [0, 0, 0]):
+    ``(B, in_dim, d, h, w) -> (B, num_classes)`` logits.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int = 4):
+        super().__init__()
+        self.in_dim = in_dim
+        self.fc = nn.Linear(in_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_bottleneck(x, self.in_dim)
+        return self.fc(bottleneck_token(x, 0))
+
+
+class ContrastiveHead(nn.Module):
+    """Contrastive coding (Tang et al., CVPR 2022, sec. 3.2): an embedding for NT-Xent.
+
+    A linear layer on bottleneck token 1 (voxel [0, 0, 1] when w > 1):
+    ``(B, in_dim, d, h, w) -> (B, out_dim)``. Token 0 belongs to the rotation head, so the
+    bottleneck needs at least two tokens.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 512):
+        super().__init__()
+        self.in_dim = in_dim
+        self.fc = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_bottleneck(x, self.in_dim)
+        if x.shape[2:].numel() < 2:
+            raise ValueError(
+                f"the contrastive head reads bottleneck token 1, but the bottleneck {tuple(x.shape)} has a single "
+                "token: SSL crops need at least 64 voxels along one axis (a 32^3 crop has one bottleneck token)"
+            )
+        return self.fc(bottleneck_token(x, 1))
+
+
+def _upsample_level(cin: int, cout: int) -> list[nn.Module]:
+    return [
+        nn.Conv3d(cin, cout, kernel_size=3, stride=1, padding=1),
+        nn.InstanceNorm3d(cout),
+        nn.LeakyReLU(),
+        nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+    ]
+
+
+class ReconstructionHead(nn.Module):
+    """Masked-volume inpainting (Tang et al., CVPR 2022, sec. 3.2): restore the un-cut view.
+
+    ``levels`` times (3x3x3 conv -> instance norm -> LeakyReLU -> 2x trilinear upsampling),
+    halving the channels at every level but the last, then a 1x1x1 conv. For the default
+    5 levels and ``in_dim = 16C``: 16C -> 8C -> 4C -> 2C -> C -> C -> ``out_channels``.
+
+    ``(B, in_dim, d, h, w) -> (B, out_channels, 2^levels d, 2^levels h, 2^levels w)``,
+    i.e. back to the crop size for the Swin encoder's total stride of 32.
+    """
+
+    def __init__(self, in_dim: int, out_channels: int, levels: int = 5):
+        super().__init__()
+        if levels < 1 or in_dim % 2 ** (levels - 1):
+            raise ValueError(f"in_dim {in_dim} must be divisible by 2^(levels - 1) for levels={levels}")
+        self.in_dim = in_dim
+        channels = [in_dim] + [in_dim // 2 ** min(i, levels - 1) for i in range(1, levels + 1)]
+        modules = [m for cin, cout in zip(channels, channels[1:]) for m in _upsample_level(cin, cout)]
+        modules.append(nn.Conv3d(channels[-1], out_channels, kernel_size=1, stride=1))
+        self.layers = nn.Sequential(*modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_bottleneck(x, self.in_dim)
+        return self.layers(x)

@@ -1,0 +1,106 @@
+"""Losses of Swin UNETR self-supervised pre-training (Tang et al., CVPR 2022, sec. 3.2).
+
+Inpainting (L1), rotation prediction (cross entropy over 4 quarter turns) and
+contrastive coding (NT-Xent, Chen et al., ICML 2020), combined by a weighted sum.
+Pure functions of tensors; ``ntxent`` may gather embeddings across processes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def inpainting_l1(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over all voxels: ``(B, C, D, H, W)`` x2 -> scalar."""
+    if reconstruction.shape != target.shape:
+        raise ValueError(
+            f"reconstruction shape {tuple(reconstruction.shape)} differs from target shape {tuple(target.shape)}"
+        )
+    return F.l1_loss(reconstruction, target)
+
+
+def rotation_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy of quarter-turn logits ``(N, 4)`` against int64 labels ``(N,)`` -> scalar."""
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits (N, 4) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    return F.cross_entropy(logits, labels)
+
+
+def _distributed_world() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather with gradients: ``(N, E)`` on each of W ranks -> ``(W N, E)`` in rank order.
+
+    Backward sums the gathered gradient over the ranks (every rank's loss depends on
+    every rank's rows) and keeps this rank's rows: a reduce-scatter written with
+    ``all_reduce``, which every backend has. (``torch.distributed.nn.functional.all_gather``
+    does the same but is deprecated.) All ranks must hold the same N.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), z.shape[0]
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def ntxent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather: bool = True) -> torch.Tensor:
+    """NT-Xent loss of two views' embeddings, as the Swin UNETR reference ``Contrast`` loss.
+
+    z1, z2: ``(N, E)``, row i of each is one view of sample i. The 2N embeddings
+    ``z = cat(z1, z2)`` are L2-normalised and ``logits = z @ z.T / temperature``. Anchor
+    i's positive is its other view, ``(i + N) mod 2N``; every other embedding is a
+    negative. Only the self-similarity is excluded from the denominator; the positive
+    stays in it:
+
+        loss_i = -log( exp(s_ip / t) / sum_{k != i} exp(s_ik / t) )
+
+    The result is the mean over all 2N anchors. Collapsed embeddings (all equal) give
+    ``log(2N - 1)``.
+
+    With ``gather`` under an initialised process group of W > 1 ranks, z1 and z2 are
+    gathered from all ranks (in rank order) and the loss is computed over the global
+    ``2 N W`` views, ordered ``cat(all z1, all z2)`` so that pairs are again ``i <-> i + NW``.
+    Every rank then returns the loss of the concatenated global batch.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if z1.ndim != 2 or z1.shape != z2.shape:
+        raise ValueError(f"expected z1 and z2 of the same shape (N, E), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if gather and _distributed_world() > 1:
+        # The gather's backward sums, over the W ranks, the gradient of each rank's loss
+        # with respect to this rank's rows. Every rank computes the same global loss L,
+        # so the local gradient is W * dL/dz_local; DDP averages parameter gradients
+        # over the W ranks, which divides that W out again: the parameters receive
+        # exactly dL/dtheta of the global-batch loss.
+        z1, z2 = _GatherRows.apply(z1), _GatherRows.apply(z2)
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2], 0), dim=1)
+    logits = z @ z.T / temperature
+    self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_pairs, float("-inf"))
+    positives = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
+    return F.cross_entropy(logits, positives)
+
+
+def weighted_sum(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """``sum(weights[k] * losses[k] for k in weights)``; losses not in ``weights`` are ignored."""
+    missing = sorted(set(weights) - set(losses))
+    if missing:
+        raise ValueError(f"weighted losses {missing} are missing; got losses {sorted(losses)}")
+    if not weights:
+        raise ValueError("weights is empty: nothing to sum")
+    return sum(weight * losses[name] for name, weight in weights.items())

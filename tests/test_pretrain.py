@@ -1,0 +1,124 @@
+"""The pre-training engine end to end on phantoms (tiny model, CPU)."""
+
+import json
+
+import pytest
+import torch
+
+from swinssl.config import load_config
+from swinssl.engine import pretrain as engine
+from swinssl.engine.checkpoint import load_checkpoint
+from swinssl.engine.logging import read_metrics
+from swinssl.errors import ConfigError, TrainingError
+from swinssl.nn import SwinUNETR, load_pretrained
+
+TINY = [
+    "model.feature_size=12", "model.depths=[1,1,1,1]", "preprocess.roi_size=64", "preprocess.num_crops=1",
+    "preprocess.spacing=null", "train.batch_size=2", "train.num_workers=0", "train.log_every=1",
+    "train.val_every=2", "train.preview_every=2", "train.checkpoint_every=2", "train.warmup_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    from swinssl.data.phantom import write_phantom_dataset
+
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantom_dataset(out, cases=4, size=64, seed=1)
+    return out
+
+
+def tiny_config(data, out, name, *extra):
+    return load_config("pretrain/swin_unetr_tiny", [f"data={data}", f"train.out={out}", f"train.name={name}", *TINY, *extra])
+
+
+def test_run_directory_contents_and_encoder_loads_into_swinunetr(phantoms, tmp_path):
+    run = engine.pretrain(tiny_config(phantoms, tmp_path, "a", "train.steps=2"), progress=False)
+    for name in ("config.yaml", "manifest.json", "environment.json", "metrics.csv", "checkpoints/last.pt",
+                 "previews/step_0000002.png"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    manifest = json.loads((run / "manifest.json").read_text())
+    files = [f for split in manifest.values() for case in split for f in case["files"]]
+    assert len(files) == 3 and all(len(f["sha256"]) == 64 for f in files)  # 3 CT volumes (dataset.json training)
+    assert len(manifest["validation"]) == 1  # val_fraction 0.2 of 3 volumes -> 1 held out
+    rows = read_metrics(run)
+    names = {(r["split"], r["name"]) for r in rows}
+    for task in ("loss", "inpaint", "rotate", "contrast"):
+        assert ("train", task) in names and ("val", task) in names
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["plan"]["network"]["feature_size"] == 12
+    assert ckpt["plan"]["manifest_sha256"]
+    net = SwinUNETR(in_channels=1, out_channels=3, feature_size=12, depths=(1, 1, 1, 1))
+    report = load_pretrained(net, run / "checkpoints" / "last.pt")
+    encoder = {k for k in ckpt["model"] if k.startswith("swinViT.")}
+    assert set(report.loaded) == encoder
+    assert all(k.startswith(("rotation_head", "contrastive_head", "reconstruction_head")) for k in report.unexpected)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(phantoms, tmp_path, monkeypatch):
+    full = engine.pretrain(tiny_config(phantoms, tmp_path, "full", "train.steps=4"), progress=False)
+
+    calls = {"n": 0}
+    real = engine.get_method("swin_unetr").compute_losses
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # third training step: after the step-2 checkpoint
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.get_method("swin_unetr"), "compute_losses", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            engine.pretrain(tiny_config(phantoms, tmp_path, "cut", "train.steps=4", "train.val_every=100"), progress=False)
+    cut = tmp_path / "cut"
+    assert load_checkpoint(cut / "checkpoints" / "last.pt")["step"] == 2
+    engine.pretrain(resume=cut, overrides=["train.val_every=2"], progress=False)
+
+    a = load_checkpoint(full / "checkpoints" / "last.pt")
+    b = load_checkpoint(cut / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 4
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
+    losses = lambda run: {r["step"]: r["value"] for r in read_metrics(run) if r["split"] == "train" and r["name"] == "loss"}
+    assert losses(cut)[3] == pytest.approx(losses(full)[3], abs=1e-6)
+    assert losses(cut)[4] == pytest.approx(losses(full)[4], abs=1e-6)
+
+
+def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(phantoms, tmp_path, monkeypatch):
+    real = engine.get_method("swin_unetr").compute_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        total, parts, previews = real(*args, **kwargs)
+        if calls["n"] == 3:
+            parts["inpaint"] = parts["inpaint"] * float("nan")
+            total = total * float("nan")
+        return total, parts, previews
+
+    monkeypatch.setattr(engine.get_method("swin_unetr"), "compute_losses", poisoned)
+    with pytest.raises(TrainingError, match=r"step 2: loss is not finite \(inpaint=nan"):
+        engine.pretrain(tiny_config(phantoms, tmp_path, "nan", "train.steps=4", "train.val_every=100"), progress=False)
+    assert load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")["step"] == 2
+
+
+def test_bad_method_configs_are_refused(phantoms, tmp_path):
+    with pytest.raises(ConfigError, match="multiples of 32"):
+        engine.pretrain(tiny_config(phantoms, tmp_path, "x", "preprocess.roi_size=48"), progress=False)
+    with pytest.raises(ConfigError, match="needs a second bottleneck token"):
+        engine.pretrain(tiny_config(phantoms, tmp_path, "x", "preprocess.roi_size=32"), progress=False)
+    with pytest.raises(ConfigError, match=r"unknown tasks \['mutual'\]"):
+        engine.pretrain(tiny_config(phantoms, tmp_path, "x", "method.weights={mutual: 1.0}"), progress=False)
+    with pytest.raises(ConfigError, match="run directory exists"):
+        (tmp_path / "taken").mkdir()
+        (tmp_path / "taken" / "file").write_text("x")
+        engine.pretrain(tiny_config(phantoms, tmp_path, "taken", "train.steps=1"), progress=False)
+
+
+def test_warmup_cosine_schedule():
+    f = engine.warmup_cosine(warmup=4, total=12)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(8) == pytest.approx(0.5)
+    assert f(12) == pytest.approx(0.0, abs=1e-12)

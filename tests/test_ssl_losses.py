@@ -1,0 +1,186 @@
+import datetime
+import math
+import os
+import queue as queue_module
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from swinssl.ssl.losses import inpainting_l1, ntxent, rotation_ce, weighted_sum
+
+
+def ntxent_by_loops(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
+    """NT-Xent straight from the formula: positive in the denominator, only self excluded."""
+    views = [list(map(float, row)) for row in torch.cat([z1, z2]).tolist()]
+    views = [[v / math.sqrt(sum(a * a for a in row)) for v in row] for row in views]
+    m = len(views)
+
+    def sim(i, k):
+        return sum(a * b for a, b in zip(views[i], views[k]))
+
+    total = 0.0
+    for i in range(m):
+        positive = (i + m // 2) % m
+        denominator = sum(math.exp(sim(i, k) / t) for k in range(m) if k != i)
+        total += -math.log(math.exp(sim(i, positive) / t) / denominator)
+    return total / m
+
+
+# inpainting and rotation
+
+
+def test_inpainting_l1_is_the_mean_absolute_error():
+    reconstruction = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).view(1, 1, 1, 2, 2)
+    assert inpainting_l1(reconstruction, torch.zeros_like(reconstruction)).item() == pytest.approx(1.5)
+    assert inpainting_l1(-reconstruction, reconstruction).item() == pytest.approx(3.0)
+
+
+def test_inpainting_l1_names_both_shapes_on_mismatch():
+    with pytest.raises(ValueError, match=r"\(1, 1, 4, 4, 4\).*\(1, 1, 4, 4, 2\)"):
+        inpainting_l1(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 2))
+
+
+def test_rotation_ce_matches_a_hand_computed_log_softmax():
+    logits = [[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 3.0, 1.0]]
+    labels = [1, 3]
+    expected = sum(math.log(sum(math.exp(v) for v in row)) - row[y] for row, y in zip(logits, labels)) / 2
+    loss = rotation_ce(torch.tensor(logits), torch.tensor(labels))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+# NT-Xent
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_ntxent_of_collapsed_embeddings_is_log_of_2n_minus_1(n):
+    z = torch.full((n, 8), 3.0)  # not unit length: normalisation must not matter
+    assert ntxent(z, z.clone()).item() == pytest.approx(math.log(2 * n - 1), rel=1e-6)
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5, 1.0, 2.0])
+def test_ntxent_equals_the_formula_written_as_loops(t):
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    assert ntxent(z1, z2, temperature=t).item() == pytest.approx(ntxent_by_loops(z1, z2, t), rel=1e-9)
+
+
+def test_ntxent_hand_case_with_orthogonal_unit_vectors():
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    # Pairs agree, samples orthogonal: each anchor sees exp(2) for its positive, 1 + 1 for negatives.
+    agree = ntxent(torch.stack([e1, e2]), torch.stack([e1, e2]), temperature=0.5)
+    assert agree.item() == pytest.approx(math.log(1 + 2 * math.exp(-2)), rel=1e-6)
+    # Pairs orthogonal, each anchor equals one negative: -log(1 / (1 + 1 + exp(2))).
+    swap = ntxent(torch.stack([e1, e2]), torch.stack([e2, e1]), temperature=0.5)
+    assert swap.item() == pytest.approx(math.log(2 + math.exp(2)), rel=1e-6)
+
+
+def test_ntxent_rejects_non_positive_temperature():
+    z = torch.randn(2, 4)
+    for t in (0.0, -0.5):
+        with pytest.raises(ValueError, match="temperature"):
+            ntxent(z, z, temperature=t)
+
+
+def test_ntxent_gradient_reaches_both_views():
+    z1, z2 = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    ntxent(z1, z2).backward()
+    for z in (z1, z2):
+        assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_ntxent_without_process_group_ignores_gather():
+    z1, z2 = torch.randn(3, 5), torch.randn(3, 5)
+    assert torch.equal(ntxent(z1, z2, gather=True), ntxent(z1, z2, gather=False))
+
+
+# NT-Xent across two processes
+
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ntxent_rank(rank: int, port: int, z1: torch.Tensor, z2: torch.Tensor, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=30))
+    try:
+        rows = slice(rank * z1.shape[0] // WORLD, (rank + 1) * z1.shape[0] // WORLD)
+        local1 = z1[rows].clone().requires_grad_(True)
+        local2 = z2[rows].clone().requires_grad_(True)
+        loss = ntxent(local1, local2, temperature=0.5, gather=True)
+        loss.backward()
+        queue.put((rank, loss.item(), local1.grad.tolist(), local2.grad.tolist()))
+        dist.barrier()  # no rank tears down while another still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+def _collect(queue, procs, timeout: float) -> list:
+    """One result per process; fails fast (not after the timeout) when a process dies."""
+    results, deadline = [], time.monotonic() + timeout
+    while len(results) < len(procs):
+        try:
+            results.append(queue.get(timeout=0.5))
+        except queue_module.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                pytest.fail(f"worker processes failed or timed out (exit codes {[p.exitcode for p in procs]})")
+    return sorted(results)
+
+
+def test_ntxent_gathered_over_two_processes_equals_the_single_process_loss_and_gradient():
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    z2 = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    ref1, ref2 = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
+    reference = ntxent(ref1, ref2, temperature=0.5, gather=False)
+    reference.backward()
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_ntxent_rank, args=(r, port, z1, z2, queue)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    try:
+        results = _collect(queue, procs, timeout=60.0)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    assert all(p.exitcode == 0 for p in procs)
+
+    n = z1.shape[0] // WORLD
+    for rank, loss, grad1, grad2 in results:
+        # Every rank computes the loss of the whole concatenated batch.
+        assert loss == pytest.approx(reference.item(), abs=1e-6)
+        # The gather's backward sums the W identical losses' gradients: W x the true
+        # gradient, which DDP's average over W ranks turns back into the true one.
+        rows = slice(rank * n, (rank + 1) * n)
+        torch.testing.assert_close(torch.tensor(grad1, dtype=torch.float64), WORLD * ref1.grad[rows], atol=1e-9, rtol=1e-7)
+        torch.testing.assert_close(torch.tensor(grad2, dtype=torch.float64), WORLD * ref2.grad[rows], atol=1e-9, rtol=1e-7)
+
+
+# weighted sum
+
+
+def test_weighted_sum_weights_only_the_named_losses():
+    losses = {"inpaint": torch.tensor(1.0), "rotation": torch.tensor(2.0), "contrast": torch.tensor(5.0)}
+    total = weighted_sum(losses, {"inpaint": 0.5, "rotation": 2.0})
+    assert total.item() == pytest.approx(4.5)
+
+
+def test_weighted_sum_names_a_missing_loss():
+    with pytest.raises(ValueError, match="contrast"):
+        weighted_sum({"inpaint": torch.tensor(1.0)}, {"inpaint": 1.0, "contrast": 1.0})
