@@ -69,3 +69,22 @@ def test_phantom_into_unwritable_place_is_one_line_error(tmp_path):
     assert result.exit_code == 3
     assert result.output.startswith("error: ") and str(blocker) in result.output
     assert "Traceback" not in result.output
+
+
+def test_pretrain_without_data_is_a_config_error(tmp_path):
+    result = runner.invoke(app, ["pretrain", f"train.out={tmp_path}"])
+    assert result.exit_code == 2
+    assert "data.path is empty" in result.output and "Traceback" not in result.output
+
+
+def test_pretrain_on_missing_folder_names_it(tmp_path):
+    missing = tmp_path / "nowhere"
+    result = runner.invoke(app, ["pretrain", f"data={missing}", f"train.out={tmp_path}"])
+    assert result.exit_code == 3
+    assert result.output.strip() == f"error: {missing}: no such file or folder"
+
+
+def test_pretrain_help_names_presets_and_resume():
+    result = runner.invoke(app, ["pretrain", "--help"])
+    assert result.exit_code == 0
+    assert "--resume" in result.output and "pretrain/swin_unetr_tiny" in result.output

@@ -1,7 +1,8 @@
 """The ``swinssl`` command line. Each command parses its options and calls one library function.
 
 Exit codes: 0 success; 1 ``data check`` found problems; 2 usage or config error;
-3 a data error stopped the command (the message names the file).
+3 a data or checkpoint error stopped the command (the message names the file);
+4 training stopped (non-finite loss; the last good checkpoint is kept).
 """
 
 from __future__ import annotations
