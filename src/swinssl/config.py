@@ -104,6 +104,7 @@ class TrainConfig:
     out: str = "runs"  # run directories are created under it
     name: str = ""  # run directory name; default <method>-<date>-<time>
     keep_memory: bool = True  # CPU: keep freed memory (faster steps, more resident memory)
+    deterministic: bool = True  # deterministic kernels: same seed + config + machine = same weights
 
 
 @dataclass
