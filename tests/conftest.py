@@ -15,6 +15,18 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray = LPS_AFFINE) 
     return path
 
 
+_rng = np.random.default_rng(0)
+
+
+def write_volume(path: Path, arr=None, shape=(16, 16, 16), affine=None) -> Path:
+    """Write a small NIfTI volume (random floats unless ``arr`` is given, identity affine by default)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if arr is None:
+        arr = _rng.random(shape, dtype=np.float32)
+    nib.save(nib.Nifti1Image(np.asarray(arr), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
 def body_volume(shape=(40, 36, 28), modality="CT", seed=0):
     """A box 'body' in air with a labelled block (1) and a small block (2); returns (image, label)."""
     rng = np.random.default_rng(seed)

@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import write_volume
 from typer.testing import CliRunner
 
 from swinssl.cli import app
@@ -23,14 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:builtin type:DeprecationWarning"
 
 _rng = np.random.default_rng(0)
 
-
-def write_volume(path: Path, arr=None, shape=(16, 16, 16), affine=None) -> Path:
-    """Write a small NIfTI volume (random floats unless ``arr`` is given); returns the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if arr is None:
-        arr = _rng.random(shape, dtype=np.float32)
-    nib.save(nib.Nifti1Image(np.asarray(arr), np.eye(4) if affine is None else affine), str(path))
-    return path
 
 
 def data_error(call, path: Path, *fragments: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import write_volume
 from typer.testing import CliRunner
 
 from swinssl.cli import app
@@ -19,18 +20,10 @@ from swinssl.data.transforms import LoadCased, case_item
 
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type:DeprecationWarning")  # SWIG noise from itk
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 _rng = np.random.default_rng(0)
 
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-def write_volume(path: Path, arr=None, shape=(16, 16, 16), affine=None) -> Path:
-    """Write a small NIfTI volume (random floats unless ``arr`` is given); returns the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if arr is None:
-        arr = _rng.random(shape, dtype=np.float32)
-    nib.save(nib.Nifti1Image(np.asarray(arr), np.eye(4) if affine is None else affine), str(path))
-    return path
 
 
 def write_label(path: Path, shape=(16, 16, 16), classes=(0, 1)) -> Path:
