@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.data import list_data_collate
 from torch.optim.lr_scheduler import LambdaLR
 
 import swinssl
@@ -22,7 +23,7 @@ from swinssl.config import Config, load_config, to_dict
 from swinssl.data.discover import Case, find_dataset
 from swinssl.data.transforms import pretrain_transforms
 from swinssl.engine.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
-from swinssl.engine.data import crop_loader, images_of, sample_seed
+from swinssl.engine.data import SeededDataset, crop_loader, images_of, sample_seed
 from swinssl.engine.logging import MetricLogger, save_preview
 from swinssl.engine.run_dir import new_run_dir, write_run_files
 from swinssl.errors import ConfigError, DataError, TrainingError
@@ -201,12 +202,12 @@ def validate(model, method, cfg: Config, cases: list[Case], fabric) -> dict[str,
     """Mean losses over fixed crops and fixed views of the held-out volumes (same every time)."""
     was_training = model.training
     model.eval()
-    pipeline = pretrain_transforms(cfg.preprocess, channels=cfg.model.in_channels)
+    dataset = SeededDataset(cases, pretrain_transforms(cfg.preprocess, channels=cfg.model.in_channels))
     generator = torch.Generator()
     sums: dict[str, float] = {}
-    for i, case in enumerate(cases):
-        loader = crop_loader([case], pipeline, 1, cfg.seed, start_step=VALIDATION_STEP + i, steps=VALIDATION_STEP + i + 1)
-        x = images_of(next(iter(loader))).to(fabric.device)
+    for i in range(len(cases)):
+        crops = dataset[(i, sample_seed(cfg.seed, VALIDATION_STEP + i, 0, 0))]
+        x = images_of(list_data_collate([crops])).to(fabric.device)
         generator.manual_seed(sample_seed(cfg.seed, VALIDATION_STEP + i, 0, 99))
         total, parts, _ = method.compute_losses(model, x, generator, cfg.method)
         for k, v in {"loss": total, **parts}.items():
@@ -215,16 +216,8 @@ def validate(model, method, cfg: Config, cases: list[Case], fabric) -> dict[str,
     return sums
 
 
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kw) -> None: ...
-    def close(self) -> None: ...
-
-
 def _progress(enabled: bool, start: int, total: int, run_dir: Path):
-    if not enabled:
-        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, desc=f"pretrain {run_dir.name}", unit="step", dynamic_ncols=True)
-
+    return tqdm(total=total, initial=start, desc=f"pretrain {run_dir.name}", unit="step", dynamic_ncols=True,
+                disable=not enabled)
