@@ -44,6 +44,14 @@ def test_scalar_broadcasts_to_3_tuple_and_comma_lists_parse():
     assert cfg.preprocess.spacing == (1.0, 1.0, 2.5)
 
 
+def test_exponent_without_dot_is_a_number():
+    # YAML 1.1 reads "4e-4" as a string; a learning rate typed that way must still work.
+    cfg = load_config(None, ["train.lr=4e-4", "train.weight_decay=1E-5", "method.temperature=.5"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.method.temperature) == (4e-4, 1e-5, 0.5)
+    with pytest.raises(ConfigError, match="train.lr must be a number"):
+        load_config(None, ["train.lr=4e-4x"])
+
+
 def test_data_shorthand_sets_data_path():
     assert load_config(None, ["data=/some/folder"]).data.path == "/some/folder"
 

@@ -122,3 +122,28 @@ def test_warmup_cosine_schedule():
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(8) == pytest.approx(0.5)
     assert f(12) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_embedding_spread_is_zero_when_collapsed_and_near_one_when_spread():
+    from swinssl.methods.swin_unetr import embedding_spread
+
+    collapsed = torch.ones(8, 512) * 3 + torch.randn(512)  # every row the same vector
+    assert embedding_spread(collapsed).item() == pytest.approx(0.0, abs=1e-6)
+    spread = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
+    assert embedding_spread(spread).item() == pytest.approx(1.0, abs=0.02)
+    # Scale-free: only directions count, as in NT-Xent.
+    assert embedding_spread(spread[:16] * 100).item() == pytest.approx(embedding_spread(spread[:16]).item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_model_computes_the_eager_losses(phantoms, tmp_path):
+    # One step: the logged losses are of the untouched initial weights, so they must agree.
+    # (Weights after AdamW steps are no test: Adam turns rounding-level gradient differences
+    # of near-zero gradients into lr-sized updates.)
+    runs = [engine.pretrain(tiny_config(phantoms, tmp_path, name, "train.steps=1", *extra), progress=False)
+            for name, extra in (("eager", ()), ("compiled", ("train.compile=true",)))]
+    eager, compiled = ({(r["name"], r["split"]): r["value"] for r in read_metrics(run)} for run in runs)
+    for key in ("loss", "inpaint", "rotate", "contrast"):
+        assert compiled[(key, "train")] == pytest.approx(eager[(key, "train")], rel=1e-4), key
+    state = load_checkpoint(runs[1] / "checkpoints" / "last.pt")["model"]
+    assert not any(k.startswith("_orig_mod.") for k in state)  # in-place compile: plain keys in checkpoints

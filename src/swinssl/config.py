@@ -11,6 +11,7 @@ allowed keys or values.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -105,6 +106,7 @@ class TrainConfig:
     name: str = ""  # run directory name; default <method>-<date>-<time>
     keep_memory: bool = True  # CPU: keep freed memory (faster steps, more resident memory)
     deterministic: bool = True  # deterministic kernels: same seed + config + machine = same weights
+    compile: bool = False  # torch.compile the model: faster steps on GPU after a compile of about a minute
 
 
 @dataclass
@@ -256,6 +258,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             fail("an integer")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 4e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
         return float(value)
@@ -266,6 +270,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is Any:
         return value
     raise TypeError(f"config type {tp!r} of {key} is not supported")  # a bug in a dataclass, not user input
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp: Any) -> str:

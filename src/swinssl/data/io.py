@@ -9,6 +9,7 @@ the declared classes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import warnings
@@ -28,7 +29,14 @@ logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     _loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
-    _itk_loader = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
+
+
+@functools.cache
+def _itk_loader() -> LoadImage:
+    """ITK, created on first use: only NRRD files that pynrrd cannot read need it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
 
 AFFINE_TOLERANCE_MM = 1e-3
 
@@ -46,14 +54,14 @@ def read_volume(path: str | Path) -> MetaTensor:
             raise DataError(f"{path}: empty file (0 bytes)")
         if not path.name.lower().endswith(VOLUME_SUFFIXES + (".dcm",)):
             raise DataError(f"{path}: unsupported file type (expected one of {', '.join(VOLUME_SUFFIXES)})")
-    loaders = [_loader]
+    loaders = [lambda: _loader]
     if path.name.lower().endswith((".nrrd", ".nhdr")):
         loaders.append(_itk_loader)  # pynrrd needs 'space directions'; ITK also reads 'spacings'-only files
     for i, loader in enumerate(loaders):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return loader(str(path))
+                return loader()(str(path))
         except Exception as err:  # noqa: BLE001 - any reader failure becomes one clear line
             if i == len(loaders) - 1:
                 raise DataError(f"{path}: cannot read ({_reason(err, path)})") from None

@@ -9,6 +9,7 @@ run exactly where it stopped.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -116,6 +117,8 @@ def pretrain(cfg: Config | None = None, resume: str | Path | None = None, overri
         start = int(state["step"])
         manifest = state["plan"].get("manifest_sha256")
     raw_model = model
+    if t.compile:  # in place, so state-dict keys stay unprefixed
+        model.compile()
     model, optimizer = fabric.setup(model, optimizer)
 
     plan = {
@@ -199,19 +202,25 @@ def pretrain(cfg: Config | None = None, resume: str | Path | None = None, overri
 
 @torch.no_grad()
 def validate(model, method, cfg: Config, cases: list[Case], fabric) -> dict[str, float]:
-    """Mean losses over fixed crops and fixed views of the held-out volumes (same every time)."""
+    """Mean losses over fixed crops and fixed views of the held-out volumes (same every time).
+
+    Volumes go in batches of ``train.batch_size``, as in training, so the contrastive
+    negatives of a crop include crops of other volumes.
+    """
     was_training = model.training
     model.eval()
     dataset = SeededDataset(cases, pretrain_transforms(cfg.preprocess, channels=cfg.model.in_channels))
     generator = torch.Generator()
     sums: dict[str, float] = {}
-    for i in range(len(cases)):
-        crops = dataset[(i, sample_seed(cfg.seed, VALIDATION_STEP + i, 0, 0))]
-        x = images_of(list_data_collate([crops])).to(fabric.device)
-        generator.manual_seed(sample_seed(cfg.seed, VALIDATION_STEP + i, 0, 99))
+    starts = range(0, len(cases), cfg.train.batch_size)
+    for first in starts:
+        indices = range(first, min(first + cfg.train.batch_size, len(cases)))
+        crops = [dataset[(i, sample_seed(cfg.seed, VALIDATION_STEP + i, 0, 0))] for i in indices]
+        x = images_of(list_data_collate(crops)).to(fabric.device)
+        generator.manual_seed(sample_seed(cfg.seed, VALIDATION_STEP + first, 0, 99))
         total, parts, _ = method.compute_losses(model, x, generator, cfg.method)
         for k, v in {"loss": total, **parts}.items():
-            sums[k] = sums.get(k, 0.0) + v.item() / len(cases)
+            sums[k] = sums.get(k, 0.0) + v.item() / len(starts)
     model.train(was_training)
     return sums
 
@@ -219,5 +228,6 @@ def validate(model, method, cfg: Config, cases: list[Case], fabric) -> dict[str,
 def _progress(enabled: bool, start: int, total: int, run_dir: Path):
     from tqdm import tqdm
 
+    # Redirected to a log file, a bar redrawn ten times a second would flood it.
     return tqdm(total=total, initial=start, desc=f"pretrain {run_dir.name}", unit="step", dynamic_ncols=True,
-                disable=not enabled)
+                disable=not enabled, mininterval=0.1 if sys.stderr.isatty() else 30)

@@ -66,10 +66,20 @@ def check_config(method: MethodConfig, preprocess: PreprocessConfig) -> None:
         raise ConfigError(f"preprocess.roi_size {tuple(roi)}: rotations act on the last two axes, which must be equal")
 
 
+@torch.no_grad()
+def embedding_spread(z: torch.Tensor) -> torch.Tensor:
+    """Collapse monitor (logged, not optimised): the per-dimension std over the batch of the
+    L2-normalised embeddings, times sqrt(E). 0 when all embeddings are equal (NT-Xent then sits
+    at log(2N - 1)); about 1 when they spread evenly over the sphere."""
+    z = torch.nn.functional.normalize(z.float(), dim=1)
+    return z.std(dim=0).mean() * z.shape[1] ** 0.5
+
+
 def compute_losses(model: nn.Module, x: torch.Tensor, generator: torch.Generator, method: MethodConfig):
     """One step's losses for crops ``x`` (B, C, D, H, W) in [0, 1].
 
-    Returns (weighted total, {task: loss}, preview panels of the first crop).
+    Returns (weighted total, {task: loss, plus the logged ``embed_spread``}, preview panels
+    of the first crop).
     """
     views = two_views(x, generator, max_fraction=method.max_cutout)
     # Both views in one forward pass: every layer normalises per sample, so this equals two passes.
@@ -83,6 +93,7 @@ def compute_losses(model: nn.Module, x: torch.Tensor, generator: torch.Generator
     if method.weights.get("contrast", 0):
         z = out["contrastive"]
         losses["contrast"] = ntxent(z[:n], z[n:], temperature=method.temperature)
+        losses["embed_spread"] = embedding_spread(z)
     total = weighted_sum(losses, {k: v for k, v in method.weights.items() if v})
     previews = {
         "crop": x[0],
