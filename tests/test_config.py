@@ -62,7 +62,7 @@ def test_unknown_key_names_key_and_allowed_keys():
 
 
 def test_unknown_top_level_key():
-    with pytest.raises(ConfigError, match=r"unknown key .sed.; allowed: data, preprocess, model, method, train, seed"):
+    with pytest.raises(ConfigError, match=r"unknown key .sed.; allowed: data, preprocess, model, method, train, finetune, seed"):
         load_config(None, ["sed=1"])
 
 

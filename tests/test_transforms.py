@@ -144,6 +144,17 @@ def test_inference_inverse_after_resampling_lands_on_input_grid(ct_case):
         assert dice > 0.9, f"class {c}: Dice {dice:.3f} after resample + inverse"
 
 
+def test_invert_maps_a_plain_tensor_back_too(ct_case):
+    # MONAI's Invertd skips plain tensors with only a logged warning; a network's output is one.
+    cfg = PreprocessConfig(spacing=(1.0, 1.0, 1.0))
+    pipeline = inference_transforms(cfg)
+    data = pipeline(item(ct_case[0]))
+    plain = finetune_transforms(cfg, train=False)(item(*ct_case))["label"].as_tensor()
+    back = invert(pipeline, data, plain)
+    assert back.shape == (1, *nib.load(ct_case[1]).shape)
+    np.testing.assert_allclose(np.asarray(back.affine), LPS_AFFINE, atol=1e-5)
+
+
 def test_invert_rejects_output_of_wrong_shape(ct_case):
     pipeline = inference_transforms(PreprocessConfig())
     data = pipeline(item(ct_case[0]))

@@ -147,6 +147,90 @@ def pretrain(
     typer.echo(f"run directory: {run_dir}")
 
 
+@app.command()
+def finetune(
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="key=value overrides, e.g. data=PATH finetune.pretrained=RUN_DIR finetune.label_ratio=0.1."),
+    config: str = typer.Option("finetune/tiny", "--config", "-c", help="Preset name or YAML file (finetune/ct, "
+                               "finetune/mri, finetune/tiny)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
+) -> None:
+    """Fine-tune SwinUNETR for segmentation, from scratch or from pre-trained weights.
+
+    Uses the labelled training cases of a dataset.json, nnU-Net raw folder or labelled folder
+    (never its test cases). Writes a run directory with checkpoints/best.pt (best validation
+    Dice) and last.pt, metrics.csv, TensorBoard and PNG overlays, and prints where it is.
+    """
+    from swinssl.config import load_config
+    from swinssl.engine.finetune import finetune as run
+
+    with _user_errors():
+        if resume is not None:
+            run_dir = run(resume=resume, overrides=overrides or [])
+        else:
+            run_dir = run(load_config(config, overrides or []))
+    typer.echo(f"run directory: {run_dir}")
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="A fine-tuning run directory (uses checkpoints/best.pt) or checkpoint file."),
+    inputs: List[Path] = typer.Argument(..., help="Volume files, folders of volumes, dataset.json or nnU-Net folders."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the masks (<case_id>.nii.gz) and predictions.json."),
+    roi: Optional[int] = typer.Option(None, "--roi", help="Sliding-window size [default: the training crop]."),
+    overlap: float = typer.Option(0.5, "--overlap", help="Sliding-window overlap (Gaussian blending)."),
+    sw_batch_size: int = typer.Option(1, "--sw-batch-size", help="Windows per forward pass."),
+    flips: bool = typer.Option(False, "--flips", help="Test-time augmentation: average over the 8 axis flips."),
+    output_format: str = typer.Option("nifti", "--format", help="nifti, or 'same' to write NRRD for NRRD inputs."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+) -> None:
+    """Segment volumes with a fine-tuned model; each mask lands in its input's exact geometry.
+
+    Sliding-window inference on the preprocessed volume, then the preprocessing is inverted
+    (foreground crop, resampling, reorientation), so every mask has its input's shape and
+    affine. Files are written atomically; an unreadable input is reported and skipped.
+    """
+    import torch
+
+    from swinssl.infer import predict as run
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with _user_errors():
+        written = run(model, inputs, out, roi_size=roi, overlap=overlap, sw_batch_size=sw_batch_size, flips=flips,
+                      output_format=output_format, device=device)
+    typer.echo(f"wrote {len(written)} masks to {out}")
+
+
+@app.command()
+def evaluate(
+    predictions: Path = typer.Argument(..., help="Folder of predicted masks named <case_id>.nii.gz (or .nrrd)."),
+    labels: Path = typer.Argument(..., help="Folder of label files named <case_id>.*, or a dataset (dataset.json, "
+                                  "nnU-Net raw folder) whose labelled cases are used."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where metrics.csv and summary.json go "
+                                       "[default: the predictions folder]."),
+    nsd_tolerance: float = typer.Option(1.0, "--nsd-tolerance", help="NSD tolerance in mm, all classes."),
+    classes: Optional[List[int]] = typer.Option(None, "--class", help="Evaluate this class (repeat); default: every "
+                                                "class in the labels."),
+    split: Optional[str] = typer.Option(None, "--split", help="Only this split of a dataset: training, validation "
+                                        "or test."),
+) -> None:
+    """Dice, HD95 (mm) and NSD per case and class, in physical spacing; a summary table per class.
+
+    Empty cases have fixed values (both empty: Dice 1, HD95 0, NSD 1; one empty: Dice 0,
+    NSD 0, HD95 the volume diagonal), so summaries never hold NaN. Each prediction must have
+    its label's shape and affine.
+    """
+    from swinssl.metrics import evaluate as run, format_summary
+
+    out = out or predictions
+    with _user_errors():
+        summary = run(predictions, labels, out_dir=out, classes=classes or None, nsd_tolerance=nsd_tolerance,
+                      split=split)
+    typer.echo(format_summary(summary))
+    typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'summary.json'}")
+
+
 @contextlib.contextmanager
 def _progress(total: int, what: str) -> Iterator:
     from tqdm import tqdm

@@ -110,12 +110,29 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Segmentation fine-tuning (``swinssl finetune``): start weights, case subsets, loss, validation."""
+
+    pretrained: str = ""  # a pre-training run directory or checkpoint (any load_pretrained layout); "" = scratch
+    label_ratio: float = 1.0  # share of the labelled training cases used (a seeded subset, at least one)
+    cases: list[str] = field(default_factory=list)  # explicit training case ids; overrides label_ratio
+    folds: int = 0  # k-fold cross-validation (0: the dataset's validation split, else train.val_fraction)
+    fold: int = 0  # which fold is held out, 0 <= fold < folds
+    layer_decay: float = 1.0  # layer-wise LR decay of the encoder: stage i gets lr * decay^(5 - i); 1 = off
+    dice_weight: float = 1.0  # DiceCE = dice_weight * Dice + ce_weight * cross-entropy
+    ce_weight: float = 1.0
+    overlap: float = 0.5  # sliding-window overlap in validation
+    sw_batch_size: int = 2  # windows per forward pass in validation
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     seed: int = 0
 
 

@@ -211,5 +211,8 @@ def invert(transforms: Compose, item: Mapping[Hashable, Any], output: torch.Tens
         raise TypeError("invert needs the MetaTensor produced by the pipeline")
     if tuple(output.shape[1:]) != tuple(image.shape[1:]):
         raise ValueError(f"output spatial shape {tuple(output.shape[1:])} differs from the transformed image {tuple(image.shape[1:])}")
+    # Invertd leaves a plain tensor untouched (with only a logged warning): always hand it a MetaTensor.
+    pred = output.detach().to(torch.float32)
+    pred = pred if isinstance(pred, MetaTensor) else MetaTensor(pred)
     inverter = Invertd(keys="pred", transform=transforms, orig_keys="image", nearest_interp=nearest)
-    return inverter({**item, "pred": output.detach().to(torch.float32)})["pred"]
+    return inverter({**item, "pred": pred})["pred"]

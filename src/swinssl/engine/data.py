@@ -92,3 +92,9 @@ def images_of(batch: dict) -> torch.Tensor:
     """The image tensor of a collated batch, as a plain tensor (no MetaTensor bookkeeping in the model)."""
     image = batch["image"]
     return image.as_tensor() if hasattr(image, "as_tensor") else image
+
+
+def labels_of(batch: dict) -> torch.Tensor:
+    """The label tensor (B, 1, ...) of a collated batch, as a plain tensor."""
+    label = batch["label"]
+    return label.as_tensor() if hasattr(label, "as_tensor") else label

@@ -66,3 +66,35 @@ def save_preview(path: Path, panels: Mapping[str, torch.Tensor], title: str = ""
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
     return path
+
+
+def save_overlay(path: Path, image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor, title: str = "") -> Path:
+    """Image, image + label, image + prediction on the axial slice (last axis) with the most labelled voxels.
+
+    ``image`` (X, Y, Z) in [0, 1]; ``label``, ``prediction`` integer masks of the same shape.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    image, label, prediction = (v.detach().float().cpu().numpy() for v in (image, label, prediction))
+    z = int(np.argmax((label > 0).sum(axis=(0, 1)))) if label.any() else image.shape[2] // 2
+    classes = max(int(label.max()), int(prediction.max()), 1)
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    for ax, (name, mask) in zip(axes, (("image", None), ("label", label), ("prediction", prediction))):
+        ax.imshow(image[:, :, z].T, cmap="gray", origin="lower", vmin=0.0, vmax=1.0)
+        if mask is not None:
+            shown = np.ma.masked_equal(mask[:, :, z].T, 0)
+            ax.imshow(shown, cmap="tab10", vmin=1, vmax=max(classes, 10), origin="lower", alpha=0.5,
+                      interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    return path

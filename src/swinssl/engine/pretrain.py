@@ -1,16 +1,14 @@
-"""The pre-training loop, shared by every method, on Lightning Fabric (CPU, one GPU, DDP across GPUs and nodes).
+"""Pre-training, shared by every method, on Lightning Fabric (CPU, one GPU, DDP across GPUs and nodes).
 
-A method module supplies ``SSLModel``, ``check_config`` and ``compute_losses``; this loop
-owns devices, precision, optimisation (AdamW, warm-up + cosine, clipping, accumulation),
-validation on held-out volumes, logging, previews and atomic checkpoints, and resumes a
-run exactly where it stopped.
+A method module supplies ``SSLModel``, ``check_config`` and ``compute_losses``; this stage
+adds the data (unlabelled volumes, never a dataset's test cases), validation losses on
+held-out volumes, previews and atomic checkpoints to the shared loop (``engine.loop``:
+devices, precision, AdamW, warm-up + cosine, clipping, accumulation, logging), and
+resumes a run exactly where it stopped.
 """
 
 from __future__ import annotations
 
-import math
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,23 +24,12 @@ from swinssl.data.transforms import pretrain_transforms
 from swinssl.engine.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from swinssl.engine.data import SeededDataset, crop_loader, images_of, sample_seed
 from swinssl.engine.logging import MetricLogger, save_preview
+from swinssl.engine.loop import progress_bar, run_steps, setup_fabric, warmup_cosine
 from swinssl.engine.run_dir import new_run_dir, write_run_files
-from swinssl.errors import ConfigError, DataError, TrainingError
+from swinssl.errors import ConfigError, DataError
 from swinssl.methods import get_method
 
 VALIDATION_STEP = 2**30  # a step index no training step reaches: fixed validation crops and views
-
-
-def warmup_cosine(warmup: int, total: int):
-    """LR factor: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
@@ -58,8 +45,6 @@ def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list
 def pretrain(cfg: Config | None = None, resume: str | Path | None = None, overrides: list[str] = (),
              progress: bool = True) -> Path:
     """Run (or resume) a pre-training; returns the run directory."""
-    from lightning_fabric import Fabric
-
     state = None
     if resume is not None:
         run_dir = Path(resume)
@@ -82,18 +67,7 @@ def pretrain(cfg: Config | None = None, resume: str | Path | None = None, overri
     channels = cfg.model.in_channels
 
     t = cfg.train
-    fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-                    precision=t.precision)
-    fabric.launch()
-    if fabric.device.type == "cpu" and t.keep_memory:
-        from swinssl.runtime import keep_freed_memory
-
-        keep_freed_memory()
-    torch.autograd.set_detect_anomaly(False)  # the reference loop leaves it on: 2x slower
-    # Without it, CPU backward of trilinear upsampling (the reconstruction head) accumulates
-    # in a thread-dependent order and two runs of one seed drift apart by ~1e-5 in 4 steps.
-    torch.use_deterministic_algorithms(t.deterministic, warn_only=True)
-    torch.manual_seed(cfg.seed)
+    fabric = setup_fabric(t, cfg.seed)
 
     if resume is not None:
         run_dir = Path(resume)
@@ -146,43 +120,12 @@ def pretrain(cfg: Config | None = None, resume: str | Path | None = None, overri
         save_checkpoint(run_dir / "checkpoints" / "last.pt", payload)
 
     generator = torch.Generator()
-    batches = iter(loader)
-    sums: dict[str, float] = {}
-    count, tick, volumes = 0, time.perf_counter(), 0
-    bar = _progress(progress and fabric.is_global_zero, start, t.steps, run_dir)
-    metrics: dict = {}
-    for step in range(start, t.steps):
-        model.train()
-        for micro in range(t.accumulate):
-            x = images_of(next(batches)).to(fabric.device)
-            generator.manual_seed(sample_seed(cfg.seed, step * t.accumulate + micro, fabric.global_rank, 99))
-            with fabric.no_backward_sync(model, enabled=micro < t.accumulate - 1):
-                total, parts, previews = method.compute_losses(model, x, generator, cfg.method)
-                if not torch.isfinite(total):
-                    detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-                    raise TrainingError(f"step {step}: loss is not finite ({detail}); the last good checkpoint "
-                                        f"is {run_dir / 'checkpoints' / 'last.pt'}")
-                fabric.backward(total / t.accumulate)
-            volumes += x.shape[0] * fabric.world_size
-            for k, v in {"loss": total, **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            count += 1
-        if t.clip_grad > 0:
-            fabric.clip_gradients(model, optimizer, max_norm=t.clip_grad, error_if_nonfinite=False)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        done = step + 1
 
-        if done % t.log_every == 0 or done == t.steps:
-            means = {k: v / count for k, v in sums.items()}
-            means = {k: float(fabric.all_reduce(torch.tensor(v), reduce_op="mean")) for k, v in means.items()}
-            rate = volumes / (time.perf_counter() - tick)
-            metrics = {**means, "lr": scheduler.get_last_lr()[0], "volumes_per_s": rate}
-            if logger:
-                logger.log(done, "train", metrics)
-            bar.set_postfix(loss=f"{means['loss']:.4f}", vol_s=f"{rate:.2f}")
-            sums, count, tick, volumes = {}, 0, time.perf_counter(), 0
+    def losses(batch, step: int, micro: int):
+        generator.manual_seed(sample_seed(cfg.seed, step * t.accumulate + micro, fabric.global_rank, 99))
+        return method.compute_losses(model, images_of(batch).to(fabric.device), generator, cfg.method)
+
+    def after_step(done: int, metrics: dict, previews: dict) -> None:
         if val_cases and (done % t.val_every == 0 or done == t.steps):
             val = validate(raw_model, method, cfg, val_cases, fabric)
             if logger:
@@ -192,8 +135,10 @@ def pretrain(cfg: Config | None = None, resume: str | Path | None = None, overri
             save_preview(run_dir / "previews" / f"step_{done:07d}.png", previews, title=f"step {done}")
         if done % t.checkpoint_every == 0 or done == t.steps:
             checkpoint(done, metrics)
-        bar.update(1)
-    bar.close()
+
+    bar = progress_bar(progress and fabric.is_global_zero, start, t.steps, f"pretrain {run_dir.name}")
+    run_steps(fabric, model, optimizer, scheduler, iter(loader), losses, t, start, logger, bar, after_step,
+              run_dir / "checkpoints" / "last.pt")
     if logger:
         logger.close()
     fabric.barrier()
@@ -223,11 +168,3 @@ def validate(model, method, cfg: Config, cases: list[Case], fabric) -> dict[str,
             sums[k] = sums.get(k, 0.0) + v.item() / len(starts)
     model.train(was_training)
     return sums
-
-
-def _progress(enabled: bool, start: int, total: int, run_dir: Path):
-    from tqdm import tqdm
-
-    # Redirected to a log file, a bar redrawn ten times a second would flood it.
-    return tqdm(total=total, initial=start, desc=f"pretrain {run_dir.name}", unit="step", dynamic_ncols=True,
-                disable=not enabled, mininterval=0.1 if sys.stderr.isatty() else 30)
