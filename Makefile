@@ -19,8 +19,7 @@ $(BIN)/swinssl: pyproject.toml
 install: $(BIN)/swinssl
 
 demo: install
-	$(BIN)/swinssl phantom --out runs/demo/data --cases 4 --size 64 --seed 0
-	$(BIN)/swinssl data check runs/demo/data
+	$(BIN)/swinssl demo --out runs/demo --fresh
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -141,3 +141,75 @@ def test_layer_decay_scales_encoder_stages():
     assert by_id[id(model.swinViT.layers4[0].downsample.reduction.weight)] == 0.5
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert len(engine.layer_decay_groups(model, lr=1.0, decay=1.0)) == 1
+
+
+def test_tiny_finetune_segments_held_out_liver(phantoms, tmp_path):
+    """Fine-tune -> predict -> evaluate on a held-out phantom: the liver must be found.
+
+    An untrained or broken model (wrong labels, no learning, misaligned masks) scores about
+    0; this run measured a held-out liver Dice of 0.815 (seed 0, 2 CPU cores).
+    """
+    from swinssl.data.discover import find_dataset
+    from swinssl.infer import predict
+    from swinssl.metrics import evaluate
+
+    cfg = tiny_config(phantoms, tmp_path, "learn", "train.steps=120", "train.lr=2e-3", "preprocess.num_crops=2",
+                      "train.val_every=120", "train.checkpoint_every=120", "train.log_every=10")
+    run = engine.finetune(cfg, progress=False)
+    test = [c.images[0] for c in find_dataset(phantoms).split("test")]
+    predict(run, test, tmp_path / "pred", progress=False)
+    summary = evaluate(tmp_path / "pred", phantoms, split="test")
+    liver = summary["classes"]["1"]["dice"]["mean"]
+    print(f"held-out liver Dice {liver:.3f}")
+    assert liver > 0.5
+
+
+@pytest.fixture(scope="module")
+def real_labelled(tmp_path_factory):
+    """The real labelled volumes: ITK T1 (NIfTI, LSA, 7 tissue classes) and a T1c brain (NRRD, LAS, tumour)."""
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "README.md").is_file():
+        pytest.skip(f"real sample volumes not found at {SHARED_DATA}")
+    import json
+
+    root = tmp_path_factory.mktemp("real")
+    pairs = {"itk_t1": ("mri/itk_t1.nii.gz", "mri/itk_t1_tissue_seg.nii.gz"),
+             "brain1": ("mri/brain1_t1c_image.nrrd", "mri/brain1_t1c_label.nrrd")}
+    entries = []
+    for case, (image, label) in pairs.items():
+        for kind, rel in (("images", image), ("labels", label)):
+            target = root / kind / f"{case}{''.join(Path(rel).suffixes)}"
+            target.parent.mkdir(exist_ok=True)
+            target.write_bytes((SHARED_DATA / rel).read_bytes())  # a copy: dataset paths must stay inside it
+        entries.append({"image": f"./images/{case}{''.join(Path(image).suffixes)}",
+                        "label": f"./labels/{case}{''.join(Path(label).suffixes)}"})
+    meta = {"modality": {"0": "MRI"}, "labels": {str(i): f"tissue_{i}" for i in range(7)}, "training": entries}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_real_volumes_finetune_predict_evaluate_keep_input_geometry(real_labelled, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from swinssl.data.io import read_volume
+    from swinssl.infer import predict
+    from swinssl.metrics import evaluate
+
+    cfg = tiny_config(real_labelled / "dataset.json", tmp_path, "real", "train.steps=2", "train.val_fraction=0",
+                      "preprocess.spacing=[3,3,3]", "preprocess.mri_normalization=zscore")
+    run = engine.finetune(cfg, progress=False)
+    images = sorted((real_labelled / "images").iterdir())
+    written = predict(run, images, tmp_path / "pred", output_format="same", progress=False)
+    assert sorted(p.name for p in written) == ["brain1.nrrd", "itk_t1.nii.gz"]
+    for image in images:
+        source = read_volume(image)
+        mask = read_volume(tmp_path / "pred" / (image.name.split(".")[0] + ("".join(image.suffixes))))
+        assert mask.shape == source.shape, image.name
+        np.testing.assert_allclose(np.asarray(mask.affine), np.asarray(source.affine), atol=1e-4)
+        codes = nib.orientations.aff2axcodes(np.asarray(source.affine))
+        assert codes != ("R", "A", "S") and nib.orientations.aff2axcodes(np.asarray(mask.affine)) == codes
+    summary = evaluate(tmp_path / "pred", real_labelled / "dataset.json")
+    assert summary["n_cases"] == 2
+    assert all(np.isfinite(v["dice"]["mean"]) for v in summary["classes"].values())

@@ -173,6 +173,21 @@ def finetune(
 
 
 @app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Folder for the data, runs and report."),
+    fresh: bool = typer.Option(False, "--fresh", help="Replace the contents of --out if it is not empty."),
+) -> None:
+    """The whole job on synthetic phantoms, CPU, in minutes: pre-train, fine-tune (pre-trained and
+    scratch), predict the test cases, evaluate, and write report.md with plots."""
+    from swinssl.demo import run_demo
+
+    with _user_errors():
+        report = run_demo(out, fresh=fresh)
+    typer.echo(report.read_text().split("## Evaluation summaries")[0].rstrip())
+    typer.echo(f"\nreport: {report}")
+
+
+@app.command()
 def predict(
     model: Path = typer.Argument(..., help="A fine-tuning run directory (uses checkpoints/best.pt) or checkpoint file."),
     inputs: List[Path] = typer.Argument(..., help="Volume files, folders of volumes, dataset.json or nnU-Net folders."),

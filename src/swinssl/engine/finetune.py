@@ -286,8 +286,8 @@ def validate(model, cfg: Config, cases: list[Case], classes: list[int], names: d
         dice = compute_dice(one_hot(pred), one_hot(label[0][None]), include_background=False, ignore_empty=False)
         per_class += dice[0].double()
         if overlay is not None and index == 0:
-            save_overlay(overlay, item["image"][0], label[0], pred[0], title=f"{case.case_id}, mean Dice "
-                         f"{dice.mean().item():.3f}")
+            save_overlay(overlay, item["image"][0], {"label": label[0], "prediction": pred[0]},
+                         title=f"{case.case_id}, mean Dice {dice.mean().item():.3f}")
     model.train(was_training)
     per_class /= len(cases)
     out = {"dice": per_class.mean().item()}

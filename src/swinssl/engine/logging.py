@@ -68,10 +68,9 @@ def save_preview(path: Path, panels: Mapping[str, torch.Tensor], title: str = ""
     return path
 
 
-def save_overlay(path: Path, image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor, title: str = "") -> Path:
-    """Image, image + label, image + prediction on the axial slice (last axis) with the most labelled voxels.
-
-    ``image`` (X, Y, Z) in [0, 1]; ``label``, ``prediction`` integer masks of the same shape.
+def save_overlay(path: Path, image: torch.Tensor, masks: Mapping[str, torch.Tensor], title: str = "") -> Path:
+    """The image, then the image under each mask, on the axial slice (last axis) where the first mask
+    has the most voxels. ``image`` (X, Y, Z) in [0, 1]; masks integer, same shape (e.g. label, prediction).
     """
     import matplotlib
 
@@ -79,16 +78,18 @@ def save_overlay(path: Path, image: torch.Tensor, label: torch.Tensor, predictio
     import matplotlib.pyplot as plt
     import numpy as np
 
-    image, label, prediction = (v.detach().float().cpu().numpy() for v in (image, label, prediction))
-    z = int(np.argmax((label > 0).sum(axis=(0, 1)))) if label.any() else image.shape[2] // 2
-    classes = max(int(label.max()), int(prediction.max()), 1)
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
-    for ax, (name, mask) in zip(axes, (("image", None), ("label", label), ("prediction", prediction))):
+    image = image.detach().float().cpu().numpy()
+    masks = {name: m.detach().cpu().numpy() for name, m in masks.items()}
+    first = next(iter(masks.values()))
+    z = int(np.argmax((first > 0).sum(axis=(0, 1)))) if first.any() else image.shape[2] // 2
+    top = max(max(int(m.max()) for m in masks.values()), 1)
+    panels = [("image", None), *masks.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2), squeeze=False)
+    for ax, (name, mask) in zip(axes[0], panels):
         ax.imshow(image[:, :, z].T, cmap="gray", origin="lower", vmin=0.0, vmax=1.0)
         if mask is not None:
             shown = np.ma.masked_equal(mask[:, :, z].T, 0)
-            ax.imshow(shown, cmap="tab10", vmin=1, vmax=max(classes, 10), origin="lower", alpha=0.5,
-                      interpolation="nearest")
+            ax.imshow(shown, cmap="tab10", vmin=1, vmax=max(top, 10), origin="lower", alpha=0.5, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     if title:
