@@ -30,7 +30,7 @@ from swinssl.metrics import evaluate, format_summary
 from swinssl.utils import atomic_path, atomic_write_text
 
 DEMO = {
-    "cases": 10,  # phantoms; the last quarter (3) are test cases
+    "cases": 10,  # phantoms; round(10 / 4) = 2 are test cases
     "size": 64,  # voxels per side
     # Small enough for about 10 minutes on 2 CPU cores: one Swin block per stage, crops of
     # 64x32x32 (pre-training; two bottleneck tokens for the rotation and contrastive heads)
