@@ -1,0 +1,29 @@
+"""Atomic writes: all or nothing, with the permissions a plain write would give."""
+
+import os
+import stat
+
+import pytest
+
+from swinssl.utils import atomic_path, atomic_write_text
+
+
+def test_atomic_write_has_the_permissions_of_a_plain_write(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        (tmp_path / "b.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = lambda name: stat.S_IMODE((tmp_path / name).stat().st_mode)  # noqa: E731
+    assert mode("a.txt") == mode("b.txt") == 0o644  # not mkstemp's 0600: others on a cluster can read outputs
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
