@@ -22,12 +22,12 @@ from swinssl.data.discover import find_dataset
 from swinssl.data.io import read_volume
 from swinssl.data.phantom import write_phantom_dataset
 from swinssl.engine.finetune import finetune
-from swinssl.engine.logging import read_metrics, save_overlay
+from swinssl.engine.logging import read_metrics, save_figure, save_overlay
 from swinssl.engine.pretrain import pretrain
 from swinssl.errors import ConfigError
 from swinssl.infer import predict
 from swinssl.metrics import evaluate, format_summary
-from swinssl.utils import atomic_path, atomic_write_text
+from swinssl.utils import atomic_write_text
 
 DEMO = {
     "cases": 10,  # phantoms; round(10 / 4) = 2 are test cases
@@ -188,15 +188,6 @@ def dice_table(summaries: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def _figure(path: Path, fig) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-
-
 def plot_losses(path: Path, pre_run: Path, runs: dict[str, Path]) -> None:
     import matplotlib
 
@@ -215,7 +206,7 @@ def plot_losses(path: Path, pre_run: Path, runs: dict[str, Path]) -> None:
     axes[2].set(title="validation mean Dice", xlabel="step", ylim=(0, 1))
     for ax in axes:
         ax.legend(fontsize=8)
-    _figure(path, fig)
+    save_figure(path, fig)
 
 
 def plot_dice(path: Path, summaries: dict[str, dict]) -> None:
@@ -235,7 +226,7 @@ def plot_dice(path: Path, summaries: dict[str, dict]) -> None:
     ax.set_xticks([j + width * (len(INITS) - 1) / 2 for j in range(len(names))], names)
     ax.set(ylabel="test Dice", ylim=(0, 1), title="Dice by class (test cases)")
     ax.legend(fontsize=8)
-    _figure(path, fig)
+    save_figure(path, fig)
 
 
 def _series(run: Path, split: str, name: str) -> tuple[list[int], list[float]]:

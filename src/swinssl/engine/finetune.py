@@ -23,16 +23,16 @@ from monai.metrics import compute_dice
 from torch.optim.lr_scheduler import LambdaLR
 
 import swinssl
-from swinssl.config import Config, FinetuneConfig, ModelConfig, load_config, to_dict
+from swinssl.config import Config, FinetuneConfig, ModelConfig, to_dict
 from swinssl.data.discover import Case, Dataset, find_dataset
 from swinssl.data.io import read_volume
 from swinssl.data.transforms import case_item, finetune_transforms
-from swinssl.engine.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from swinssl.engine.checkpoint import restore_rng, rng_state, save_checkpoint
 from swinssl.engine.data import crop_loader, images_of, labels_of
 from swinssl.engine.logging import MetricLogger, save_overlay
 from swinssl.engine.loop import progress_bar, run_steps, setup_fabric, warmup_cosine
 from swinssl.engine.pretrain import split_cases
-from swinssl.engine.run_dir import new_run_dir, write_run_files
+from swinssl.engine.run_dir import open_run_dir, resume_state
 from swinssl.errors import ConfigError, DataError
 from swinssl.nn import build_network, load_pretrained
 from swinssl.nn.load import read_checkpoint
@@ -48,12 +48,7 @@ def finetune(cfg: Config | None = None, resume: str | Path | None = None, overri
     """Run (or resume) a fine-tuning; returns the run directory."""
     state = None
     if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml", overrides)
-        last = run_dir / "checkpoints" / "last.pt"
-        state = load_checkpoint(last) if last.is_file() else None
+        cfg, state = resume_state(resume, overrides)
     assert cfg is not None
     ft, t = cfg.finetune, cfg.train
     if not cfg.data.path:
@@ -66,15 +61,8 @@ def finetune(cfg: Config | None = None, resume: str | Path | None = None, overri
     train_cases, val_cases = finetune_split(dataset, ft, t.val_fraction, cfg.seed)
 
     fabric = setup_fabric(t, cfg.seed)
-    if resume is not None:
-        run_dir = Path(resume)
-    else:
-        run_dir = new_run_dir(t.out, t.name, "finetune") if fabric.is_global_zero else None
-        run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None))
-    manifest = None
-    if fabric.is_global_zero and state is None:
-        manifest = write_run_files(run_dir, cfg, {"train": train_cases, "validation": val_cases})
-    manifest = fabric.broadcast(manifest)
+    run_dir, manifest = open_run_dir(fabric, cfg, "finetune", resume, state,
+                                     {"train": train_cases, "validation": val_cases})
 
     model = build_network(cfg.model, out_channels=len(classes))
     if pretrained is not None and state is None:

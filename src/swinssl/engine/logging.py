@@ -45,6 +45,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
         return [{**row, "step": int(row["step"]), "value": float(row["value"])} for row in csv.DictReader(f)]
 
 
+def save_figure(path: Path, fig) -> Path:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    return path
+
+
 def save_preview(path: Path, panels: Mapping[str, torch.Tensor], title: str = "") -> Path:
     """One row of mid-slices: each panel a (D, H, W) or (C, D, H, W) volume; the middle slice of D is shown."""
     import matplotlib
@@ -61,11 +72,7 @@ def save_preview(path: Path, panels: Mapping[str, torch.Tensor], title: str = ""
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(path, fig)
 
 
 def save_overlay(path: Path, image: torch.Tensor, masks: Mapping[str, torch.Tensor], title: str = "") -> Path:
@@ -94,8 +101,4 @@ def save_overlay(path: Path, image: torch.Tensor, masks: Mapping[str, torch.Tens
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(path, fig)

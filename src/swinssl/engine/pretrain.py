@@ -18,14 +18,14 @@ from monai.data import list_data_collate
 from torch.optim.lr_scheduler import LambdaLR
 
 import swinssl
-from swinssl.config import Config, load_config, to_dict
+from swinssl.config import Config, to_dict
 from swinssl.data.discover import Case, find_dataset
 from swinssl.data.transforms import pretrain_transforms
-from swinssl.engine.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from swinssl.engine.checkpoint import restore_rng, rng_state, save_checkpoint
 from swinssl.engine.data import SeededDataset, crop_loader, images_of, sample_seed
 from swinssl.engine.logging import MetricLogger, save_preview
 from swinssl.engine.loop import progress_bar, run_steps, setup_fabric, warmup_cosine
-from swinssl.engine.run_dir import new_run_dir, write_run_files
+from swinssl.engine.run_dir import open_run_dir, resume_state
 from swinssl.errors import ConfigError, DataError
 from swinssl.methods import get_method
 
@@ -47,12 +47,7 @@ def pretrain(cfg: Config | None = None, resume: str | Path | None = None, overri
     """Run (or resume) a pre-training; returns the run directory."""
     state = None
     if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml", overrides)
-        last = run_dir / "checkpoints" / "last.pt"
-        state = load_checkpoint(last) if last.is_file() else None
+        cfg, state = resume_state(resume, overrides)
     assert cfg is not None
     method = get_method(cfg.method.name)
     method.check_config(cfg.method, cfg.preprocess)
@@ -69,15 +64,8 @@ def pretrain(cfg: Config | None = None, resume: str | Path | None = None, overri
     t = cfg.train
     fabric = setup_fabric(t, cfg.seed)
 
-    if resume is not None:
-        run_dir = Path(resume)
-    else:  # rank 0 names and creates the run directory, the others learn its name
-        run_dir = new_run_dir(t.out, t.name, cfg.method.name) if fabric.is_global_zero else None
-        run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None))
-    manifest = None
-    if fabric.is_global_zero and state is None:
-        manifest = write_run_files(run_dir, cfg, {"train": train_cases, "validation": val_cases})
-    manifest = fabric.broadcast(manifest)
+    run_dir, manifest = open_run_dir(fabric, cfg, cfg.method.name, resume, state,
+                                     {"train": train_cases, "validation": val_cases})
 
     model = method.SSLModel(cfg.model, cfg.method)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)

@@ -16,10 +16,10 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import swinssl
-from swinssl.config import save_config
+from swinssl.config import load_config, save_config
 from swinssl.data.discover import Case
 from swinssl.errors import ConfigError
 from swinssl.utils import atomic_write_text, sha256_file
@@ -94,3 +94,32 @@ def write_run_files(path: Path, cfg, splits: dict[str, Sequence[Case]]) -> str:
     save_config(cfg, path / "config.yaml")
     write_environment(path)
     return write_manifest(path, splits)
+
+
+def resume_state(resume: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, dict | None]:
+    """The saved config of run directory ``resume`` (plus overrides) and its last checkpoint, if any."""
+    from swinssl.engine.checkpoint import load_checkpoint
+
+    run_dir = Path(resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    last = run_dir / "checkpoints" / "last.pt"
+    return cfg, load_checkpoint(last) if last.is_file() else None
+
+
+def open_run_dir(fabric, cfg, kind: str, resume: str | Path | None, state: dict | None,
+                 splits: dict[str, Sequence[Case]]) -> tuple[Path, str | None]:
+    """The run directory (new, or ``resume``) and the data manifest's hash.
+
+    Rank 0 names and creates a new directory and writes its files; the others learn both.
+    """
+    if resume is not None:
+        run_dir = Path(resume)
+    else:
+        run_dir = new_run_dir(cfg.train.out, cfg.train.name, kind) if fabric.is_global_zero else None
+        run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None))
+    manifest = None
+    if fabric.is_global_zero and state is None:
+        manifest = write_run_files(run_dir, cfg, splits)
+    return run_dir, fabric.broadcast(manifest)
