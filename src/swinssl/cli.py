@@ -136,15 +136,9 @@ def pretrain(
     checkpoints/last.pt) and prints where it is. The encoder loads into SwinUNETR with
     swinssl.nn.load_pretrained.
     """
-    from swinssl.config import load_config
     from swinssl.engine.pretrain import pretrain as run
 
-    with _user_errors():
-        if resume is not None:
-            run_dir = run(resume=resume, overrides=overrides or [])
-        else:
-            run_dir = run(load_config(config, overrides or []))
-    typer.echo(f"run directory: {run_dir}")
+    _train(run, config, overrides, resume)
 
 
 @app.command()
@@ -161,8 +155,14 @@ def finetune(
     (never its test cases). Writes a run directory with checkpoints/best.pt (best validation
     Dice) and last.pt, metrics.csv, TensorBoard and PNG overlays, and prints where it is.
     """
-    from swinssl.config import load_config
     from swinssl.engine.finetune import finetune as run
+
+    _train(run, config, overrides, resume)
+
+
+def _train(run, config: str, overrides: Optional[List[str]], resume: Optional[Path]) -> None:
+    """Start a training stage from a preset + overrides, or resume its run directory; print where it is."""
+    from swinssl.config import load_config
 
     with _user_errors():
         if resume is not None:

@@ -53,8 +53,9 @@ def finetune(cfg: Config | None = None, resume: str | Path | None = None, overri
     ft, t = cfg.finetune, cfg.train
     if not cfg.data.path:
         raise ConfigError("data.path is empty: pass data=PATH (a dataset.json, nnU-Net raw folder or labelled folder)")
-    pretrained = read_pretrained(ft.pretrained) if ft.pretrained else None
-    if pretrained is not None and resume is None:
+    # A resumed run has its weights in its own checkpoint (and its saved config adopted the plan).
+    pretrained = read_pretrained(ft.pretrained) if ft.pretrained and state is None else None
+    if pretrained is not None:
         cfg.model = adopt_plan(cfg.model, pretrained, ft.pretrained)
     dataset = find_dataset(cfg.data.path, cfg.data.modality)
     classes = class_indices(dataset, cfg.data.num_classes)
@@ -65,7 +66,7 @@ def finetune(cfg: Config | None = None, resume: str | Path | None = None, overri
                                      {"train": train_cases, "validation": val_cases})
 
     model = build_network(cfg.model, out_channels=len(classes))
-    if pretrained is not None and state is None:
+    if pretrained is not None:
         report = load_pretrained(model, pretrained, layout=None)
         if fabric.is_global_zero:
             print(f"pre-trained weights: {report.summary()}")
