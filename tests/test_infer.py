@@ -199,9 +199,23 @@ def test_flips_average_all_eight_flips():
     torch.testing.assert_close(fused.sum(0), torch.ones(20, 16, 11))
 
 
-def test_views_are_not_available_yet():
-    with pytest.raises(NotImplementedError, match="views"):
-        predict_volume(ThresholdNet(), torch.zeros(1, 8, 8, 8), 8, views=[])
+def test_fused_views_do_not_change_a_permutation_equivariant_model():
+    torch.manual_seed(0)
+    image = torch.rand(1, 21, 17, 13)
+    plain = predict_volume(ThresholdNet(), image, (8, 8, 8), overlap=0.5)
+    fused = predict_volume(ThresholdNet(), image, (8, 8, 8), overlap=0.5, fuse=True)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
+
+
+def test_fused_views_average_the_softmax_of_the_three_axis_orders():
+    from swinssl.ssl.views import PERMUTATIONS, permute, unpermute
+
+    x = torch.zeros(1, 1, 16, 16, 16)  # one window: the ramp's weights 1, 2, 3 differ per axis
+    fused = predict_volume(RampNet(), x[0], (16, 16, 16), fuse=True)
+    plain = predict_volume(RampNet(), x[0], (16, 16, 16))
+    expected = sum(torch.softmax(unpermute(RampNet()(permute(x, o)), o), 1) for o in PERMUTATIONS.values()) / 3
+    torch.testing.assert_close(fused, expected[0], atol=1e-5, rtol=0)
+    assert (fused - plain).abs().max() > 0.1
 
 
 def test_swin_unetr_probabilities_for_an_input_smaller_than_the_roi(tiny_checkpoint):

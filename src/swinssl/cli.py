@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 import swinssl
-from swinssl.errors import SwinsslError
+from swinssl.errors import ConfigError, SwinsslError
 
 app = typer.Typer(
     name="swinssl",
@@ -127,12 +127,14 @@ def data_check(
 @app.command()
 def pretrain(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. data=PATH train.steps=500."),
-    config: str = typer.Option("pretrain/swin_unetr_tiny", "--config", "-c", help="Preset name or YAML file."),
+    config: str = typer.Option("pretrain/swin_unetr_tiny", "--config", "-c", help="Preset name or YAML file "
+                               "(pretrain/swin_unetr, pretrain/swinmm and their _tiny CPU versions)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
 ) -> None:
     """Self-supervised pre-training of a Swin encoder (method from the config) on unlabelled volumes.
 
-    Writes a run directory (config, data manifest, metrics.csv, TensorBoard, previews,
+    Methods (method.name): swin_unetr (inpainting + rotation + contrastive) and swinmm
+    (masked multi-view reconstruction + rotation + contrastive + mutual). Writes a run directory (config, data manifest, metrics.csv, TensorBoard, previews,
     checkpoints/last.pt) and prints where it is. The encoder loads into SwinUNETR with
     swinssl.nn.load_pretrained.
     """
@@ -146,13 +148,15 @@ def finetune(
     overrides: Optional[List[str]] = typer.Argument(
         None, help="key=value overrides, e.g. data=PATH finetune.pretrained=RUN_DIR finetune.label_ratio=0.1."),
     config: str = typer.Option("finetune/tiny", "--config", "-c", help="Preset name or YAML file (finetune/ct, "
-                               "finetune/mri, finetune/tiny)."),
+                               "finetune/mri, finetune/swinmm, finetune/tiny, finetune/swinmm_tiny)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
 ) -> None:
     """Fine-tune SwinUNETR for segmentation, from scratch or from pre-trained weights.
 
     Uses the labelled training cases of a dataset.json, nnU-Net raw folder or labelled folder
-    (never its test cases). Writes a run directory with checkpoints/best.pt (best validation
+    (never its test cases). model.multiview=true (finetune/swinmm) trains SwinMM's two-view
+    network with cross-view attention and view consistency; finetune.unlabeled=PATH adds
+    pseudo-labelled unlabelled volumes. Writes a run directory with checkpoints/best.pt (best validation
     Dice) and last.pt, metrics.csv, TensorBoard and PNG overlays, and prints where it is.
     """
     from swinssl.engine.finetune import finetune as run
@@ -196,6 +200,8 @@ def predict(
     overlap: float = typer.Option(0.5, "--overlap", help="Sliding-window overlap (Gaussian blending)."),
     sw_batch_size: int = typer.Option(1, "--sw-batch-size", help="Windows per forward pass."),
     flips: bool = typer.Option(False, "--flips", help="Test-time augmentation: average over the 8 axis flips."),
+    views: str = typer.Option("auto", "--views", help="single, fused (softmax of the three axis orders averaged), or "
+                              "auto: fused for SwinMM multi-view models, else single."),
     output_format: str = typer.Option("nifti", "--format", help="nifti, or 'same' to write NRRD for NRRD inputs."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
 ) -> None:
@@ -212,8 +218,11 @@ def predict(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     with _user_errors():
+        if views not in ("auto", "single", "fused"):
+            raise ConfigError(f"--views must be one of auto, single, fused, got {views!r}")
+        fuse = None if views == "auto" else views == "fused"
         written = run(model, inputs, out, roi_size=roi, overlap=overlap, sw_batch_size=sw_batch_size, flips=flips,
-                      output_format=output_format, device=device)
+                      output_format=output_format, device=device, fuse=fuse)
     typer.echo(f"wrote {len(written)} masks to {out}")
 
 

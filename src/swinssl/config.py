@@ -67,17 +67,22 @@ class ModelConfig:
     downsample: Literal["merging", "mergingv2"] = "merging"
     dropout_path_rate: float = 0.0
     use_checkpoint: bool = False  # activation checkpointing: less memory, about 1.3x the time
+    multiview: bool = False  # SwinMM fine-tuning: two views per crop, cross-view attention at the bottleneck
+    cross_residual: bool = False  # multiview: add the cross-view attention to the features (SwinMM replaces them)
 
 
 @dataclass
 class MethodConfig:
     """A pre-training method: proxy tasks with their loss weights, and the view maker's settings."""
 
-    name: Literal["swin_unetr"] = "swin_unetr"
+    name: Literal["swin_unetr", "swinmm"] = "swin_unetr"
     weights: dict[str, float] = field(default_factory=lambda: {"inpaint": 1.0, "rotate": 1.0, "contrast": 1.0})
     temperature: float = 0.5  # NT-Xent
     embed_dim: int = 512  # contrastive head output
-    max_cutout: float = 0.3  # fraction of the crop cut out per view, drawn from U(0, max_cutout)
+    max_cutout: float = 0.3  # swin_unetr: fraction of the crop cut out per view, drawn from U(0, max_cutout)
+    mask_ratio: float = 0.5  # swinmm: fraction of the mask_patch^3 cubes set to 0 (the masked fraction)
+    mask_patch: int = 16  # swinmm: side of the masked cubes in voxels
+    zscore_target: bool = False  # swinmm: reconstruct the per-sample z-scored crop instead of the crop
 
 
 @dataclass
@@ -124,6 +129,9 @@ class FinetuneConfig:
     layer_decay: float = 1.0  # layer-wise LR decay of the encoder: stage i gets lr * decay^(5 - i); 1 = off
     dice_weight: float = 1.0  # DiceCE = dice_weight * Dice + ce_weight * cross-entropy
     ce_weight: float = 1.0
+    consistency_weight: float = 1.0  # multiview: weight of the symmetric KL between the two views' outputs
+    unlabeled: str = ""  # multiview: unlabelled volumes (folder, dataset.json, nnU-Net raw) for pseudo-labels
+    unlabeled_weight: float = 1.0  # multiview: weight of the unlabelled crops' loss
     overlap: float = 0.5  # sliding-window overlap in validation
     sw_batch_size: int = 2  # windows per forward pass in validation
 

@@ -46,6 +46,7 @@ from swinssl.data.discover import Case, find_dataset
 from swinssl.data.transforms import case_item, inference_transforms, invert
 from swinssl.errors import CheckpointError, ConfigError, DataError, SwinsslError
 from swinssl.nn.load import filter_swinssl, read_checkpoint
+from swinssl.nn.multiview import window_predictor
 from swinssl.nn.swin_unetr import SwinUNETR, build_network
 from swinssl.utils import atomic_path, atomic_write_text
 
@@ -146,12 +147,10 @@ def preprocess_of(plan: Mapping) -> PreprocessConfig:
 
 @dataclass(frozen=True)
 class View:
-    """One presentation of the volume to the network.
+    """One flip of the whole volume for test-time augmentation.
 
     ``forward`` maps a batch ``(B, C, X, Y, Z)`` into the view, ``inverse`` maps the network's
-    output for it back. Predictions are averaged over views, so any invertible re-arrangement
-    works: flips now, axis permutations (SwinMM's multi-view fusion) later -- those would also
-    permute the ROI.
+    output for it back. (Multi-view fusion permutes each window instead: ``window_predictor``.)
     """
 
     name: str
@@ -188,7 +187,7 @@ def predict_volume(
     sw_batch_size: int = 1,
     mode: str = "gaussian",
     flips: bool = False,
-    views: Sequence[View] | None = None,
+    fuse: bool = False,
 ) -> torch.Tensor:
     """Softmax probabilities ``(C, X, Y, Z)`` (float32, CPU) for one preprocessed image ``(C_in, X, Y, Z)``.
 
@@ -197,20 +196,21 @@ def predict_volume(
     Windows run on the model's device and are stitched on the image's device (CPU for the
     pipeline's output), so a large volume does not have to fit in GPU memory at once.
     ``flips``: average the softmax over the 8 flips of the spatial axes (flip, predict, flip back).
-    ``views``: reserved for multi-view fusion; only ``None`` is accepted for now.
+    ``fuse``: multi-view fusion, the softmax of the three axis orders of every window
+    averaged (``swinssl.nn.multiview.window_predictor``); for a SwinMM multi-view model without
+    it, its identity view.
     """
-    if views is not None:
-        raise NotImplementedError("multi-view fusion is not available yet: views must be None")
     if image.ndim != 4:
         raise ValueError(f"expected one image (C, X, Y, Z), got shape {tuple(image.shape)}")
     chosen = flip_views() if flips else [flip_view(())]
     x = (image.as_tensor() if isinstance(image, MetaTensor) else image).float().unsqueeze(0)
     device = _device_of(model)
+    predictor = window_predictor(model, fuse)
     total: torch.Tensor | None = None
     with torch.no_grad():
         for view in chosen:
             logits = sliding_window_inference(
-                view.forward(x), roi_size, sw_batch_size, model, overlap=overlap, mode=mode, sw_device=device, device=x.device
+                view.forward(x), roi_size, sw_batch_size, predictor, overlap=overlap, mode=mode, sw_device=device, device=x.device
             )
             # Averaged as probabilities, not logits: one confident view must not outvote the others.
             probs = view.inverse(torch.softmax(logits.float(), dim=1))
@@ -236,11 +236,14 @@ def predict_case(
     sw_batch_size: int = 1,
     flips: bool = False,
     mode: str = "gaussian",
+    fuse: bool | None = None,
 ) -> MetaTensor:
     """Integer mask ``(1, X, Y, Z)`` for one case, in the input file's geometry.
 
     The result has the input's spatial shape and ``.affine`` (orientation included); its dtype
     is uint8 (int32 beyond 256 classes). ``roi_size`` defaults to the plan's training crop.
+    ``fuse``: multi-view fusion (``predict_volume``); ``None`` uses the plan's default
+    (``plan_fuses``: on for SwinMM multi-view models).
     Raises ``DataError`` naming the file for unreadable or invalid inputs.
     """
     cfg = preprocess_of(plan)
@@ -253,12 +256,18 @@ def predict_case(
         # Nothing above the foreground threshold: the crop is empty and the whole volume is background.
         labels = torch.zeros((1, *image.shape[1:]))
     else:
-        probs = predict_volume(model, image, roi_size or cfg.roi_size, overlap, sw_batch_size, mode, flips)
+        fused = plan_fuses(plan) if fuse is None else fuse
+        probs = predict_volume(model, image, roi_size or cfg.roi_size, overlap, sw_batch_size, mode, flips, fused)
         num_classes = probs.shape[0]
         labels = probs.argmax(dim=0, keepdim=True).float()
     mask = invert(pipeline, data, labels, nearest=True)
     _check_geometry(mask, case.images[0])
     return mask.round().to(torch.uint8 if num_classes <= 256 else torch.int32)
+
+
+def plan_fuses(plan: Mapping) -> bool:
+    """Whether a model predicts with multi-view fusion unless told otherwise: SwinMM multi-view models do."""
+    return bool(plan["network"].get("multiview", False))
 
 
 def _as_case(case_or_path: Case | str | Path, plan: Mapping) -> Case:
@@ -394,6 +403,7 @@ def predict(
     output_format: OutputFormat = "nifti",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    fuse: bool | None = None,
 ) -> list[Path]:
     """Predict a mask for every case in ``inputs`` and write it to ``out_dir``; returns the written files.
 
@@ -403,12 +413,14 @@ def predict(
     NRRD input with ``output_format="same"``) in its input's geometry. Inputs that cannot be
     read are reported (one warning line each) and skipped; ``DataError`` if no mask was written.
     ``out_dir/predictions.json`` lists input -> output, the checkpoint and the options.
+    ``fuse``: multi-view fusion of the three axis orders; ``None``: the model's default (``plan_fuses``).
     """
     if output_format not in ("nifti", "same"):
         raise ConfigError(f"output_format must be one of nifti, same, got {output_format!r}")
     checkpoint = resolve_checkpoint(model_source)
     model, plan = load_model(checkpoint, device)
     roi = _roi(roi_size, plan)
+    fuse = plan_fuses(plan) if fuse is None else fuse
     cases, failed = collect_cases(inputs)
     for source, reason in failed.items():
         log.warning("skipped %s", reason if reason.startswith(source) else f"{source}: {reason}")
@@ -417,7 +429,7 @@ def predict(
     for case, name in tqdm(list(zip(cases, output_names(cases))), desc="predict", unit="case", disable=not progress):
         source = case.images[0]
         try:
-            mask = predict_case(model, plan, case, roi, overlap, sw_batch_size, flips)
+            mask = predict_case(model, plan, case, roi, overlap, sw_batch_size, flips, fuse=fuse)
         except SwinsslError as err:
             failed[str(source)] = str(err)
             log.warning("skipped %s", err)
@@ -428,7 +440,7 @@ def predict(
         reasons = "; ".join(list(failed.values())[:3]) or "no cases found"
         raise DataError(f"{_describe(inputs)}: no mask written ({len(failed)} input(s) failed: {reasons})")
     options = {"roi_size": list(roi), "overlap": overlap, "sw_batch_size": sw_batch_size, "mode": "gaussian",
-               "flips": flips, "output_format": output_format, "device": str(device)}
+               "flips": flips, "views": "fused" if fuse else "single", "output_format": output_format, "device": str(device)}
     _write_record(out_dir, model_source, checkpoint, plan, options, written, failed)
     log.info("wrote %d mask(s) to %s; %d input(s) skipped", len(written), out_dir, len(failed))
     return [Path(p) for p in written.values()]

@@ -7,6 +7,12 @@ optional layer-wise LR decay of the encoder, warm-up + cosine (the shared loop i
 ``engine.loop``), sliding-window validation Dice every ``train.val_every`` steps,
 ``checkpoints/best.pt`` (best validation mean Dice) and ``checkpoints/last.pt``, and PNG
 overlays of a validation case. Checkpoints carry the plan that ``swinssl predict`` needs.
+
+With ``model.multiview`` (SwinMM): each crop is seen in two axis orders drawn per step, the
+network's cross-view block joins them, and the loss is the mean DiceCE of the two views
+plus ``finetune.consistency_weight`` x their symmetric KL. With ``finetune.unlabeled``,
+random crops of unlabelled volumes add the same loss against the detached argmax of the
+two views' mean softmax (pseudo-labels); their label files are never read.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ import swinssl
 from swinssl.config import Config, FinetuneConfig, ModelConfig, to_dict
 from swinssl.data.discover import Case, Dataset, find_dataset
 from swinssl.data.io import read_volume
-from swinssl.data.transforms import case_item, finetune_transforms
+from swinssl.data.transforms import case_item, finetune_transforms, pretrain_transforms
 from swinssl.engine.checkpoint import restore_rng, rng_state, save_checkpoint
-from swinssl.engine.data import crop_loader, images_of, labels_of
+from swinssl.engine.data import crop_loader, images_of, labels_of, sample_seed
 from swinssl.engine.logging import MetricLogger, save_overlay
 from swinssl.engine.loop import progress_bar, run_steps, setup_fabric, warmup_cosine
 from swinssl.engine.pretrain import split_cases
@@ -36,6 +42,8 @@ from swinssl.engine.run_dir import open_run_dir, resume_state
 from swinssl.errors import ConfigError, DataError
 from swinssl.nn import build_network, load_pretrained
 from swinssl.nn.load import read_checkpoint
+from swinssl.nn.multiview import VIEW_ORDERS
+from swinssl.ssl.losses import symmetric_kl
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +68,15 @@ def finetune(cfg: Config | None = None, resume: str | Path | None = None, overri
     dataset = find_dataset(cfg.data.path, cfg.data.modality)
     classes = class_indices(dataset, cfg.data.num_classes)
     train_cases, val_cases = finetune_split(dataset, ft, t.val_fraction, cfg.seed)
+    unlabeled = unlabeled_cases(ft.unlabeled, cfg.data.modality) if ft.unlabeled else []
+    if unlabeled and not cfg.model.multiview:
+        raise ConfigError("finetune.unlabeled needs model.multiview=true: pseudo-labels come from the views' mean")
 
     fabric = setup_fabric(t, cfg.seed)
-    run_dir, manifest = open_run_dir(fabric, cfg, "finetune", resume, state,
-                                     {"train": train_cases, "validation": val_cases})
+    splits = {"train": train_cases, "validation": val_cases}
+    if unlabeled:
+        splits["unlabeled"] = unlabeled
+    run_dir, manifest = open_run_dir(fabric, cfg, "finetune", resume, state, splits)
 
     model = build_network(cfg.model, out_channels=len(classes))
     if pretrained is not None:
@@ -99,6 +112,13 @@ def finetune(cfg: Config | None = None, resume: str | Path | None = None, overri
     pipeline = finetune_transforms(cfg.preprocess, classes=classes, channels=cfg.model.in_channels, train=True)
     loader = crop_loader(train_cases, pipeline, t.batch_size, cfg.seed, rank=fabric.global_rank,
                          start_step=start * t.accumulate, steps=t.steps * t.accumulate, num_workers=t.num_workers)
+    batches = iter(loader)
+    if unlabeled:
+        # Random crops (no label to guide them), normalised as the labelled ones; another seed stream.
+        extra = crop_loader(unlabeled, pretrain_transforms(cfg.preprocess, channels=cfg.model.in_channels),
+                            t.batch_size, cfg.seed + UNLABELED_SEED, rank=fabric.global_rank,
+                            start_step=start * t.accumulate, steps=t.steps * t.accumulate, num_workers=t.num_workers)
+        batches = (dict(b, unlabeled=u["image"]) for b, u in zip(loader, extra))
     logger = MetricLogger(run_dir) if fabric.is_global_zero else None
 
     def checkpoint(name: str, step: int, metrics: dict) -> None:
@@ -113,7 +133,18 @@ def finetune(cfg: Config | None = None, resume: str | Path | None = None, overri
 
     def losses(batch, step: int, micro: int):
         x, y = images_of(batch).to(fabric.device), labels_of(batch).to(fabric.device)
-        return loss_fn(model(x), y), {}, {}
+        if not cfg.model.multiview:
+            return loss_fn(model(x), y), {}, {}
+        orders = draw_view_pair(sample_seed(cfg.seed, step * t.accumulate + micro, fabric.global_rank, 98))
+        seg, consistency = multiview_loss(model, x, y, orders, loss_fn)
+        total = seg + ft.consistency_weight * consistency
+        parts = {"dice_ce": seg, "consistency": consistency}
+        if "unlabeled" in batch:
+            xu = batch["unlabeled"].to(fabric.device)
+            parts["unlabeled_dice_ce"], parts["unlabeled_consistency"] = multiview_loss(model, xu, None, orders, loss_fn)
+            total = total + ft.unlabeled_weight * (parts["unlabeled_dice_ce"]
+                                                   + ft.consistency_weight * parts["unlabeled_consistency"])
+        return total, parts, {}
 
     def after_step(done: int, metrics: dict, _previews: dict) -> None:
         nonlocal best
@@ -130,12 +161,33 @@ def finetune(cfg: Config | None = None, resume: str | Path | None = None, overri
             checkpoint("last.pt", done, metrics)
 
     bar = progress_bar(progress and fabric.is_global_zero, start, t.steps, f"finetune {run_dir.name}")
-    run_steps(fabric, model, optimizer, scheduler, iter(loader), losses, t, start, logger, bar, after_step,
+    run_steps(fabric, model, optimizer, scheduler, batches, losses, t, start, logger, bar, after_step,
               run_dir / "checkpoints" / "last.pt")
     if logger:
         logger.close()
     fabric.barrier()
     return run_dir
+
+
+UNLABELED_SEED = 7919  # offset of the unlabelled crops' seed stream from the labelled one
+
+
+def draw_view_pair(seed: int) -> tuple:
+    """Two distinct axis orders of the three (identity, swap_xy, swap_xz), as SwinMM draws per batch."""
+    first, second = np.random.default_rng(seed).permutation(len(VIEW_ORDERS))[:2]
+    return VIEW_ORDERS[first], VIEW_ORDERS[second]
+
+
+def multiview_loss(model, x: torch.Tensor, y: torch.Tensor | None, orders, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean DiceCE of the two views, their symmetric KL) for crops ``x``.
+
+    ``y=None`` (unlabelled crops): the target is the detached argmax of the two views' mean softmax.
+    """
+    outs = model(x, orders=orders)
+    if y is None:
+        with torch.no_grad():
+            y = sum(torch.softmax(o.float(), 1) for o in outs).argmax(1, keepdim=True)
+    return sum(loss_fn(o, y) for o in outs) / len(outs), symmetric_kl(*outs)
 
 
 # --- data --------------------------------------------------------------------------------------------
@@ -193,6 +245,14 @@ def label_subset(cases: list[Case], ft: FinetuneConfig, seed: int) -> list[Case]
     # Nested subsets: the 10% cases are among the 30% cases for one seed, as in data-efficiency studies.
     order = np.random.default_rng([seed, 13]).permutation(len(cases))[:n]
     return [cases[i] for i in sorted(order.tolist())]
+
+
+def unlabeled_cases(path: str, modality: str) -> list[Case]:
+    """The training volumes of ``path`` with their labels dropped: semi-supervised training never reads them."""
+    cases = [replace(c, label=None) for c in find_dataset(path, modality).split("training", "validation")]
+    if not cases:
+        raise DataError(f"{path}: no unlabelled training volumes")
+    return cases
 
 
 def _common_modality(cases: list[Case]) -> str | None:

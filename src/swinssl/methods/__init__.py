@@ -1,8 +1,8 @@
 """Pre-training methods: each a small module naming its model, views and losses."""
 
-from swinssl.methods import swin_unetr
+from swinssl.methods import swin_unetr, swinmm
 
-METHODS = {"swin_unetr": swin_unetr}
+METHODS = {"swin_unetr": swin_unetr, "swinmm": swinmm}
 
 
 def get_method(name: str):

@@ -67,29 +67,44 @@ class SwinUNETR(nn.Module):
         self.out = UnetOutBlock(3, f, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded, size = self.pad(x)
+        skips, bottom = self.encode(padded)
+        return self.crop(self.decode(skips, bottom), size)
+
+    def pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Input zero-padded to a multiple of 32 (any size works), and its original spatial size."""
         if x.ndim != 5:
             raise ValueError(f"expected input (B, C, D, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.config["in_channels"]:
             raise ValueError(f"expected {self.config['in_channels']} input channels, got {x.shape[1]}")
-        size = x.shape[2:]
+        size = tuple(x.shape[2:])
         pads = [(-s) % self.multiple for s in size]
         if all(s + p == self.multiple for s, p in zip(size, pads)):
             # A single bottleneck voxel cannot be instance-normalised: give the last axis two.
             pads[2] += self.multiple
-        if any(pads):  # any size works: pad to a multiple of 32, crop the logits back
+        if any(pads):
             x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]))
-        logits = self.decode(x, self.swinViT(x, self.normalize))
-        return logits[:, :, : size[0], : size[1], : size[2]] if any(pads) else logits
+        return x, size
 
-    def decode(self, x: torch.Tensor, hidden: list[torch.Tensor]) -> torch.Tensor:
-        """UNETR decoder from the input and the encoder's 5 feature maps."""
+    @staticmethod
+    def crop(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        if tuple(logits.shape[2:]) == tuple(size):
+            return logits
+        return logits[:, :, : size[0], : size[1], : size[2]]
+
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The decoder's skip inputs (full resolution first) and the bottleneck, from a padded input."""
+        hidden = self.swinViT(x, self.normalize)
         run = self._run
-        enc0 = run(self.encoder1, x)
-        enc1 = run(self.encoder2, hidden[0])
-        enc2 = run(self.encoder3, hidden[1])
-        enc3 = run(self.encoder4, hidden[2])
-        dec4 = run(self.encoder10, hidden[4])
-        dec3 = run(self.decoder5, dec4, hidden[3])
+        skips = [run(self.encoder1, x), run(self.encoder2, hidden[0]), run(self.encoder3, hidden[1]),
+                 run(self.encoder4, hidden[2]), hidden[3]]
+        return skips, run(self.encoder10, hidden[4])
+
+    def decode(self, skips: list[torch.Tensor], bottom: torch.Tensor) -> torch.Tensor:
+        """UNETR decoder: up from the bottleneck, joining the skips."""
+        run = self._run
+        enc0, enc1, enc2, enc3, hidden3 = skips
+        dec3 = run(self.decoder5, bottom, hidden3)
         dec2 = run(self.decoder4, dec3, enc3)
         dec1 = run(self.decoder3, dec2, enc2)
         dec0 = run(self.decoder2, dec1, enc1)
@@ -110,9 +125,14 @@ def swin_unetr(size: str = "base", **kwargs) -> SwinUNETR:
 
 
 def build_network(model: Any, out_channels: int | None = None) -> SwinUNETR:
-    """SwinUNETR from a ``swinssl.config.ModelConfig`` (or a dict with the same keys)."""
+    """SwinUNETR (``MultiViewSwinUNETR`` when ``multiview``) from a ``swinssl.config.ModelConfig``
+    (or a dict with the same keys)."""
+    from swinssl.nn.multiview import MultiViewSwinUNETR
+
     fields = model if isinstance(model, dict) else asdict(model)
     kwargs = {k: v for k, v in fields.items() if k in SwinUNETR.__init__.__code__.co_varnames}
     if out_channels is not None:
         kwargs["out_channels"] = out_channels
+    if fields.get("multiview"):
+        return MultiViewSwinUNETR(cross_residual=bool(fields.get("cross_residual")), **kwargs)
     return SwinUNETR(**kwargs)

@@ -104,3 +104,51 @@ def weighted_sum(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> 
     if not weights:
         raise ValueError("weights is empty: nothing to sum")
     return sum(weight * losses[name] for name, weight in weights.items())
+
+
+# --- SwinMM (Wang et al., MICCAI 2023) ------------------------------------------------------------
+
+
+def masked_mse(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the masked voxels (all channels): ``(B, C, ...)`` x2, bool mask ``(B, 1, ...)``.
+
+    0 when nothing is masked (there is nothing to reconstruct).
+    """
+    if reconstruction.shape != target.shape:
+        raise ValueError(
+            f"reconstruction shape {tuple(reconstruction.shape)} differs from target shape {tuple(target.shape)}"
+        )
+    weight = mask.expand_as(target).to(reconstruction.dtype)
+    return ((reconstruction - target) ** 2 * weight).sum() / weight.sum().clamp_min(1)
+
+
+def zscore(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each sample of ``(B, C, ...)`` normalised to mean 0 and std 1 over its voxels and channels."""
+    dims = tuple(range(1, x.ndim))
+    return (x - x.mean(dims, keepdim=True)) / (x.std(dims, keepdim=True) + eps)
+
+
+def mutual_loss(reconstructions: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """SwinMM's mutual learning term: the views' reconstructions, all mapped to the common frame,
+    must agree on the masked voxels. Mean over view pairs of ``masked_mse(r_i, r_j)``; both
+    sides get gradients (neither view is the teacher). 0 for identical reconstructions."""
+    if len(reconstructions) < 2:
+        raise ValueError(f"the mutual loss compares at least two views, got {len(reconstructions)}")
+    pairs = [(i, j) for i in range(len(reconstructions)) for j in range(i + 1, len(reconstructions))]
+    return sum(masked_mse(reconstructions[i], reconstructions[j], mask) for i, j in pairs) / len(pairs)
+
+
+def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Multi-view consistency of two segmentations ``(B, K, ...)`` (logits, same frame): the mean
+    of the two directions of the KL divergence,
+
+        (KL(p_a || p_b) + KL(p_b || p_a)) / 2 = sum_k (p_a - p_b) (log p_a - log p_b) / 2
+
+    with ``p = softmax`` over the K classes, summed over classes and averaged over the
+    batch's voxels. 0 when the two agree; both views get gradients (nothing detached). The
+    SwinMM code averages over classes too (``KLDivLoss(reduction="mean")``), i.e. 1/K of this.
+    """
+    if logits_a.shape != logits_b.shape:
+        raise ValueError(f"view outputs differ in shape: {tuple(logits_a.shape)} and {tuple(logits_b.shape)}")
+    log_a, log_b = F.log_softmax(logits_a.float(), 1), F.log_softmax(logits_b.float(), 1)
+    return ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(1).mean() / 2

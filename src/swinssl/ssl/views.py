@@ -57,13 +57,7 @@ def rotate(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, t
     if x.shape[-2] != x.shape[-1]:
         raise ValueError(f"rotation in the (H, W) plane needs H == W, got shape {tuple(x.shape)}")
     labels = torch.randint(0, 4, (x.shape[0],), generator=generator)
-    out = torch.empty_like(x)
-    # One batched rot90 per angle instead of one call per sample.
-    for k in range(4):
-        index = (labels == k).nonzero().flatten().to(x.device)
-        if index.numel():
-            out[index] = torch.rot90(x[index], k, dims=(-2, -1))
-    return out, labels.to(x.device)
+    return rotate_by(x, labels), labels.to(x.device)
 
 
 def box_side_bounds(size: int, min_box: float, max_box: float) -> tuple[int, int]:
@@ -218,3 +212,100 @@ def two_views(x: torch.Tensor, generator: torch.Generator, max_fraction: float =
     x2, rot2 = rotate(x, generator)
     views = (cutout_views(x1, generator, max_fraction), cutout_views(x2, generator, max_fraction))
     return {"views": views, "targets": (x1, x2), "rotations": (rot1, rot2)}
+
+
+# --- SwinMM (Wang et al., MICCAI 2023): axis permutations and patch masking ------------------------
+
+# The views of SwinMM: spatial axis orders of a (B, C, X, Y, Z) crop. Each is a transposition
+# (or none), so each is its own inverse; ``unpermute`` works for any order all the same.
+PERMUTATIONS: dict[str, tuple[int, int, int]] = {"identity": (0, 1, 2), "swap_xy": (1, 0, 2), "swap_xz": (2, 1, 0)}
+
+
+def permute(x: torch.Tensor, order: tuple[int, int, int]) -> torch.Tensor:
+    """Spatial axes of ``(B, C, X, Y, Z)`` in ``order``: view axis i is input axis ``order[i]``."""
+    _check_volume(x)
+    return x.permute(0, 1, *(2 + a for a in order))
+
+
+def unpermute(x: torch.Tensor, order: tuple[int, int, int]) -> torch.Tensor:
+    """The inverse of ``permute(., order)``: back to the common frame."""
+    _check_volume(x)
+    inverse = sorted(range(3), key=lambda i: order[i])
+    return x.permute(0, 1, *(2 + a for a in inverse))
+
+
+def rotate_by(x: torch.Tensor, k: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Sample i turned by ``k[i]`` quarter turns in the (H, W) plane (``-k[i]`` with ``inverse``)."""
+    _check_volume(x)
+    out = torch.empty_like(x)
+    k = k.cpu()
+    # One batched rot90 per angle instead of one call per sample.
+    for turns in range(4):
+        index = (k == turns).nonzero().flatten().to(x.device)
+        if index.numel():
+            out[index] = torch.rot90(x[index], -turns if inverse else turns, dims=(-2, -1))
+    return out
+
+
+def patch_mask(batch: int, spatial: tuple[int, int, int], generator: torch.Generator, ratio: float = 0.5,
+               patch: int = 16) -> torch.Tensor:
+    """Boolean mask ``(B, 1, X, Y, Z)``, True where masked: of the ``patch^3`` cubes tiling the
+    crop, ``round(ratio * cubes)`` per sample, chosen independently per sample.
+
+    ``ratio`` is the masked fraction (the SwinMM code's ``mask_ratio`` kept that fraction
+    instead). Sides must be multiples of ``patch``, so the masked voxel fraction is exactly
+    the masked cube fraction.
+    """
+    _check_generator(generator)
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1], got {ratio}")
+    if any(s % patch for s in spatial):
+        raise ValueError(f"crop {tuple(spatial)}: masking cubes of {patch} voxels need sides that are multiples of {patch}")
+    grid = tuple(s // patch for s in spatial)
+    cubes = math.prod(grid)
+    masked = round(ratio * cubes)
+    # A random permutation per sample (argsort of uniform noise): its first `masked` cubes are masked.
+    rank = torch.rand(batch, cubes, generator=generator).argsort(1).argsort(1)
+    mask = (rank < masked).view(batch, 1, *grid)
+    for axis in range(3):
+        mask = mask.repeat_interleave(patch, dim=2 + axis)
+    return mask
+
+
+def multi_views(x: torch.Tensor, generator: torch.Generator, ratio: float = 0.5, patch: int = 16) -> dict:
+    """The two views of SwinMM pre-training for crops ``(B, C, X, Y, Z)`` with Y == Z.
+
+    View 1 is the crop, view 2 one of the two swapped axis orders (drawn per batch). Each
+    view is turned by its own random quarter turns per sample (rotation labels) and loses
+    the same cubes: one mask per sample in the common frame, carried into both views, so
+    that their reconstructions of the hidden voxels can be compared there (mutual loss).
+
+    Returns a dict:
+      ``views``: the two masked network inputs ``(B, C, ...)``;
+      ``targets``: the two views before masking;
+      ``masks``: the two views' boolean masks ``(B, 1, ...)``; ``mask``: the common-frame mask;
+      ``rotations``: the two int64 ``(B,)`` label tensors; ``orders``: the two axis orders.
+    """
+    _check_volume(x)
+    _check_generator(generator)
+    if len(set(x.shape[2:])) != 1:
+        raise ValueError(f"SwinMM views permute the axes of cubic crops, got shape {tuple(x.shape)}")
+    b = x.shape[0]
+    swapped = [PERMUTATIONS["swap_xy"], PERMUTATIONS["swap_xz"]]
+    orders = (PERMUTATIONS["identity"], swapped[int(torch.randint(0, 2, (1,), generator=generator))])
+    mask = patch_mask(b, tuple(x.shape[2:]), generator, ratio, patch).to(x.device)
+    out: dict = {"views": [], "targets": [], "masks": [], "rotations": [], "orders": orders, "mask": mask}
+    for order in orders:
+        k = torch.randint(0, 4, (b,), generator=generator)
+        target = rotate_by(permute(x, order), k)
+        view_mask = rotate_by(permute(mask, order), k)
+        out["views"].append(target.masked_fill(view_mask, 0.0))
+        out["targets"].append(target)
+        out["masks"].append(view_mask)
+        out["rotations"].append(k.to(x.device))
+    return out
+
+
+def to_common_frame(x: torch.Tensor, order: tuple[int, int, int], k: torch.Tensor) -> torch.Tensor:
+    """Undo a view of ``multi_views``: turn back by ``k``, then restore the axis order."""
+    return unpermute(rotate_by(x, k, inverse=True), order)
