@@ -69,13 +69,16 @@ class ModelConfig:
     use_checkpoint: bool = False  # activation checkpointing: less memory, about 1.3x the time
     multiview: bool = False  # SwinMM fine-tuning: two views per crop, cross-view attention at the bottleneck
     cross_residual: bool = False  # multiview: add the cross-view attention to the features (SwinMM replaces them)
+    domain_invariance: bool = False  # SwinFUSE: the domain-invariance module after the patch embedding
+    dim_heads: int = 4  # domain-invariance module: attention heads (must divide feature_size)
+    dim_pool: int = 4  # domain-invariance module: keys/values average-pooled by this per axis (memory)
 
 
 @dataclass
 class MethodConfig:
     """A pre-training method: proxy tasks with their loss weights, and the view maker's settings."""
 
-    name: Literal["swin_unetr", "swinmm"] = "swin_unetr"
+    name: Literal["swin_unetr", "swinmm", "swinfuse"] = "swin_unetr"
     weights: dict[str, float] = field(default_factory=lambda: {"inpaint": 1.0, "rotate": 1.0, "contrast": 1.0})
     temperature: float = 0.5  # NT-Xent
     embed_dim: int = 512  # contrastive head output
@@ -83,6 +86,7 @@ class MethodConfig:
     mask_ratio: float = 0.5  # swinmm: fraction of the mask_patch^3 cubes set to 0 (the masked fraction)
     mask_patch: int = 16  # swinmm: side of the masked cubes in voxels
     zscore_target: bool = False  # swinmm: reconstruct the per-sample z-scored crop instead of the crop
+    density_points: int = 256  # swinfuse: token features sampled per stream for the KDE / JSD density term
 
 
 @dataclass

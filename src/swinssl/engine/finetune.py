@@ -47,8 +47,10 @@ from swinssl.ssl.losses import symmetric_kl
 
 log = logging.getLogger(__name__)
 
-# Architecture fields a pre-trained plan fixes: the encoder's weights only fit this shape.
-ARCHITECTURE = ("feature_size", "in_channels", "depths", "num_heads", "window_size", "use_v2", "downsample")
+# Architecture fields a pre-trained plan fixes: the encoder's weights only fit this shape. Not the
+# input channels: those are the data's, and load_pretrained adapts a pre-trained stem to them.
+ARCHITECTURE = ("feature_size", "depths", "num_heads", "window_size", "use_v2", "downsample",
+                "domain_invariance", "dim_heads", "dim_pool")
 
 
 def finetune(cfg: Config | None = None, resume: str | Path | None = None, overrides: list[str] = (),

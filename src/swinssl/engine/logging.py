@@ -102,3 +102,28 @@ def save_overlay(path: Path, image: torch.Tensor, masks: Mapping[str, torch.Tens
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(path, fig)
+
+
+def save_heatmap_overlay(path: Path, image: torch.Tensor, maps: Mapping[str, torch.Tensor], title: str = "") -> Path:
+    """The image, then the image under each heat map (jet, half transparent), on the middle axial
+    slice (last axis). ``image`` (X, Y, Z) in [0, 1]; maps the same shape, scaled to [0, 1] each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = image.detach().float().cpu()
+    z = image.shape[2] // 2
+    panels = [("image", None), *maps.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2), squeeze=False)
+    for ax, (name, heat) in zip(axes[0], panels):
+        ax.imshow(image[:, :, z].T, cmap="gray", origin="lower", vmin=0.0, vmax=1.0)
+        if heat is not None:
+            heat = heat.detach().float().cpu()
+            heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+            ax.imshow(heat[:, :, z].T, cmap="jet", origin="lower", vmin=0.0, vmax=1.0, alpha=0.5)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(path, fig)

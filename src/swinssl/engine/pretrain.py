@@ -50,7 +50,7 @@ def pretrain(cfg: Config | None = None, resume: str | Path | None = None, overri
         cfg, state = resume_state(resume, overrides)
     assert cfg is not None
     method = get_method(cfg.method.name)
-    method.check_config(cfg.method, cfg.preprocess)
+    method.check_config(cfg)
     if not cfg.data.path:
         raise ConfigError("data.path is empty: pass data=PATH (a folder, dataset.json or nnU-Net raw folder)")
     dataset = find_dataset(cfg.data.path, cfg.data.modality)

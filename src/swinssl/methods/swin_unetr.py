@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from swinssl.config import MethodConfig, ModelConfig, PreprocessConfig
+from swinssl.config import Config, MethodConfig, ModelConfig
 from swinssl.errors import ConfigError
 from swinssl.nn.heads import ContrastiveHead, ReconstructionHead, RotationHead
 from swinssl.nn.swin_transformer import SwinTransformer
@@ -27,6 +27,7 @@ def build_encoder(model: ModelConfig) -> SwinTransformer:
         in_chans=model.in_channels, embed_dim=model.feature_size, window_size=(model.window_size,) * 3,
         depths=model.depths, num_heads=model.num_heads, drop_path_rate=model.dropout_path_rate,
         use_checkpoint=model.use_checkpoint, downsample=model.downsample, use_v2=model.use_v2,
+        domain_invariance=model.domain_invariance, dim_heads=model.dim_heads, dim_pool=model.dim_pool,
     )
 
 
@@ -42,7 +43,9 @@ class SSLModel(nn.Module):
         self.reconstruction_head = ReconstructionHead(dim, model.in_channels)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        bottleneck = self.swinViT(x, normalize=True)[4]
+        return self.heads(self.swinViT(x, normalize=True)[4])
+
+    def heads(self, bottleneck: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
             "rotation": self.rotation_head(bottleneck),
             "contrastive": self.contrastive_head(bottleneck),
@@ -50,10 +53,15 @@ class SSLModel(nn.Module):
         }
 
 
-def check_config(method: MethodConfig, preprocess: PreprocessConfig) -> None:
-    unknown = sorted(set(method.weights) - set(TASKS))
+def check_tasks(method: MethodConfig, tasks: tuple[str, ...]) -> None:
+    unknown = sorted(set(method.weights) - set(tasks))
     if unknown:
-        raise ConfigError(f"method.weights: unknown tasks {unknown} for {method.name}; allowed: {', '.join(TASKS)}")
+        raise ConfigError(f"method.weights: unknown tasks {unknown} for {method.name}; allowed: {', '.join(tasks)}")
+
+
+def check_config(cfg: Config, tasks: tuple[str, ...] = TASKS) -> None:
+    method, preprocess = cfg.method, cfg.preprocess
+    check_tasks(method, tasks)
     roi = preprocess.roi_size
     if any(s % 32 for s in roi):
         raise ConfigError(f"preprocess.roi_size {tuple(roi)}: pre-training crops must be multiples of 32")
@@ -84,6 +92,14 @@ def compute_losses(model: nn.Module, x: torch.Tensor, generator: torch.Generator
     views = two_views(x, generator, max_fraction=method.max_cutout)
     # Both views in one forward pass: every layer normalises per sample, so this equals two passes.
     out = model(torch.cat(views["views"]))
+    losses, previews = task_losses(out, views, x, method)
+    total = weighted_sum(losses, {k: v for k, v in method.weights.items() if v})
+    return total, losses, previews
+
+
+def task_losses(out: dict, views: dict, x: torch.Tensor, method: MethodConfig):
+    """The proxy-task losses (weighted ones only, plus ``embed_spread``) and preview panels, from
+    the model's output for ``cat(views["views"])``."""
     n = x.shape[0]
     losses = {}
     if method.weights.get("inpaint", 0):
@@ -94,11 +110,10 @@ def compute_losses(model: nn.Module, x: torch.Tensor, generator: torch.Generator
         z = out["contrastive"]
         losses["contrast"] = ntxent(z[:n], z[n:], temperature=method.temperature)
         losses["embed_spread"] = embedding_spread(z)
-    total = weighted_sum(losses, {k: v for k, v in method.weights.items() if v})
     previews = {
         "crop": x[0],
         "cut-out view": views["views"][0][0],
         "reconstruction": out["reconstruction"][0].clamp(0, 1),
         "target": views["targets"][0][0],
     }
-    return total, losses, previews
+    return losses, previews

@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from swinssl.config import MethodConfig, PreprocessConfig
+from swinssl.config import Config, MethodConfig
 from swinssl.errors import ConfigError
-from swinssl.methods.swin_unetr import SSLModel, embedding_spread
+from swinssl.methods.swin_unetr import SSLModel, check_tasks, embedding_spread
 from swinssl.ssl.losses import masked_mse, mutual_loss, ntxent, rotation_ce, weighted_sum, zscore
 from swinssl.ssl.views import multi_views, to_common_frame
 
@@ -30,10 +30,9 @@ TASKS = ("inpaint", "rotate", "contrast", "mutual")
 __all__ = ["SSLModel", "TASKS", "check_config", "compute_losses"]
 
 
-def check_config(method: MethodConfig, preprocess: PreprocessConfig) -> None:
-    unknown = sorted(set(method.weights) - set(TASKS))
-    if unknown:
-        raise ConfigError(f"method.weights: unknown tasks {unknown} for {method.name}; allowed: {', '.join(TASKS)}")
+def check_config(cfg: Config) -> None:
+    method, preprocess = cfg.method, cfg.preprocess
+    check_tasks(method, TASKS)
     roi = tuple(preprocess.roi_size)
     if len(set(roi)) != 1 or roi[0] % 32:
         raise ConfigError(f"preprocess.roi_size {roi}: SwinMM permutes the crop's axes, so crops are cubes "

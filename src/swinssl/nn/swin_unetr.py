@@ -32,21 +32,24 @@ class SwinUNETR(nn.Module):
                  depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  window_size: int = 7, patch_size: int = 2, use_v2: bool = False, downsample: str = "merging",
                  norm_name: str = "instance", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 dropout_path_rate: float = 0.0, normalize: bool = True, use_checkpoint: bool = False):
+                 dropout_path_rate: float = 0.0, normalize: bool = True, use_checkpoint: bool = False,
+                 domain_invariance: bool = False, dim_heads: int = 4, dim_pool: int = 4):
         super().__init__()
         # Constructor arguments, as plain data: checkpoints store them as the network plan.
         self.config = dict(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size,
                            depths=list(depths), num_heads=list(num_heads), window_size=window_size,
                            patch_size=patch_size, use_v2=use_v2, downsample=downsample, norm_name=norm_name,
                            drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                           dropout_path_rate=dropout_path_rate, normalize=normalize, use_checkpoint=use_checkpoint)
+                           dropout_path_rate=dropout_path_rate, normalize=normalize, use_checkpoint=use_checkpoint,
+                           domain_invariance=domain_invariance, dim_heads=dim_heads, dim_pool=dim_pool)
         self.normalize = normalize
         self.multiple = patch_size**5  # five halvings: patch embedding + four stages
         f = feature_size
         self.swinViT = SwinTransformer(in_channels, f, (window_size,) * 3, (patch_size,) * 3, depths, num_heads,
                                        drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                                        drop_path_rate=dropout_path_rate, use_checkpoint=use_checkpoint,
-                                       downsample=downsample, use_v2=use_v2)
+                                       downsample=downsample, use_v2=use_v2, domain_invariance=domain_invariance,
+                                       dim_heads=dim_heads, dim_pool=dim_pool)
 
         def enc(cin: int, cout: int) -> UnetrBasicBlock:
             return UnetrBasicBlock(3, cin, cout, kernel_size=3, stride=1, norm_name=norm_name, res_block=True)

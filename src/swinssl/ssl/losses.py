@@ -7,6 +7,8 @@ Pure functions of tensors; ``ntxent`` may gather embeddings across processes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -152,3 +154,54 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor
         raise ValueError(f"view outputs differ in shape: {tuple(logits_a.shape)} and {tuple(logits_b.shape)}")
     log_a, log_b = F.log_softmax(logits_a.float(), 1), F.log_softmax(logits_b.float(), 1)
     return ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(1).mean() / 2
+
+
+# --- SwinFUSE (Talasila et al., 2024) -------------------------------------------------------------
+
+
+def nn_bandwidth(points: torch.Tensor) -> torch.Tensor:
+    """Kernel bandwidth of a point set ``(N, D)``: the mean distance of each point to its nearest
+    other point (detached: the bandwidth is a rule, not something to optimise)."""
+    if points.ndim != 2 or points.shape[0] < 2:
+        raise ValueError(f"the bandwidth rule needs at least two points (N, D), got {tuple(points.shape)}")
+    with torch.no_grad():
+        dist = torch.cdist(points.float(), points.float())
+        dist.fill_diagonal_(float("inf"))
+        return dist.min(1).values.mean().clamp_min(1e-6)
+
+
+def _kde_log_density(at: torch.Tensor, points: torch.Tensor, bandwidth: torch.Tensor) -> torch.Tensor:
+    """Log of a Gaussian KDE of ``points`` ``(N, D)`` at ``at`` ``(M, D)``, up to a constant:
+    ``logsumexp_j(-|x - p_j|^2 / (2 h^2)) - D log h`` (the normalisation over evaluation points
+    in ``kde_jsd`` removes the rest)."""
+    sq = torch.cdist(at.float(), points.float()).pow(2)
+    return torch.logsumexp(-sq / (2 * bandwidth**2), dim=1) - points.shape[1] * torch.log(bandwidth)
+
+
+def kde_jsd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence between Gaussian kernel density estimates of two point sets.
+
+    a, b: ``(N, D)`` and ``(M, D)`` features. Each set gets its own KDE with the bandwidth of
+    ``nn_bandwidth``. Both densities are evaluated on the union of the points and normalised
+    over it into distributions P and Q; the result is
+    ``JSD = (KL(P || M) + KL(Q || M)) / 2`` with ``M = (P + Q) / 2``, in nats: 0 for identical
+    sets, approaching log 2 for well-separated ones. All in log space (log-sum-exp), so far-apart
+    points cannot underflow into 0/0.
+    """
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"expected two point sets (N, D) and (M, D), got {tuple(a.shape)} and {tuple(b.shape)}")
+    union = torch.cat([a, b])
+    log_p = _kde_log_density(union, a, nn_bandwidth(a))
+    log_q = _kde_log_density(union, b, nn_bandwidth(b))
+    log_p = log_p - torch.logsumexp(log_p, 0)
+    log_q = log_q - torch.logsumexp(log_q, 0)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2)
+    return 0.5 * (log_p.exp() * (log_p - log_m)).sum() + 0.5 * (log_q.exp() * (log_q - log_m)).sum()
+
+
+def sample_tokens(features: list[torch.Tensor], count: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """The same ``count`` token positions (drawn without replacement over all samples' tokens; all
+    of them when there are fewer) of each ``(B, C, ...)`` map, as ``(count, C)`` feature vectors."""
+    tokens = [f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1]) for f in features]
+    index = torch.randperm(tokens[0].shape[0], generator=generator)[:count].to(tokens[0].device)
+    return [t[index] for t in tokens]
