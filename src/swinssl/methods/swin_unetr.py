@@ -97,19 +97,26 @@ def compute_losses(model: nn.Module, x: torch.Tensor, generator: torch.Generator
     return total, losses, previews
 
 
-def task_losses(out: dict, views: dict, x: torch.Tensor, method: MethodConfig):
-    """The proxy-task losses (weighted ones only, plus ``embed_spread``) and preview panels, from
-    the model's output for ``cat(views["views"])``."""
-    n = x.shape[0]
+def rotate_contrast_losses(out: dict, views: dict, n: int, method: MethodConfig) -> dict[str, torch.Tensor]:
+    """``rotate`` and ``contrast`` (with the logged ``embed_spread``), where weighted, for the
+    outputs of two views of ``n`` crops: shared by every method with these tasks."""
     losses = {}
-    if method.weights.get("inpaint", 0):
-        losses["inpaint"] = inpainting_l1(out["reconstruction"], torch.cat(views["targets"]))
     if method.weights.get("rotate", 0):
         losses["rotate"] = rotation_ce(out["rotation"], torch.cat(views["rotations"]))
     if method.weights.get("contrast", 0):
         z = out["contrastive"]
         losses["contrast"] = ntxent(z[:n], z[n:], temperature=method.temperature)
         losses["embed_spread"] = embedding_spread(z)
+    return losses
+
+
+def task_losses(out: dict, views: dict, x: torch.Tensor, method: MethodConfig):
+    """The proxy-task losses (weighted ones only, plus ``embed_spread``) and preview panels, from
+    the model's output for ``cat(views["views"])``."""
+    losses = {}
+    if method.weights.get("inpaint", 0):
+        losses["inpaint"] = inpainting_l1(out["reconstruction"], torch.cat(views["targets"]))
+    losses.update(rotate_contrast_losses(out, views, x.shape[0], method))
     previews = {
         "crop": x[0],
         "cut-out view": views["views"][0][0],

@@ -21,8 +21,8 @@ from torch import nn
 
 from swinssl.config import Config, MethodConfig
 from swinssl.errors import ConfigError
-from swinssl.methods.swin_unetr import SSLModel, check_tasks, embedding_spread
-from swinssl.ssl.losses import masked_mse, mutual_loss, ntxent, rotation_ce, weighted_sum, zscore
+from swinssl.methods.swin_unetr import SSLModel, check_tasks, rotate_contrast_losses
+from swinssl.ssl.losses import masked_mse, mutual_loss, weighted_sum, zscore
 from swinssl.ssl.views import multi_views, to_common_frame
 
 TASKS = ("inpaint", "rotate", "contrast", "mutual")
@@ -56,12 +56,7 @@ def compute_losses(model: nn.Module, x: torch.Tensor, generator: torch.Generator
     if method.weights.get("inpaint", 0):
         targets = [zscore(t) if method.zscore_target else t for t in views["targets"]]
         losses["inpaint"] = sum(masked_mse(r, t, m) for r, t, m in zip(recon, targets, views["masks"])) / 2
-    if method.weights.get("rotate", 0):
-        losses["rotate"] = rotation_ce(out["rotation"], torch.cat(views["rotations"]))
-    if method.weights.get("contrast", 0):
-        z = out["contrastive"]
-        losses["contrast"] = ntxent(z[:n], z[n:], temperature=method.temperature)
-        losses["embed_spread"] = embedding_spread(z)
+    losses.update(rotate_contrast_losses(out, views, n, method))
     if method.weights.get("mutual", 0):
         common = [to_common_frame(r, o, k) for r, o, k in zip(recon, views["orders"], views["rotations"])]
         losses["mutual"] = mutual_loss(common, views["mask"])
