@@ -46,17 +46,29 @@ def test_mri_zscore_on_nonzero_voxels():
     assert torch.all(out[x == 0] == 0)
 
 
-def test_pretrain_pipeline_gives_num_crops_of_roi_in_unit_range(ct_case):
+def _offset_in(volume: torch.Tensor, crop: torch.Tensor) -> tuple[int, ...] | None:
+    """Where ``crop`` (C, a, b, c) lies inside ``volume`` (C, X, Y, Z), found by brute force."""
+    size = crop.shape[1:]
+    for i in range(volume.shape[1] - size[0] + 1):
+        for j in range(volume.shape[2] - size[1] + 1):
+            for k in range(volume.shape[3] - size[2] + 1):
+                if torch.equal(volume[:, i:i + size[0], j:j + size[1], k:k + size[2]], crop):
+                    return i, j, k
+    return None
+
+
+def test_pretrain_pipeline_gives_num_crops_of_roi_cut_from_the_preprocessed_volume(ct_case):
     cfg = PreprocessConfig(roi_size=(16, 16, 16), num_crops=3, spacing=(2.0, 2.0, 2.0))
+    head = inference_transforms(cfg)(item(ct_case[0]))["image"]  # the same head: RAS, 2 mm, [0, 1]
+    assert orientation_of(head) == "RAS" and spacing_of(head) == pytest.approx((2.0, 2.0, 2.0))
     crops = pretrain_transforms(cfg)(item(ct_case[0]))
     assert len(crops) == 3
     for crop in crops:
         image = crop["image"]
-        assert image.shape == (1, 16, 16, 16) and image.dtype == torch.float32
+        assert type(image) is torch.Tensor and image.shape == (1, 16, 16, 16) and image.dtype == torch.float32
         assert 0.0 <= image.min().item() and image.max().item() <= 1.0
-        assert orientation_of(image) == "RAS"
-        assert spacing_of(image) == pytest.approx((2.0, 2.0, 2.0))
-        assert "label" not in crop
+        assert _offset_in(head.as_tensor(), image) is not None
+        assert "label" not in crop and crop["modality"] == "CT"
 
 
 def test_pretrain_crops_are_seeded(ct_case):

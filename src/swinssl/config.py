@@ -34,6 +34,7 @@ class DataConfig:
     path: str = ""  # a folder of volumes, an MSD/nnU-Net dataset.json, or an nnU-Net raw folder
     modality: Modality = "auto"  # used where the dataset does not say; auto: from folder names, then intensities
     num_classes: int = 0  # 0: take from the dataset's labels (or the label values found)
+    cache: str = "auto"  # preprocessed-volume cache folder; auto: <train.out>/cache; off: read files every time
 
 
 @dataclass

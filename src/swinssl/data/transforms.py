@@ -10,12 +10,20 @@ its own modality, so one pipeline serves mixed CT + MRI data:
   non-zero voxels (``mri_normalization: zscore``).
 
 Outputs are channel-first float32 MetaTensors ``(C, X, Y, Z)``; labels are
-``(1, X, Y, Z)`` class indices.
+``(1, X, Y, Z)`` class indices. Pre-training crops are plain float32 tensors.
+
+The deterministic head of the training pipelines (read, geometry, normalisation,
+foreground) can run through the on-disk cache of ``swinssl.data.cache`` (``cache=``):
+the random tail is the same either way, so cached and uncached pipelines give the same
+crops for the same seed.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
 
 import torch
 from monai.data import MetaTensor
@@ -31,7 +39,7 @@ from monai.transforms import (
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    RandSpatialCropSamplesd,
+    Randomizable,
     ScaleIntensityRange,
     ScaleIntensityRangePercentiles,
     Spacingd,
@@ -39,6 +47,7 @@ from monai.transforms import (
 )
 
 from swinssl.config import PreprocessConfig
+from swinssl.data.cache import cached, settings_fingerprint
 from swinssl.data.discover import Case
 from swinssl.data.io import guess_modality, read_image, read_label
 from swinssl.errors import DataError, SwinsslError
@@ -140,32 +149,78 @@ def _foreground(cfg: PreprocessConfig, keys: list[str]) -> list:
     return [CropForegroundd(keys=keys, source_key="image", select_fn=lambda x: x > threshold, allow_smaller=True)]
 
 
-def pretrain_transforms(cfg: PreprocessConfig, channels: int = 1) -> Pipeline:
-    """Unlabelled volumes -> ``cfg.num_crops`` random crops of ``cfg.roi_size`` in [0, 1] (a list of items)."""
-    keys = ["image"]
-    return Pipeline(
-        [
-            LoadCased(classes=None, channels=channels),
-            *_geometry(cfg, keys),
-            NormalizeByModalityd(cfg),
-            *_foreground(cfg, keys),
-            SpatialPadd(keys=keys, spatial_size=cfg.roi_size),
-            RandSpatialCropSamplesd(keys=keys, roi_size=cfg.roi_size, num_samples=cfg.num_crops, random_size=False),
-        ]
-    )
+def _head(cfg: PreprocessConfig, keys: list[str], load: LoadCased) -> list:
+    """The deterministic head: read + check, geometry, normalisation, foreground crop."""
+    return [load, *_geometry(cfg, keys), NormalizeByModalityd(cfg), *_foreground(cfg, keys)]
+
+
+def crop_with_padding(image: Any, start: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    """The ``size`` block at ``start`` of ``image`` (C, X, Y, Z: tensor or array, memory-mapped
+    or not) as a new float32 tensor. Along an axis shorter than ``size`` the whole axis is
+    taken, zero-padded equally on both sides (the extra voxel after)."""
+    if isinstance(image, MetaTensor):
+        image = image.as_tensor()  # no meta tracking for a slice
+    spatial = image.shape[1:]
+    slices, pads = [slice(None)], []
+    for s, b, n in zip(spatial, start, size):
+        if s >= n:
+            slices.append(slice(b, b + n))
+            pads.append((0, 0))
+        else:
+            slices.append(slice(None))
+            pads.append(((n - s) // 2, n - s - (n - s) // 2))
+    block = image[tuple(slices)]
+    if torch.is_tensor(block):
+        block = block.to(torch.float32, copy=True)
+    else:
+        block = torch.from_numpy(np.array(block, dtype=np.float32))
+    if any(p != (0, 0) for p in pads):
+        flat = [v for pair in reversed(pads) for v in pair]  # F.pad lists the last axis first
+        block = torch.nn.functional.pad(block, flat)
+    return block
+
+
+class RandCropsd(Randomizable, MapTransform):
+    """``num_samples`` random crops of ``roi_size`` from ``image``: a list of items with the
+    crop as a float32 tensor. The image may be a memory-mapped array (from the cache), so a
+    crop reads only its own voxels; axes shorter than the crop are zero-padded (centred)."""
+
+    def __init__(self, roi_size: Sequence[int], num_samples: int):
+        MapTransform.__init__(self, keys=["image"])
+        self.roi_size, self.num_samples = tuple(int(r) for r in roi_size), num_samples
+
+    def randomize(self, spatial: Sequence[int]) -> list[int]:
+        return [int(self.R.randint(0, max(s - r, 0) + 1)) for s, r in zip(spatial, self.roi_size)]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
+        image = data["image"]
+        rest = {k: v for k, v in data.items() if k != "image"}
+        return [{**rest, "image": crop_with_padding(image, self.randomize(image.shape[1:]), self.roi_size)}
+                for _ in range(self.num_samples)]
+
+
+def pretrain_transforms(cfg: PreprocessConfig, channels: int = 1, cache: str | Path | None = None) -> Pipeline:
+    """Unlabelled volumes -> ``cfg.num_crops`` random crops of ``cfg.roi_size`` in [0, 1] (a list of items).
+
+    ``cache``: the cache folder for the head (crops are then read from memory-mapped arrays), or None.
+    """
+    head = _head(cfg, ["image"], LoadCased(classes=None, channels=channels))
+    fingerprint = settings_fingerprint(cfg, channels=channels, classes=None, labels=False)
+    return Pipeline([*cached(head, cache, fingerprint, mmap=True), RandCropsd(cfg.roi_size, cfg.num_crops)])
 
 
 def finetune_transforms(
-    cfg: PreprocessConfig, classes: Sequence[int] | None = None, channels: int = 1, train: bool = True
+    cfg: PreprocessConfig, classes: Sequence[int] | None = None, channels: int = 1, train: bool = True,
+    cache: str | Path | None = None,
 ) -> Pipeline:
-    """Image + label. ``train``: label-guided random crops and augmentation; else whole volumes."""
+    """Image + label. ``train``: label-guided random crops and augmentation; else whole volumes.
+
+    ``cache``: the cache folder for the head, or None.
+    """
     keys = ["image", "label"]
-    steps: list = [
-        LoadCased(classes=classes, channels=channels, require_label=True),
-        *_geometry(cfg, keys),
-        NormalizeByModalityd(cfg),
-        *_foreground(cfg, keys),
-    ]
+    head = _head(cfg, keys, LoadCased(classes=classes, channels=channels, require_label=True))
+    fingerprint = settings_fingerprint(cfg, channels=channels, classes=list(classes) if classes else None, labels=True)
+    steps: list = cached(head, cache, fingerprint)
     if train:
         steps += [
             SpatialPadd(keys=keys, spatial_size=cfg.roi_size),
@@ -194,10 +249,7 @@ def finetune_transforms(
 
 def inference_transforms(cfg: PreprocessConfig, channels: int = 1) -> Pipeline:
     """Image only, every spatial step invertible: ``invert`` maps network outputs back to the input grid."""
-    keys = ["image"]
-    return Pipeline(
-        [LoadCased(classes=None, channels=channels), *_geometry(cfg, keys), NormalizeByModalityd(cfg), *_foreground(cfg, keys)]
-    )
+    return Pipeline(_head(cfg, ["image"], LoadCased(classes=None, channels=channels)))
 
 
 def invert(transforms: Compose, item: Mapping[Hashable, Any], output: torch.Tensor, nearest: bool = True) -> MetaTensor:

@@ -9,6 +9,7 @@ loader workers, and no RNG state has to be saved for the data.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -86,6 +87,13 @@ def crop_loader(cases: Sequence[Case], pipeline: Pipeline, batch_size: int, seed
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
     )
+
+
+def cache_root(cfg) -> Path | None:
+    """The preprocessing cache folder of a config (``data.cache``): None when ``off``."""
+    if cfg.data.cache in ("off", ""):
+        return None
+    return Path(cfg.train.out) / "cache" if cfg.data.cache == "auto" else Path(cfg.data.cache)
 
 
 def images_of(batch: dict) -> torch.Tensor:

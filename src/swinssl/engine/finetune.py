@@ -34,7 +34,7 @@ from swinssl.data.discover import Case, Dataset, find_dataset
 from swinssl.data.io import read_volume
 from swinssl.data.transforms import case_item, finetune_transforms, pretrain_transforms
 from swinssl.engine.checkpoint import restore_rng, rng_state, save_checkpoint
-from swinssl.engine.data import crop_loader, images_of, labels_of, sample_seed
+from swinssl.engine.data import cache_root, crop_loader, images_of, labels_of, sample_seed
 from swinssl.engine.logging import MetricLogger, save_overlay
 from swinssl.engine.loop import progress_bar, run_steps, setup_fabric, warmup_cosine
 from swinssl.engine.pretrain import split_cases
@@ -111,13 +111,15 @@ def finetune(cfg: Config | None = None, resume: str | Path | None = None, overri
         "package_version": swinssl.__version__,
     }
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=ft.dice_weight, lambda_ce=ft.ce_weight)
-    pipeline = finetune_transforms(cfg.preprocess, classes=classes, channels=cfg.model.in_channels, train=True)
+    pipeline = finetune_transforms(cfg.preprocess, classes=classes, channels=cfg.model.in_channels, train=True,
+                                   cache=cache_root(cfg))
     loader = crop_loader(train_cases, pipeline, t.batch_size, cfg.seed, rank=fabric.global_rank,
                          start_step=start * t.accumulate, steps=t.steps * t.accumulate, num_workers=t.num_workers)
     batches = iter(loader)
     if unlabeled:
         # Random crops (no label to guide them), normalised as the labelled ones; another seed stream.
-        extra = crop_loader(unlabeled, pretrain_transforms(cfg.preprocess, channels=cfg.model.in_channels),
+        extra = crop_loader(unlabeled, pretrain_transforms(cfg.preprocess, channels=cfg.model.in_channels,
+                                                           cache=cache_root(cfg)),
                             t.batch_size, cfg.seed + UNLABELED_SEED, rank=fabric.global_rank,
                             start_step=start * t.accumulate, steps=t.steps * t.accumulate, num_workers=t.num_workers)
         batches = (dict(b, unlabeled=u["image"]) for b, u in zip(loader, extra))
@@ -323,7 +325,8 @@ def validate(model, cfg: Config, cases: list[Case], classes: list[int], names: d
     """
     was_training = model.training
     model.eval()
-    pipeline = finetune_transforms(cfg.preprocess, classes=classes, channels=cfg.model.in_channels, train=False)
+    pipeline = finetune_transforms(cfg.preprocess, classes=classes, channels=cfg.model.in_channels, train=False,
+                                   cache=cache_root(cfg))
     k = len(classes)
     per_class = torch.zeros(k - 1, dtype=torch.float64)
     for index, case in enumerate(cases):

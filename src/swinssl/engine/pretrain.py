@@ -22,7 +22,7 @@ from swinssl.config import Config, to_dict
 from swinssl.data.discover import Case, find_dataset
 from swinssl.data.transforms import pretrain_transforms
 from swinssl.engine.checkpoint import restore_rng, rng_state, save_checkpoint
-from swinssl.engine.data import SeededDataset, crop_loader, images_of, sample_seed
+from swinssl.engine.data import SeededDataset, cache_root, crop_loader, images_of, sample_seed
 from swinssl.engine.logging import MetricLogger, save_preview
 from swinssl.engine.loop import progress_bar, run_steps, setup_fabric, warmup_cosine
 from swinssl.engine.run_dir import open_run_dir, resume_state
@@ -91,7 +91,7 @@ def pretrain(cfg: Config | None = None, resume: str | Path | None = None, overri
         "manifest_sha256": manifest,
         "package_version": swinssl.__version__,
     }
-    pipeline = pretrain_transforms(cfg.preprocess, channels=channels)
+    pipeline = pretrain_transforms(cfg.preprocess, channels=channels, cache=cache_root(cfg))
     micro_steps = t.steps * t.accumulate
     loader = crop_loader(train_cases, pipeline, t.batch_size, cfg.seed, rank=fabric.global_rank,
                          start_step=start * t.accumulate, steps=micro_steps, num_workers=t.num_workers)
@@ -142,7 +142,8 @@ def validate(model, method, cfg: Config, cases: list[Case], fabric) -> dict[str,
     """
     was_training = model.training
     model.eval()
-    dataset = SeededDataset(cases, pretrain_transforms(cfg.preprocess, channels=cfg.model.in_channels))
+    dataset = SeededDataset(cases, pretrain_transforms(cfg.preprocess, channels=cfg.model.in_channels,
+                                                       cache=cache_root(cfg)))
     generator = torch.Generator()
     sums: dict[str, float] = {}
     starts = range(0, len(cases), cfg.train.batch_size)

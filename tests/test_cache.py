@@ -1,0 +1,141 @@
+"""The preprocessing cache: same crops as without it, rebuilt when a file or a setting changes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import body_volume, write_nifti
+
+import swinssl.data.cache as cache_module
+from swinssl.config import PreprocessConfig
+from swinssl.data.cache import CachedPrefixd
+from swinssl.data.transforms import crop_with_padding, finetune_transforms, pretrain_transforms
+from swinssl.errors import DataError
+
+CFG = PreprocessConfig(roi_size=(16, 16, 16), num_crops=2, spacing=(2.0, 2.0, 2.0))
+
+
+def item(image, label=None, modality="CT"):
+    return {"image": str(image), "label": str(label) if label else None, "modality": modality, "case_id": "x"}
+
+
+def crops_of(pipeline, data, seed):
+    pipeline.set_random_state(seed=seed)
+    return [c["image"] for c in pipeline(dict(data))]
+
+
+def entries(root):
+    return sorted(p.name for p in (root / "entries").iterdir()) if (root / "entries").exists() else []
+
+
+def cached_head(pipeline) -> CachedPrefixd:
+    return next(t for t in pipeline.transforms if isinstance(t, CachedPrefixd))
+
+
+def test_cached_pretrain_crops_equal_uncached_crops_on_build_and_on_reuse(ct_case, tmp_path):
+    root = tmp_path / "cache"
+    plain, fast = pretrain_transforms(CFG), pretrain_transforms(CFG, cache=root)
+    data = item(ct_case[0])
+    for seed in (0, 1, 7):  # the first call builds the entry, the others read it
+        expected = crops_of(plain, data, seed)
+        got = crops_of(fast, data, seed)
+        assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert len(entries(root)) == 1
+    head = cached_head(fast)(dict(data))
+    assert isinstance(head["image"], np.memmap) and head["modality"] == "CT"  # crops read only their voxels
+
+
+def test_cached_finetune_crops_and_whole_volumes_equal_uncached(ct_case, tmp_path):
+    root = tmp_path / "cache"
+    data = item(*ct_case)
+    for train in (True, False):
+        plain = finetune_transforms(CFG, classes=[0, 1, 2], train=train)
+        fast = finetune_transforms(CFG, classes=[0, 1, 2], train=train, cache=root)
+        for seed in (3, 4):
+            plain.set_random_state(seed=seed)
+            fast.set_random_state(seed=seed)
+            a, b = plain(dict(data)), fast(dict(data))
+            a, b = (a, b) if train else ([a], [b])
+            for x, y in zip(a, b):
+                for key in ("image", "label"):
+                    assert x[key].dtype == y[key].dtype and torch.equal(x[key].as_tensor(), y[key].as_tensor())
+                assert torch.allclose(x["image"].affine, y["image"].affine)
+    assert len(entries(root)) == 1  # train crops and whole volumes share the head
+
+
+def test_changed_file_rebuilds_the_entry(tmp_path):
+    root = tmp_path / "cache"
+    path = tmp_path / "vol.nii.gz"
+    image, _ = body_volume(modality="CT")
+    write_nifti(path, image)
+    fast, plain = pretrain_transforms(CFG, cache=root), pretrain_transforms(CFG)
+    crops_of(fast, item(path), 0)
+    first = entries(root)
+    write_nifti(path, image + 300.0)  # new content under the same name
+    assert all(torch.equal(a, b) for a, b in zip(crops_of(fast, item(path), 0), crops_of(plain, item(path), 0)))
+    second = entries(root)
+    assert len(first) == 1 and len(second) == 2 and set(first) < set(second)
+
+
+def test_changed_head_setting_rebuilds_and_changed_crop_setting_reuses(ct_case, tmp_path):
+    root = tmp_path / "cache"
+    data = item(ct_case[0])
+    crops_of(pretrain_transforms(CFG, cache=root), data, 0)
+    crops_of(pretrain_transforms(PreprocessConfig(roi_size=(8, 8, 8), num_crops=3, spacing=(2.0, 2.0, 2.0)),
+                                 cache=root), data, 0)
+    assert len(entries(root)) == 1  # crop size and count are not part of the head
+    crops_of(pretrain_transforms(PreprocessConfig(roi_size=(16, 16, 16), spacing=(3.0, 3.0, 3.0)), cache=root), data, 0)
+    crops_of(pretrain_transforms(PreprocessConfig(roi_size=(16, 16, 16), spacing=(2.0, 2.0, 2.0),
+                                                  ct_window=(-500.0, 500.0)), cache=root), data, 0)
+    assert len(entries(root)) == 3
+
+
+def test_unchanged_files_are_hashed_once(ct_case, tmp_path, monkeypatch):
+    calls = []
+    real = cache_module.hashlib.file_digest
+    monkeypatch.setattr(cache_module.hashlib, "file_digest", lambda f, name: calls.append(f.name) or real(f, name))
+    root = tmp_path / "cache"
+    for seed in range(3):  # fresh pipelines, as separate runs would build
+        crops_of(pretrain_transforms(CFG, cache=root), item(ct_case[0]), seed)
+    assert calls == [str(ct_case[0])]
+
+
+def test_bad_file_raises_and_leaves_no_entry(tmp_path):
+    root = tmp_path / "cache"
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(DataError, match="bad.nii.gz"):
+        pretrain_transforms(CFG, cache=root)(item(bad))
+    assert not (root / "entries").exists() or not any((root / "entries").iterdir())  # no entry, no temporary
+
+
+def test_leftover_temporary_folder_is_not_an_entry(ct_case, tmp_path):
+    root = tmp_path / "cache"
+    fast = pretrain_transforms(CFG, cache=root)
+    key = cached_head(fast).key(item(ct_case[0]))
+    half = root / "entries" / f".{key}.killed"  # what a run killed while writing leaves
+    half.mkdir(parents=True)
+    (half / "image.npy").write_bytes(b"partial")
+    assert all(torch.equal(a, b) for a, b in zip(crops_of(fast, item(ct_case[0]), 0),
+                                                 crops_of(pretrain_transforms(CFG), item(ct_case[0]), 0)))
+    meta = json.loads((root / "entries" / key / "meta.json").read_text())
+    assert meta["modality"] == "CT"
+
+
+def test_unusable_cache_folder_falls_back_to_reading_files(ct_case, tmp_path, caplog):
+    root = tmp_path / "not_a_folder"
+    root.write_text("a file where the cache folder should be")
+    got = crops_of(pretrain_transforms(CFG, cache=root), item(ct_case[0]), 0)
+    expected = crops_of(pretrain_transforms(CFG), item(ct_case[0]), 0)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert "not usable" in caplog.text
+
+
+def test_crop_with_padding_cuts_inside_and_pads_short_axes_centred():
+    volume = torch.arange(1 * 6 * 5 * 3, dtype=torch.float32).reshape(1, 6, 5, 3)
+    block = crop_with_padding(volume.numpy(), (1, 2, 0), (4, 3, 6))  # the last axis (3) is shorter than 6
+    assert block.shape == (1, 4, 3, 6)
+    assert torch.equal(block[:, :, :, 1:4], volume[:, 1:5, 2:5, :])
+    assert torch.all(block[:, :, :, :1] == 0) and torch.all(block[:, :, :, 4:] == 0)
+    assert torch.equal(crop_with_padding(volume, (1, 2, 0), (4, 3, 6)), block)  # tensor and array agree
