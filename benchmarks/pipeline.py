@@ -222,6 +222,22 @@ def reference_views(x, generator):
     return {"views": views, "targets": targets, "rotations": rotations}
 
 
+def timed_steps(steps: int, cfg: dict, items: list, pipeline, loss_of, optimizer) -> list[float]:
+    """Seconds of each training step after one warm-up: load the batch's crops, loss, backward, AdamW."""
+    times = []
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        batch = [items[(step * cfg["batch"] + i) % len(items)] for i in range(cfg["batch"])]
+        pipeline.set_random_state(seed=step)
+        loss = loss_of(*collate_images([pipeline(dict(it)) for it in batch]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step:  # step 0 warms up
+            times.append(time.perf_counter() - start)
+    return times
+
+
 def pretrain_worker(spec: dict) -> dict:
     import torch
 
@@ -241,21 +257,13 @@ def pretrain_worker(spec: dict) -> dict:
     method = MethodConfig()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
-    times = []
-    for step in range(spec["steps"] + 1):
-        start = time.perf_counter()
-        batch = [items[(step * cfg["batch"] + i) % len(items)] for i in range(cfg["batch"])]
-        pipeline.set_random_state(seed=step)
-        x, _ = collate_images([pipeline(dict(it)) for it in batch])
+
+    def loss_of(x, _):
         views = (reference_views if reference else two_views)(x, generator)
         out = model(torch.cat(views["views"]))
-        losses, _ = task_losses(out, views, x, method)
-        loss = weighted_sum(losses, method.weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step:  # step 0 warms up
-            times.append(time.perf_counter() - start)
+        return weighted_sum(task_losses(out, views, x, method)[0], method.weights)
+
+    times = timed_steps(spec["steps"], cfg, items, pipeline, loss_of, optimizer)
     return {"step_s": statistics.median(times), "times": times, "peak_rss_gib": _peak_rss_gib()}
 
 
@@ -290,18 +298,7 @@ def finetune_worker(spec: dict) -> dict:
             pipeline(dict(it))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    for step in range(spec["steps"] + 1):
-        start = time.perf_counter()
-        batch = [items[(step * cfg["batch"] + i) % len(items)] for i in range(cfg["batch"])]
-        pipeline.set_random_state(seed=step)
-        x, y = collate_images([pipeline(dict(it)) for it in batch])
-        loss = loss_fn(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step:
-            times.append(time.perf_counter() - start)
+    times = timed_steps(spec["steps"], cfg, items, pipeline, lambda x, y: loss_fn(model(x), y), optimizer)
     return {"step_s": statistics.median(times), "times": times, "peak_rss_gib": _peak_rss_gib()}
 
 
