@@ -93,8 +93,8 @@ def test_changed_head_setting_rebuilds_and_changed_crop_setting_reuses(ct_case, 
 
 def test_unchanged_files_are_hashed_once(ct_case, tmp_path, monkeypatch):
     calls = []
-    real = cache_module.hashlib.file_digest
-    monkeypatch.setattr(cache_module.hashlib, "file_digest", lambda f, name: calls.append(f.name) or real(f, name))
+    real = cache_module.sha256_file
+    monkeypatch.setattr(cache_module, "sha256_file", lambda path: calls.append(str(path)) or real(path))
     root = tmp_path / "cache"
     for seed in range(3):  # fresh pipelines, as separate runs would build
         crops_of(pretrain_transforms(CFG, cache=root), item(ct_case[0]), seed)

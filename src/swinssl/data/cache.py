@@ -40,6 +40,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform
 
 from swinssl.config import PreprocessConfig
+from swinssl.utils import atomic_write_text, sha256_file
 
 CACHE_FORMAT = 1
 # Settings of the random tail (crop size and count, augmentation), not of the cached head.
@@ -72,10 +73,9 @@ def file_checksum(path: Path, index: Path | None = None) -> str:
                 return saved["sha256"]
         except (OSError, ValueError, KeyError):
             pass  # an unreadable memo is recomputed
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    digest = sha256_file(path)
     if memo is not None:
-        _write_atomic(memo, json.dumps({**stamp, "sha256": digest}).encode())
+        atomic_write_text(memo, json.dumps({**stamp, "sha256": digest}))
     return digest
 
 
@@ -88,18 +88,6 @@ def source_checksum(path: str | Path, index: Path | None = None) -> str:
     for f in files:
         combined.update(f.relative_to(path).as_posix().encode() + b"\0" + file_checksum(f, index).encode())
     return combined.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _compact_label(label: np.ndarray) -> np.ndarray:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
-
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (
