@@ -66,7 +66,7 @@ def test_phantom_into_unwritable_place_is_one_line_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     result = runner.invoke(app, ["phantom", "--out", str(blocker / "data"), "--cases", "1", "--size", "32"])
-    assert result.exit_code == 3
+    assert result.exit_code == 5
     assert result.output.startswith("error: ") and str(blocker) in result.output
     assert "Traceback" not in result.output
 

@@ -2,7 +2,9 @@
 
 Exit codes: 0 success; 1 ``data check`` found problems; 2 usage or config error;
 3 a data or checkpoint error stopped the command (the message names the file);
-4 training stopped (non-finite loss; the last good checkpoint is kept).
+4 training stopped (non-finite loss or gradients, a checkpoint that cannot be written, a
+failed process of a distributed run; the last good checkpoint is kept); 5 an output folder
+cannot be written (checked before the work starts).
 """
 
 from __future__ import annotations
@@ -130,15 +132,17 @@ def data_check(
 def pretrain(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. data=PATH train.steps=500."),
     config: str = typer.Option("pretrain/swin_unetr_tiny", "--config", "-c", help="Preset name or YAML file "
-                               "(pretrain/swin_unetr, pretrain/swinmm and their _tiny CPU versions)."),
+                               "(pretrain/swin_unetr, pretrain/swinmm, pretrain/swinfuse and their _tiny CPU versions)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
 ) -> None:
     """Self-supervised pre-training of a Swin encoder (method from the config) on unlabelled volumes.
 
-    Methods (method.name): swin_unetr (inpainting + rotation + contrastive) and swinmm
-    (masked multi-view reconstruction + rotation + contrastive + mutual). Writes a run directory (config, data manifest, metrics.csv, TensorBoard, previews,
-    checkpoints/last.pt) and prints where it is. The encoder loads into SwinUNETR with
-    swinssl.nn.load_pretrained.
+    Methods (method.name): swin_unetr (inpainting + rotation + contrastive), swinmm
+    (masked multi-view reconstruction + rotation + contrastive + mutual) and swinfuse
+    (the Swin UNETR tasks on CT + MRI with a domain-invariance module and a density loss).
+    Writes a run directory (config, data manifest, metrics.csv, TensorBoard, previews,
+    checkpoints/last.pt, written atomically) and prints where it is. The encoder loads into
+    SwinUNETR with swinssl.nn.load_pretrained. A killed run continues with --resume RUN_DIR.
     """
     from swinssl.engine.pretrain import pretrain as run
 

@@ -120,6 +120,11 @@ class TrainConfig:
     keep_memory: bool = False
     deterministic: bool = True  # deterministic kernels: same seed + config + machine = same weights
     compile: bool = False  # torch.compile the model: faster steps on GPU after a compile of about a minute
+    # A non-finite loss or gradient norm: "stop" (TrainingError, last checkpoint kept) or "skip"
+    # the step (no update; stops after 10 skipped steps in a row). 16-mixed gradient overflow is
+    # the GradScaler's business: it skips the step and lowers the scale, never counted here.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    timeout_s: int = 1800  # distributed: a collective that waits longer than this fails the run
 
 
 @dataclass

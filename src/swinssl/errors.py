@@ -38,6 +38,13 @@ class CheckpointError(SwinsslError, ValueError):
     exit_code = 3
 
 
+class OutputError(SwinsslError, OSError):
+    """An output folder cannot be created or written (a file in the way, no permission,
+    read-only or full disk). Checked before the work starts; the message names the folder."""
+
+    exit_code = 5
+
+
 class TrainingError(SwinsslError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 

@@ -48,7 +48,7 @@ from swinssl.errors import CheckpointError, ConfigError, DataError, SwinsslError
 from swinssl.nn.load import filter_swinssl, read_checkpoint
 from swinssl.nn.multiview import window_predictor
 from swinssl.nn.swin_unetr import SwinUNETR, build_network
-from swinssl.utils import atomic_path, atomic_write_text
+from swinssl.utils import atomic_path, atomic_write_text, writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +417,7 @@ def predict(
     """
     if output_format not in ("nifti", "same"):
         raise ConfigError(f"output_format must be one of nifti, same, got {output_format!r}")
+    out_dir = writable_dir(out_dir)
     checkpoint = resolve_checkpoint(model_source)
     model, plan = load_model(checkpoint, device)
     roi = _roi(roi_size, plan)
@@ -424,7 +425,6 @@ def predict(
     cases, failed = collect_cases(inputs)
     for source, reason in failed.items():
         log.warning("skipped %s", reason if reason.startswith(source) else f"{source}: {reason}")
-    out_dir = Path(out_dir)
     written: dict[str, str] = {}
     for case, name in tqdm(list(zip(cases, output_names(cases))), desc="predict", unit="case", disable=not progress):
         source = case.images[0]

@@ -51,7 +51,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surf
 from swinssl.data.discover import VOLUME_SUFFIXES, find_dataset, is_volume_file
 from swinssl.data.io import AFFINE_TOLERANCE_MM, read_volume
 from swinssl.errors import ConfigError, DataError
-from swinssl.utils import atomic_write_text
+from swinssl.utils import atomic_write_text, writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,8 @@ def evaluate(
         if not wanted:
             raise ConfigError("classes: empty list (leave it out to use every class found in the labels)")
         nsd_tolerances(nsd_tolerance, wanted)  # a missing per-class tolerance fails before any file is read
+    if out_dir is not None:
+        out_dir = writable_dir(out_dir)
     predictions = _predictions(pred_dir)
     label_files, dataset_names = _label_files(labels, split)
     pairs = _pair(predictions, label_files, pred_dir, labels)
@@ -260,7 +262,7 @@ def evaluate(
         }
     )
     if out_dir is not None:
-        _write_outputs(Path(out_dir).expanduser(), rows, summary)
+        _write_outputs(out_dir, rows, summary)
     return summary
 
 

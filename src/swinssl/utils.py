@@ -10,6 +10,21 @@ from pathlib import Path
 from typing import Iterator
 
 
+def writable_dir(path: str | Path) -> Path:
+    """Create folder ``path`` if needed and prove a file can be written in it: an unwritable
+    output fails in a second, before hours of training or inference."""
+    from swinssl.errors import OutputError
+
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write output here ({err.strerror or err})") from None
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.

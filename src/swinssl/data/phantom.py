@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 from scipy import ndimage
 
-from swinssl.utils import atomic_path, atomic_write_text
+from swinssl.utils import atomic_path, atomic_write_text, writable_dir
 
 __all__ = ["LABELS", "Phantom", "make_phantom", "write_phantom_dataset"]
 
@@ -543,7 +543,7 @@ def write_phantom_dataset(
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     n_test = min(max(1, round(cases * test_fraction)), cases - 1) if cases >= 2 else 0
 
-    out = Path(out)
+    out = writable_dir(out)
     for folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (out / folder).mkdir(parents=True, exist_ok=True)
 

@@ -16,15 +16,25 @@ from typing import Any
 
 import torch
 
+from swinssl.errors import TrainingError
 from swinssl.nn.load import read_checkpoint
 from swinssl.utils import atomic_path
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` via a temporary file, fsync and rename: never half a file."""
+    """Write ``state`` to ``path`` via a temporary file, fsync and rename: never half a file.
+
+    A failed write (full disk, quota, unwritable folder) raises ``TrainingError`` naming the
+    file; the previous checkpoint at ``path`` stays as it was and no temporary is left.
+    """
     path = Path(path)
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(state, tmp)
+    try:
+        # Through a Python file: torch.save on a path hides ENOSPC behind a zip-writer RuntimeError.
+        with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)
+    except OSError as err:
+        kept = "the previous checkpoint there is unchanged" if path.is_file() else "no checkpoint was written"
+        raise TrainingError(f"{path}: cannot write the checkpoint ({err.strerror or err}); {kept}") from err
     return path
 
 

@@ -22,7 +22,7 @@ import swinssl
 from swinssl.config import load_config, save_config
 from swinssl.data.discover import Case
 from swinssl.errors import ConfigError
-from swinssl.utils import atomic_write_text, sha256_file
+from swinssl.utils import atomic_write_text, sha256_file, writable_dir
 
 PACKAGES = ("torch", "monai", "lightning-fabric", "numpy", "nibabel", "itk-io", "pynrrd", "pydicom")
 
@@ -31,10 +31,9 @@ def new_run_dir(out: str | Path, name: str, method: str) -> Path:
     """Create a fresh run directory; refuses to reuse an existing non-empty one (resume instead)."""
     name = name or f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = Path(out) / name
-    if path.exists() and any(path.iterdir()):
+    if path.is_dir() and any(path.iterdir()):
         raise ConfigError(f"{path}: run directory exists; pass --resume {path} to continue it, or another train.name")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return writable_dir(path)
 
 
 def write_manifest(path: Path, splits: dict[str, Sequence[Case]]) -> str:
@@ -104,6 +103,8 @@ def resume_state(resume: str | Path, overrides: Sequence[str] = ()) -> tuple[Any
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml", overrides)
+    for stale in run_dir.glob("checkpoints/.*.tmp*"):  # a write cut short by a kill (never renamed in)
+        stale.unlink(missing_ok=True)
     last = run_dir / "checkpoints" / "last.pt"
     return cfg, load_checkpoint(last) if last.is_file() else None
 
