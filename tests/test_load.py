@@ -158,3 +158,49 @@ def test_no_state_dict_inside(tmp_path):
     torch.save({"epoch": 3, "lr": 0.1}, path)
     with pytest.raises(CheckpointError, match="meta.pt: no state dict found"):
         load_pretrained(SwinUNETR(feature_size=12), path)
+
+
+def test_exported_safetensors_holds_only_tensors_and_loads_like_the_checkpoint(tmp_path, monai_net):
+    import json
+
+    from swinssl.engine.checkpoint import export_weights, save_checkpoint
+
+    plan = {"network": {"feature_size": 12, "in_channels": 1, "out_channels": 3, "downsample": "merging"}}
+    ckpt = save_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", {
+        "format": "swinssl", "version": "0", "kind": "finetune", "step": 7, "model": monai_net.state_dict(),
+        "optimizer": {"state": {}, "param_groups": []}, "plan": plan})
+    exported = export_weights(tmp_path / "run", tmp_path / "weights.safetensors")
+    raw = exported.read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])  # the format: a JSON table, then raw bytes
+    assert json.loads(header["__metadata__"]["plan"]) == plan and header["__metadata__"]["step"] == "7"
+    assert {k for k in header if k != "__metadata__"} == set(monai_net.state_dict())
+    from_pt, from_st = SwinUNETR(feature_size=12, out_channels=3), SwinUNETR(feature_size=12, out_channels=3)
+    report = load_pretrained(from_st, exported)
+    load_pretrained(from_pt, ckpt)
+    assert not report.missing and not report.mismatched
+    for (k, a), b in zip(from_pt.state_dict().items(), from_st.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_export_refuses_other_names_and_foreign_checkpoints(tmp_path, monai_net):
+    from swinssl.engine.checkpoint import export_weights
+
+    torch.save(monai_net.state_dict(), tmp_path / "monai.pt")
+    with pytest.raises(CheckpointError, match="monai.pt: not a swinssl checkpoint"):
+        export_weights(tmp_path / "monai.pt", tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError, match="w.bin: the exported file's name must end in .safetensors"):
+        export_weights(tmp_path / "monai.pt", tmp_path / "w.bin")
+
+
+def test_pickle_named_safetensors_is_refused_and_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    path = tmp_path / "evil.safetensors"
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "extra": Payload()}, path)
+    with pytest.raises(CheckpointError, match="evil.safetensors: cannot read as safetensors"):
+        load_pretrained(SwinUNETR(feature_size=12), path)
+    assert not marker.exists()

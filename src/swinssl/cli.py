@@ -261,6 +261,24 @@ def evaluate(
     typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'summary.json'}")
 
 
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="A run directory (best.pt, else last.pt) or a swinssl checkpoint file."),
+    out: Path = typer.Option(..., "--out", "-o", help="The weights file to write, ending in .safetensors."),
+) -> None:
+    """Export a checkpoint's model weights and plan as .safetensors (no pickle inside).
+
+    The file is safe to share and to open from anywhere: predict, finetune.pretrained and
+    load_pretrained read it like the checkpoint. Optimizer and RNG state stay behind, so a
+    run cannot be resumed from it. Needs the safetensors package.
+    """
+    from swinssl.engine.checkpoint import export_weights
+
+    with _user_errors():
+        written = export_weights(model, out)
+    typer.echo(f"wrote {written}")
+
+
 @contextlib.contextmanager
 def _progress(total: int, what: str) -> Iterator:
     from tqdm import tqdm

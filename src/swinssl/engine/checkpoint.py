@@ -11,14 +11,15 @@ Format (a dict of tensors and plain data, so it loads without unpickling code)::
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from swinssl.errors import TrainingError
+from swinssl.errors import CheckpointError, TrainingError
 from swinssl.nn.load import read_checkpoint
-from swinssl.utils import atomic_path
+from swinssl.utils import atomic_path, writable_dir
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -54,3 +55,29 @@ def restore_rng(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def export_weights(source: str | Path, out: str | Path) -> Path:
+    """Write the model weights of a checkpoint (or run directory) as ``.safetensors``: tensors
+    and a JSON plan only, so the file can be shared and loaded without any pickle. ``predict``,
+    ``load_pretrained`` and ``finetune.pretrained`` read it like the checkpoint itself."""
+    from swinssl.infer import resolve_checkpoint
+
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise CheckpointError("swinssl export needs the safetensors package (pip install safetensors)") from None
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise CheckpointError(f"{out}: the exported file's name must end in .safetensors")
+    path = resolve_checkpoint(source)
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") != "swinssl" or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path}: not a swinssl checkpoint (export reads pretrain and finetune checkpoints)")
+    weights = ckpt["model"]
+    meta = {"format": "swinssl", "version": str(ckpt.get("version")), "kind": str(ckpt.get("kind")),
+            "step": str(ckpt.get("step", 0)), "plan": json.dumps(ckpt.get("plan", {})), "source": str(path)}
+    writable_dir(out.parent)
+    with atomic_path(out, suffix=".safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=meta)
+    return out

@@ -26,6 +26,8 @@ checkpoints carry their network config and a mismatch raises.
 
 from __future__ import annotations
 
+import json
+
 import logging
 import pickle
 from dataclasses import dataclass, field
@@ -121,6 +123,8 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -132,6 +136,29 @@ def read_checkpoint(path: str | Path) -> dict:
         ) from None
     except Exception as err:  # noqa: BLE001 - truncated zip, not a torch file, ...
         raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(err).__name__}: {str(err)[:160]})") from None
+
+
+def read_safetensors(path: Path) -> dict:
+    """An exported weights file (``swinssl export``) as a checkpoint dict: tensors only, by
+    construction, and the plan from the file's metadata."""
+    try:
+        from safetensors.torch import load_file, safe_open
+    except ImportError:
+        raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)") from None
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # noqa: BLE001 - truncated, not safetensors, ...
+        raise CheckpointError(f"{path}: cannot read as safetensors ({type(err).__name__}: {str(err)[:160]})") from None
+    ckpt: dict = {"model": tensors}
+    if meta.get("format") == "swinssl":
+        try:
+            ckpt.update(format="swinssl", version=meta.get("version"), kind=meta.get("kind"),
+                        step=int(meta.get("step", 0)), plan=json.loads(meta.get("plan", "{}")))
+        except ValueError as err:
+            raise CheckpointError(f"{path}: malformed swinssl metadata ({err})") from None
+    return ckpt
 
 
 def _tensor_dict(ckpt: Mapping, source: str) -> tuple[dict[str, torch.Tensor], str | None]:
