@@ -350,3 +350,53 @@ def test_bad_volume_in_pretraining_pipeline_error_message_names_the_file(tmp_pat
 
     assert str(path) in str(excinfo.value)
     assert "non-finite" in str(excinfo.value)
+
+
+# --- the same problems met by the training commands ---------------------------------------------
+
+TINY_TRAINING = ["model.feature_size=12", "model.depths=[1,1,1,1]", "train.num_workers=0", "train.val_fraction=0",
+                 "train.steps=2", "train.batch_size=1", "preprocess.num_crops=1", "preprocess.spacing=null"]
+
+
+def _bad_case(folder: Path, kind: str) -> Path:
+    """One CT case (image + label) with the named defect; returns the file that must be named."""
+    from conftest import body_volume, write_nifti
+
+    image, label = body_volume(modality="CT")
+    if kind == "nan voxels":
+        image[5, 5, 5] = np.nan
+    if kind == "4D image":
+        image = np.stack([image, image], axis=-1)
+    image_path = write_nifti(folder / "ct_case1.nii.gz", image)
+    if kind == "label of another shape":
+        label = label[:-2]
+    if kind == "label value 7":
+        label[0, 0, 0] = 7
+    label_path = write_nifti(folder / "ct_case1_label.nii.gz", label)
+    if kind == "truncated gzip":
+        image_path.write_bytes(image_path.read_bytes()[:200])
+    return label_path if kind.startswith("label") else image_path
+
+
+@pytest.mark.parametrize("command, kind, fragment", [
+    ("pretrain", "truncated gzip", "cannot read"),
+    ("pretrain", "nan voxels", "non-finite voxel"),
+    ("pretrain", "4D image", "4D"),
+    ("finetune", "nan voxels", "non-finite voxel"),
+    ("finetune", "label of another shape", "shape"),
+    ("finetune", "label value 7", "7"),
+])
+def test_training_commands_stop_on_a_bad_case_with_one_line_naming_it(tmp_path, command, kind, fragment):
+    bad = _bad_case(tmp_path / "data", kind)
+    config = {"pretrain": "pretrain/swin_unetr_tiny", "finetune": "finetune/tiny"}[command]
+    extra = ["preprocess.roi_size=64"] if command == "pretrain" else ["preprocess.roi_size=32", "train.val_every=100"]
+    if kind == "label value 7":  # declared classes 0..2 (a folder's classes are otherwise read from its labels)
+        extra.append("data.num_classes=3")
+    result = CliRunner().invoke(app, [command, "--config", config, f"data={tmp_path / 'data'}",
+                                      f"train.out={tmp_path / 'runs'}", "train.name=bad", *TINY_TRAINING, *extra])
+    assert result.exit_code == 3, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {bad}: "), result.output
+    assert fragment in errors[0][len(f"error: {bad}: "):], errors[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs" / "bad" / "checkpoints" / "last.pt").exists()  # no step was taken on it

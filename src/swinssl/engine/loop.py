@@ -92,50 +92,52 @@ def run_steps(fabric, model, optimizer, scheduler, batches: Iterator, loss_fn: L
     sums: dict[str, float] = {}
     count, tick, crops, skipped, in_a_row = 0, time.perf_counter(), 0, 0, 0
     metrics: dict = {}
-    for step in range(start, t.steps):
-        model.train()
-        previews: Mapping[str, torch.Tensor] = {}
-        fault, parts_seen = "", []
-        for micro in range(t.accumulate):
-            batch = next(batches)
-            with fabric.no_backward_sync(model, enabled=micro < t.accumulate - 1):
-                total, parts, previews = loss_fn(batch, step, micro)
-                if not fault and not torch.isfinite(total):
-                    detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-                    fault = f"loss is not finite ({detail})"
-                # Backward even then: every process must join the gradient all-reduce.
-                fabric.backward(total / t.accumulate)
-            crops += batch["image"].shape[0] * fabric.world_size
-            parts_seen.append({"loss": total, **parts})
-        fault = nonfinite_gradients(fabric, model, optimizer, t, fault)
-        if fault:
-            skipped, in_a_row = skipped + 1, in_a_row + 1
-            if t.on_nonfinite == "stop" or in_a_row > MAX_SKIPPED_IN_A_ROW:
-                why = fault if t.on_nonfinite == "stop" else f"{fault}, {in_a_row} steps in a row"
-                raise TrainingError(f"step {step}: {why}; the last good checkpoint is {last_checkpoint}")
-            print(f"warning: step {step} skipped: {fault}", file=sys.stderr)
-        else:
-            optimizer.step()
-            in_a_row = 0
-            for seen in parts_seen:
-                for k, v in seen.items():
-                    sums[k] = sums.get(k, 0.0) + v.item()
-                count += 1
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()  # a skipped step still advances the schedule: steps stay (seed, step) addressable
-        done = step + 1
-        if done % t.log_every == 0 or done == t.steps:
-            means = {k: v / max(count, 1) for k, v in sums.items()}
-            means = {k: float(fabric.all_reduce(torch.tensor(v), reduce_op="mean")) for k, v in means.items()}
-            rate = crops / (time.perf_counter() - tick)
-            metrics = {**means, "lr": scheduler.get_last_lr()[0], "crops_per_s": rate, "skipped_steps": skipped}
-            if logger:
-                logger.log(done, "train", metrics)
-            bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", crops_s=f"{rate:.2f}")
-            sums, count, tick, crops = {}, 0, time.perf_counter(), 0
-        after_step(done, metrics, dict(previews))
-        bar.update(1)
-    bar.close()
+    try:
+        for step in range(start, t.steps):
+            model.train()
+            previews: Mapping[str, torch.Tensor] = {}
+            fault, parts_seen = "", []
+            for micro in range(t.accumulate):
+                batch = next(batches)
+                with fabric.no_backward_sync(model, enabled=micro < t.accumulate - 1):
+                    total, parts, previews = loss_fn(batch, step, micro)
+                    if not fault and not torch.isfinite(total):
+                        detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+                        fault = f"loss is not finite ({detail})"
+                    # Backward even then: every process must join the gradient all-reduce.
+                    fabric.backward(total / t.accumulate)
+                crops += batch["image"].shape[0] * fabric.world_size
+                parts_seen.append({"loss": total, **parts})
+            fault = nonfinite_gradients(fabric, model, optimizer, t, fault)
+            if fault:
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                if t.on_nonfinite == "stop" or in_a_row > MAX_SKIPPED_IN_A_ROW:
+                    why = fault if t.on_nonfinite == "stop" else f"{fault}, {in_a_row} steps in a row"
+                    raise TrainingError(f"step {step}: {why}; the last good checkpoint is {last_checkpoint}")
+                bar.write(f"warning: step {step} skipped: {fault}", file=sys.stderr)
+            else:
+                optimizer.step()
+                in_a_row = 0
+                for seen in parts_seen:
+                    for k, v in seen.items():
+                        sums[k] = sums.get(k, 0.0) + v.item()
+                    count += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()  # a skipped step still advances the schedule: steps stay (seed, step) addressable
+            done = step + 1
+            if done % t.log_every == 0 or done == t.steps:
+                means = {k: v / max(count, 1) for k, v in sums.items()}
+                means = {k: float(fabric.all_reduce(torch.tensor(v), reduce_op="mean")) for k, v in means.items()}
+                rate = crops / (time.perf_counter() - tick)
+                metrics = {**means, "lr": scheduler.get_last_lr()[0], "crops_per_s": rate, "skipped_steps": skipped}
+                if logger:
+                    logger.log(done, "train", metrics)
+                bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", crops_s=f"{rate:.2f}")
+                sums, count, tick, crops = {}, 0, time.perf_counter(), 0
+            after_step(done, metrics, dict(previews))
+            bar.update(1)
+    finally:  # ends the bar's line, so an error message starts on its own line
+        bar.close()
 
 
 def nonfinite_gradients(fabric, model, optimizer, t: TrainConfig, fault: str) -> str:
