@@ -35,6 +35,7 @@ from swinssl.data.io import read_volume
 from swinssl.data.transforms import case_item, finetune_transforms, pretrain_transforms
 from swinssl.engine.checkpoint import restore_rng, rng_state, save_checkpoint
 from swinssl.engine.data import cache_root, crop_loader, images_of, labels_of, sample_seed
+from swinssl.engine.distributed import DistributedFaults
 from swinssl.engine.logging import MetricLogger, save_overlay
 from swinssl.engine.loop import progress_bar, run_steps, setup_fabric, warmup_cosine
 from swinssl.engine.pretrain import split_cases
@@ -165,11 +166,12 @@ def finetune(cfg: Config | None = None, resume: str | Path | None = None, overri
             checkpoint("last.pt", done, metrics)
 
     bar = progress_bar(progress and fabric.is_global_zero, start, t.steps, f"finetune {run_dir.name}")
-    run_steps(fabric, model, optimizer, scheduler, batches, losses, t, start, logger, bar, after_step,
-              run_dir / "checkpoints" / "last.pt")
-    if logger:
-        logger.close()
-    fabric.barrier()
+    with DistributedFaults(fabric, run_dir / "checkpoints" / "last.pt"):
+        run_steps(fabric, model, optimizer, scheduler, batches, losses, t, start, logger, bar, after_step,
+                  run_dir / "checkpoints" / "last.pt")
+        if logger:
+            logger.close()
+        fabric.barrier()
     return run_dir
 
 

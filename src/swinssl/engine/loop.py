@@ -10,6 +10,7 @@ checkpoints) comes in as two functions, so each stage stays a readable page.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,8 @@ def setup_fabric(t: TrainConfig, seed: int):
     """Fabric for the configured devices and precision, with this process's numerics set."""
     from lightning_fabric import Fabric
 
+    if t.deterministic:  # repeatable cuBLAS matmuls; read when CUDA starts, so set before Fabric
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy(t),
                     precision=t.precision)
     fabric.launch()
@@ -156,3 +159,4 @@ def nonfinite_gradients(fabric, model, optimizer, t: TrainConfig, fault: str) ->
         if not fault and float(elsewhere) > 0:
             fault = "non-finite values on another process"
     return fault
+

@@ -23,6 +23,7 @@ from swinssl.data.discover import Case, find_dataset
 from swinssl.data.transforms import pretrain_transforms
 from swinssl.engine.checkpoint import restore_rng, rng_state, save_checkpoint
 from swinssl.engine.data import SeededDataset, cache_root, crop_loader, images_of, sample_seed
+from swinssl.engine.distributed import DistributedFaults
 from swinssl.engine.logging import MetricLogger, save_preview
 from swinssl.engine.loop import progress_bar, run_steps, setup_fabric, warmup_cosine
 from swinssl.engine.run_dir import open_run_dir, resume_state
@@ -125,11 +126,12 @@ def pretrain(cfg: Config | None = None, resume: str | Path | None = None, overri
             checkpoint(done, metrics)
 
     bar = progress_bar(progress and fabric.is_global_zero, start, t.steps, f"pretrain {run_dir.name}")
-    run_steps(fabric, model, optimizer, scheduler, iter(loader), losses, t, start, logger, bar, after_step,
-              run_dir / "checkpoints" / "last.pt")
-    if logger:
-        logger.close()
-    fabric.barrier()
+    with DistributedFaults(fabric, run_dir / "checkpoints" / "last.pt"):
+        run_steps(fabric, model, optimizer, scheduler, iter(loader), losses, t, start, logger, bar, after_step,
+                  run_dir / "checkpoints" / "last.pt")
+        if logger:
+            logger.close()
+        fabric.barrier()
     return run_dir
 
 
