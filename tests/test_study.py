@@ -52,3 +52,41 @@ def test_unknown_study_preset_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="tiny"):
         study.run_modality_study(tmp_path, preset="huge")
+
+
+def test_data_efficiency_study_runs_every_cell_reports_and_resumes(tmp_path, monkeypatch):
+    micro = {"cases": 5, "size": 32, "ratios": [0.5, 1.0], "seeds": [0],
+             "pretrain": [*MICRO["pretrain"], "preprocess.roi_size=64"], "finetune_config": "finetune/tiny",
+             "finetune": MICRO["finetune"]}
+    monkeypatch.setitem(study.EFFICIENCY, "micro", micro)
+    report = study.run_data_efficiency_study("pretrain/swin_unetr_tiny", out=tmp_path, preset="micro", progress=False)
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["init"], r["ratio"], r["seed"]) for r in rows} == {
+        (i, r, 0) for i in ("scratch", "swin_unetr") for r in (0.5, 1.0)}
+    # 5 phantoms: 1 test case, 1 of the other 4 validates, so 3 labelled training cases; half of them is 2.
+    assert {r["ratio"]: r["train_cases"] for r in rows} == {0.5: 2, 1.0: 3}
+    assert all(0.0 <= r["dice"] <= 1.0 for r in rows)
+    text = report.read_text()
+    assert text.count("| 50% | 2 |") == 2 and text.count("| 100% | 3 |") == 2 and "Gain of `swin_unetr`" in text
+    assert "| 1 |\n" in text  # one seed per cell
+    assert (tmp_path / "dice_vs_label_ratio.png").read_bytes()[:4] == b"\x89PNG"
+    # The pre-trained fine-tunings started from the pre-training's encoder.
+    assert "pretrained: ''" in (tmp_path / "finetune_scratch_ratio050_seed0" / "config.yaml").read_text()
+    assert str(tmp_path / "pretrain") in (tmp_path / "finetune_swin_unetr_ratio050_seed0" / "config.yaml").read_text()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(study, "pretrain", refuse)
+    monkeypatch.setattr(study, "finetune", refuse)
+    monkeypatch.setattr(study, "predict", refuse)
+    study.run_data_efficiency_study("pretrain/swin_unetr_tiny", out=tmp_path, preset="micro", progress=False)
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+
+
+def test_efficiency_table_mean_and_sample_std():
+    rows = [{"init": "scratch", "ratio": 0.1, "seed": s, "dice": d, "hd95": h, "train_cases": 1}
+            for s, d, h in [(0, 0.2, 10.0), (1, 0.4, 30.0)]]
+    (cell,) = study.efficiency_table(rows)
+    assert cell["dice"] == pytest.approx((0.3, 0.1414213562))  # sqrt(((0.1)^2 + (0.1)^2) / 1)
+    assert cell["hd95"] == pytest.approx((20.0, 14.142135623))

@@ -321,6 +321,30 @@ if __name__ == "__main__":
     main()
 
 
+@study_app.command("data-efficiency")
+def study_data_efficiency(
+    config: str = typer.Option("pretrain/swin_unetr_tiny", "--config", "-c", help="Pre-training preset or YAML: its "
+                               "method is the one studied (e.g. pretrain/swinmm_tiny)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Labelled dataset with labelled test cases "
+                                        "[default: phantoms written into OUT/data]."),
+    out: Path = typer.Option(Path("runs/study_data_efficiency"), "--out", "-o", help="Folder for the runs and report."),
+    preset: str = typer.Option("tiny", "--preset", help="Study size: tiny (CPU, about 30 min) or full (GPU)."),
+    ratios: Optional[List[float]] = typer.Option(None, "--ratio", help="Label ratio (repeat) [default: 0.1 0.3 0.5 1]."),
+    seeds: Optional[List[int]] = typer.Option(None, "--seed", help="Seed (repeat) [default: the preset's]."),
+) -> None:
+    """Label efficiency (Swin UNETR Fig. 7, SwinMM Table 5): pre-train once, fine-tune from it and
+    from scratch at each label ratio and seed, test all on the same held-out cases.
+
+    Writes report.md (mean +- std Dice and HD95 per ratio and init), results.json and
+    dice_vs_label_ratio.png; finished runs are reused when run again."""
+    from swinssl.study import run_data_efficiency_study
+
+    with _user_errors():
+        report = run_data_efficiency_study(config, data, out, preset=preset, ratios=ratios or None,
+                                           seeds=seeds or None)
+    typer.echo(report.read_text())
+
+
 @study_app.command("modality")
 def study_modality(
     out: Path = typer.Option(Path("runs/study_modality"), "--out", "-o", help="Folder for the data, runs and report."),

@@ -1,5 +1,10 @@
 """Studies that check the papers' claims on small data, one command each (``swinssl study ...``).
 
+``data-efficiency``: the label-efficiency claim (Swin UNETR Fig. 7, SwinMM Table 5). Pre-train
+once (the method of a pre-training config), then fine-tune from those weights and from scratch
+on seeded, nested subsets of the labelled cases (label ratios x seeds) and test every model on
+the same held-out test cases: mean +- std Dice and HD95 per ratio and init, and a plot.
+
 ``modality``: the out-of-modality comparison of SwinFUSE (Table 2). Pre-train each method on
 the same mixed CT + MRI training volumes, fine-tune from each pre-training (and from scratch)
 on CT and, separately, on MRI, then evaluate every model on the held-out test cases of both
@@ -46,12 +51,38 @@ PRESETS = {
 }
 MODALITIES = {"CT": "dataset.json", "MRI": "dataset_mri.json"}
 
+EFFICIENCY = {
+    "tiny": {  # about 30 minutes on 2 CPU cores: 1 pre-training + 16 short fine-tunings
+        "cases": 12,  # phantoms; 3 are test cases, 2 of the other 9 validate the fine-tunings
+        "size": 64,
+        "ratios": [0.1, 0.3, 0.5, 1.0],
+        "seeds": [0, 1],
+        "pretrain": [
+            "model.depths=[1,1,1,1]", "preprocess.roi_size=64", "preprocess.num_crops=1", "preprocess.spacing=null",
+            "train.steps=60", "train.warmup_steps=6", "train.lr=1e-3", "train.val_every=30",
+            "train.preview_every=30", "train.checkpoint_every=30", "train.log_every=5",
+        ],
+        "finetune_config": "finetune/tiny",
+        "finetune": [
+            "model.depths=[1,1,1,1]", "preprocess.roi_size=32", "train.steps=60", "train.warmup_steps=5",
+            "train.lr=2e-3", "train.val_every=60", "train.checkpoint_every=60", "train.log_every=10",
+        ],
+    },
+    "full": {  # a GPU: paper-size networks, your dataset (data=...) with labelled test cases
+        "cases": 40,
+        "size": 96,
+        "ratios": [0.1, 0.3, 0.5, 1.0],
+        "seeds": [0, 1, 2],
+        "pretrain": ["train.steps=20000", "train.val_every=1000", "train.checkpoint_every=1000"],
+        "finetune_config": "finetune/ct",
+        "finetune": ["train.steps=5000", "train.val_every=500", "train.checkpoint_every=500"],
+    },
+}
+
 
 def run_modality_study(out: str | Path = "runs/study_modality", preset: str = "tiny", progress: bool = True) -> Path:
     """Run (or finish) the out-of-modality study into ``out``; returns its ``report.md``."""
-    if preset not in PRESETS:
-        raise ConfigError(f"study preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    p = PRESETS[preset]
+    p = _preset(PRESETS, preset)
     out = Path(out)
     data = out / "data"
     if not (data / MODALITIES["MRI"]).is_file():
@@ -79,6 +110,127 @@ def run_modality_study(out: str | Path = "runs/study_modality", preset: str = "t
     report = out / "report.md"
     atomic_write_text(report, modality_report(rows, p, out))
     return report
+
+
+def run_data_efficiency_study(config: str | Path = "pretrain/swin_unetr_tiny", data: str | Path | None = None,
+                              out: str | Path = "runs/study_data_efficiency", preset: str = "tiny",
+                              ratios: list[float] | None = None, seeds: list[int] | None = None,
+                              progress: bool = True) -> Path:
+    """Run (or finish) the data-efficiency study into ``out``; returns its ``report.md``.
+
+    ``data``: a labelled dataset whose test cases have labels (default: phantoms written into
+    ``out/data``). ``config``: the pre-training preset or YAML (its method is the one studied).
+    """
+    p = _preset(EFFICIENCY, preset)
+    ratios, seeds = ratios or p["ratios"], seeds if seeds is not None else p["seeds"]
+    if not ratios or any(not 0 < r <= 1 for r in ratios) or not seeds:
+        raise ConfigError(f"label ratios must be in (0, 1] and seeds non-empty, got ratios {ratios}, seeds {seeds}")
+    out = Path(out)
+    if data is None:
+        data = out / "data" / "dataset.json"
+        if not data.is_file():
+            write_phantom_dataset(data.parent, cases=p["cases"], size=p["size"], seed=0)
+    if not find_dataset(data).split("test"):
+        raise ConfigError(f"{data}: no test cases to evaluate on (the study needs a labelled test split)")
+    cfg = load_config(config, [f"data={data}", f"train.out={out}", "train.name=pretrain", *p["pretrain"]])
+    method, pre_run = cfg.method.name, _train(pretrain, cfg, progress)
+    rows = []
+    for ratio in ratios:
+        for seed in seeds:
+            for init in ("scratch", method):
+                name = f"{init}_ratio{round(ratio * 100):03d}_seed{seed}"
+                extra = [f"finetune.pretrained={pre_run}"] if init == method else []
+                ft = load_config(p["finetune_config"], [f"data={data}", f"train.out={out}", f"train.name=finetune_{name}",
+                                                        f"finetune.label_ratio={ratio}", f"seed={seed}", *p["finetune"],
+                                                        *extra])
+                run = _train(finetune, ft, progress)
+                summary = _evaluate(run, Path(data), out / f"predictions_{name}", progress)
+                rows.append({"init": init, "ratio": ratio, "seed": seed, "dice": summary["mean"]["dice"],
+                             "hd95": summary["mean"]["hd95"], "train_cases": _train_cases(run)})
+    atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
+    plot_efficiency(rows, out / "dice_vs_label_ratio.png")
+    report = out / "report.md"
+    atomic_write_text(report, efficiency_report(rows, method, data, out))
+    return report
+
+
+def _preset(presets: dict, name: str) -> dict:
+    if name not in presets:
+        raise ConfigError(f"study preset {name!r}: choose one of {', '.join(presets)}")
+    return presets[name]
+
+
+def _train_cases(run: Path) -> int:
+    manifest = json.loads((run / "manifest.json").read_text())
+    return len(manifest["train"])
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    m = sum(values) / len(values)
+    var = sum((v - m) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return m, var**0.5
+
+
+def efficiency_table(rows: list[dict]) -> list[dict]:
+    """One row per (ratio, init): mean +- std over seeds of Dice and HD95, and the cases used."""
+    table = []
+    for ratio in sorted({r["ratio"] for r in rows}):
+        for init in dict.fromkeys(r["init"] for r in rows):
+            cell = [r for r in rows if r["ratio"] == ratio and r["init"] == init]
+            dice, hd95 = mean_std([r["dice"] for r in cell]), mean_std([r["hd95"] for r in cell])
+            table.append({"ratio": ratio, "init": init, "dice": dice, "hd95": hd95, "seeds": len(cell),
+                          "train_cases": sorted({r["train_cases"] for r in cell})})
+    return table
+
+
+def efficiency_report(rows: list[dict], method: str, data: str | Path, out: Path) -> str:
+    table = efficiency_table(rows)
+    lines = [
+        "# Data-efficiency study",
+        "",
+        f"Pre-training: `{method}` on the training images of `{data}` (never its test cases). Each fine-tuning "
+        "uses a seeded, nested share of the labelled training cases; every model is tested on the same held-out "
+        "test cases (mean Dice over the foreground classes, HD95 in mm; mean +- std over seeds).",
+        "",
+        "| label ratio | training cases | init | Dice | HD95 | seeds |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for t in table:
+        cases = "/".join(map(str, t["train_cases"]))
+        lines.append(f"| {t['ratio']:.0%} | {cases} | {t['init']} | {t['dice'][0]:.3f} +- {t['dice'][1]:.3f} | "
+                     f"{t['hd95'][0]:.1f} +- {t['hd95'][1]:.1f} | {t['seeds']} |")
+    lines += ["", f"Gain of `{method}` over scratch in mean Dice, per ratio:", ""]
+    for ratio in sorted({t["ratio"] for t in table}):
+        by_init = {t["init"]: t["dice"][0] for t in table if t["ratio"] == ratio}
+        lines.append(f"- {ratio:.0%}: {by_init[method] - by_init['scratch']:+.3f}")
+    lines += ["", "Plot: `dice_vs_label_ratio.png`. Reproduce: `swinssl study data-efficiency --out " + str(out) + "`",
+              ""]
+    return "\n".join(lines)
+
+
+def plot_efficiency(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from swinssl.utils import atomic_path
+
+    table = efficiency_table(rows)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for init in dict.fromkeys(t["init"] for t in table):
+        cells = [t for t in table if t["init"] == init]
+        ax.errorbar([100 * t["ratio"] for t in cells], [t["dice"][0] for t in cells],
+                    yerr=[t["dice"][1] for t in cells], marker="o", capsize=3, label=init)
+    ax.set_xlabel("labelled training cases (%)")
+    ax.set_ylabel("test mean Dice")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
 
 
 def _train(stage, cfg, progress: bool) -> Path:
