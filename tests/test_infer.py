@@ -218,6 +218,34 @@ def test_fused_views_average_the_softmax_of_the_three_axis_orders():
     assert (fused - plain).abs().max() > 0.1
 
 
+def test_single_view_predicts_the_permuted_window_mapped_back():
+    from swinssl.ssl.views import PERMUTATIONS, permute, unpermute
+
+    x = torch.zeros(1, 1, 16, 16, 16)
+    views = {name: predict_volume(RampNet(), x[0], (16, 16, 16), view=name) for name in PERMUTATIONS}
+    for name, order in PERMUTATIONS.items():
+        expected = torch.softmax(unpermute(RampNet()(permute(x, order)), order), 1)[0]
+        torch.testing.assert_close(views[name], expected, atol=1e-5, rtol=0)
+    assert (views["swap_xy"] - views["identity"]).abs().max() > 0.1  # the orders do differ for this model
+    fused = predict_volume(RampNet(), x[0], (16, 16, 16), fuse=True)
+    torch.testing.assert_close(fused, sum(views.values()) / 3, atol=1e-5, rtol=0)
+
+
+def test_single_view_of_a_multiview_model_pairs_it_with_the_next_order():
+    from swinssl.nn.multiview import MultiViewSwinUNETR
+    from swinssl.ssl.views import PERMUTATIONS
+
+    torch.manual_seed(0)
+    model = MultiViewSwinUNETR(in_channels=1, out_channels=2, feature_size=12, depths=(1, 1, 1, 1)).eval()
+    x = torch.rand(1, 1, 32, 32, 32)
+    orders = list(PERMUTATIONS.values())
+    with torch.no_grad():
+        for i, name in enumerate(PERMUTATIONS):
+            got = predict_volume(model, x[0], (32, 32, 32), view=name)
+            expected = torch.softmax(model(x, orders=(orders[i], orders[(i + 1) % 3]))[0], 1)[0]
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
 def test_swin_unetr_probabilities_for_an_input_smaller_than_the_roi(tiny_checkpoint):
     model, _ = load_model(tiny_checkpoint)
     probs = predict_volume(model, torch.rand(1, 10, 12, 9), (32, 32, 32))

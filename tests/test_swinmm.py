@@ -252,7 +252,7 @@ def test_multiview_finetuning_predicts_fused_by_default_and_single_on_request(tm
     model, plan = load_model(run)
     assert isinstance(model, MultiViewSwinUNETR) and plan["network"]["multiview"] is True
     test_image = phantoms.parent / "imagesTs" / "phantom_004_ct.nii.gz"
-    for views, fuse in (("fused", None), ("single", False)):
+    for views, fuse in (("fused", None), ("identity", False)):  # single: the identity order
         out = tmp_path / views
         [mask] = predict(run, test_image, out, fuse=fuse, progress=False)
         assert mask.is_file()

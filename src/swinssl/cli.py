@@ -206,8 +206,9 @@ def predict(
     overlap: float = typer.Option(0.5, "--overlap", help="Sliding-window overlap (Gaussian blending)."),
     sw_batch_size: int = typer.Option(1, "--sw-batch-size", help="Windows per forward pass."),
     flips: bool = typer.Option(False, "--flips", help="Test-time augmentation: average over the 8 axis flips."),
-    views: str = typer.Option("auto", "--views", help="single, fused (softmax of the three axis orders averaged), or "
-                              "auto: fused for SwinMM multi-view models, else single."),
+    views: str = typer.Option("auto", "--views", help="single (the identity axis order), fused (softmax of the "
+                              "three axis orders averaged), one order (identity, swap_xy, swap_xz), or auto: fused "
+                              "for SwinMM multi-view models, else single."),
     output_format: str = typer.Option("nifti", "--format", help="nifti, or 'same' to write NRRD for NRRD inputs."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
 ) -> None:
@@ -224,11 +225,13 @@ def predict(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     with _user_errors():
-        if views not in ("auto", "single", "fused"):
-            raise ConfigError(f"--views must be one of auto, single, fused, got {views!r}")
+        allowed = ("auto", "single", "fused", "identity", "swap_xy", "swap_xz")
+        if views not in allowed:
+            raise ConfigError(f"--views must be one of {', '.join(allowed)}, got {views!r}")
         fuse = None if views == "auto" else views == "fused"
+        view = views if views in ("identity", "swap_xy", "swap_xz") else "identity"
         written = run(model, inputs, out, roi_size=roi, overlap=overlap, sw_batch_size=sw_batch_size, flips=flips,
-                      output_format=output_format, device=device, fuse=fuse)
+                      output_format=output_format, device=device, fuse=fuse, view=view)
     typer.echo(f"wrote {len(written)} masks to {out}")
 
 

@@ -48,6 +48,7 @@ from swinssl.errors import CheckpointError, ConfigError, DataError, SwinsslError
 from swinssl.nn.load import filter_swinssl, read_checkpoint
 from swinssl.nn.multiview import window_predictor
 from swinssl.nn.swin_unetr import SwinUNETR, build_network
+from swinssl.ssl.views import PERMUTATIONS
 from swinssl.utils import atomic_path, atomic_write_text, writable_dir
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ def predict_volume(
     mode: str = "gaussian",
     flips: bool = False,
     fuse: bool = False,
+    view: str = "identity",
 ) -> torch.Tensor:
     """Softmax probabilities ``(C, X, Y, Z)`` (float32, CPU) for one preprocessed image ``(C_in, X, Y, Z)``.
 
@@ -197,15 +199,15 @@ def predict_volume(
     pipeline's output), so a large volume does not have to fit in GPU memory at once.
     ``flips``: average the softmax over the 8 flips of the spatial axes (flip, predict, flip back).
     ``fuse``: multi-view fusion, the softmax of the three axis orders of every window
-    averaged (``swinssl.nn.multiview.window_predictor``); for a SwinMM multi-view model without
-    it, its identity view.
+    averaged (``swinssl.nn.multiview.window_predictor``); without it, the one axis order
+    ``view`` (``identity``, ``swap_xy``, ``swap_xz``: window permuted, predicted, mapped back).
     """
     if image.ndim != 4:
         raise ValueError(f"expected one image (C, X, Y, Z), got shape {tuple(image.shape)}")
     chosen = flip_views() if flips else [flip_view(())]
     x = (image.as_tensor() if isinstance(image, MetaTensor) else image).float().unsqueeze(0)
     device = _device_of(model)
-    predictor = window_predictor(model, fuse)
+    predictor = window_predictor(model, fuse, view)
     total: torch.Tensor | None = None
     with torch.no_grad():
         for view in chosen:
@@ -237,13 +239,14 @@ def predict_case(
     flips: bool = False,
     mode: str = "gaussian",
     fuse: bool | None = None,
+    view: str = "identity",
 ) -> MetaTensor:
     """Integer mask ``(1, X, Y, Z)`` for one case, in the input file's geometry.
 
     The result has the input's spatial shape and ``.affine`` (orientation included); its dtype
     is uint8 (int32 beyond 256 classes). ``roi_size`` defaults to the plan's training crop.
     ``fuse``: multi-view fusion (``predict_volume``); ``None`` uses the plan's default
-    (``plan_fuses``: on for SwinMM multi-view models).
+    (``plan_fuses``: on for SwinMM multi-view models); ``view``: the axis order without fusion.
     Raises ``DataError`` naming the file for unreadable or invalid inputs.
     """
     cfg = preprocess_of(plan)
@@ -257,7 +260,8 @@ def predict_case(
         labels = torch.zeros((1, *image.shape[1:]))
     else:
         fused = plan_fuses(plan) if fuse is None else fuse
-        probs = predict_volume(model, image, roi_size or cfg.roi_size, overlap, sw_batch_size, mode, flips, fused)
+        probs = predict_volume(model, image, roi_size or cfg.roi_size, overlap, sw_batch_size, mode, flips, fused,
+                               view)
         num_classes = probs.shape[0]
         labels = probs.argmax(dim=0, keepdim=True).float()
     mask = invert(pipeline, data, labels, nearest=True)
@@ -404,6 +408,7 @@ def predict(
     device: str | torch.device = "cpu",
     progress: bool = True,
     fuse: bool | None = None,
+    view: str = "identity",
 ) -> list[Path]:
     """Predict a mask for every case in ``inputs`` and write it to ``out_dir``; returns the written files.
 
@@ -414,6 +419,7 @@ def predict(
     read are reported (one warning line each) and skipped; ``DataError`` if no mask was written.
     ``out_dir/predictions.json`` lists input -> output, the checkpoint and the options.
     ``fuse``: multi-view fusion of the three axis orders; ``None``: the model's default (``plan_fuses``).
+    ``view``: without fusion, the axis order predicted (``identity``, ``swap_xy``, ``swap_xz``).
     """
     if output_format not in ("nifti", "same"):
         raise ConfigError(f"output_format must be one of nifti, same, got {output_format!r}")
@@ -422,6 +428,8 @@ def predict(
     model, plan = load_model(checkpoint, device)
     roi = _roi(roi_size, plan)
     fuse = plan_fuses(plan) if fuse is None else fuse
+    if view not in PERMUTATIONS:
+        raise ConfigError(f"view {view!r}: choose one of {', '.join(PERMUTATIONS)}")
     cases, failed = collect_cases(inputs)
     for source, reason in failed.items():
         log.warning("skipped %s", reason if reason.startswith(source) else f"{source}: {reason}")
@@ -429,7 +437,7 @@ def predict(
     for case, name in tqdm(list(zip(cases, output_names(cases))), desc="predict", unit="case", disable=not progress):
         source = case.images[0]
         try:
-            mask = predict_case(model, plan, case, roi, overlap, sw_batch_size, flips, fuse=fuse)
+            mask = predict_case(model, plan, case, roi, overlap, sw_batch_size, flips, fuse=fuse, view=view)
         except SwinsslError as err:
             failed[str(source)] = str(err)
             log.warning("skipped %s", err)
@@ -440,7 +448,7 @@ def predict(
         reasons = "; ".join(list(failed.values())[:3]) or "no cases found"
         raise DataError(f"{_describe(inputs)}: no mask written ({len(failed)} input(s) failed: {reasons})")
     options = {"roi_size": list(roi), "overlap": overlap, "sw_batch_size": sw_batch_size, "mode": "gaussian",
-               "flips": flips, "views": "fused" if fuse else "single", "output_format": output_format, "device": str(device)}
+               "flips": flips, "views": "fused" if fuse else view, "output_format": output_format, "device": str(device)}
     _write_record(out_dir, model_source, checkpoint, plan, options, written, failed)
     log.info("wrote %d mask(s) to %s; %d input(s) skipped", len(written), out_dir, len(failed))
     return [Path(p) for p in written.values()]
