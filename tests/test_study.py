@@ -90,3 +90,36 @@ def test_efficiency_table_mean_and_sample_std():
     (cell,) = study.efficiency_table(rows)
     assert cell["dice"] == pytest.approx((0.3, 0.1414213562))  # sqrt(((0.1)^2 + (0.1)^2) / 1)
     assert cell["hd95"] == pytest.approx((20.0, 14.142135623))
+
+
+def test_views_study_tests_every_view_of_both_models_and_resumes(tmp_path, monkeypatch):
+    micro = {"cases": 4, "size": 32, "seeds": [0],
+             "models": {"swinmm": "finetune/swinmm_tiny", "swinunetr": "finetune/tiny"}, "finetune": MICRO["finetune"]}
+    monkeypatch.setitem(study.VIEWS, "micro", micro)
+    calls = []
+    real_predict = study.predict
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["fuse"], kwargs["view"]))
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(study, "predict", spy)
+    report = study.run_views_study(out=tmp_path, preset="micro", progress=False)
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["model"], r["view"]) for r in rows} == {
+        (m, v) for m in ("swinmm", "swinunetr") for v in ("identity", "swap_xy", "swap_xz", "fused")}
+    assert sorted(calls) == sorted([(False, "identity"), (False, "swap_xy"), (False, "swap_xz"), (True, "identity")] * 2)
+    text = report.read_text()
+    assert text.count("| swinmm |") == 4 and "Fused minus the mean of the single views" in text
+    assert (tmp_path / "dice_by_view.png").read_bytes()[:4] == b"\x89PNG"
+    from swinssl.engine.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "finetune_swinmm_seed0" / "checkpoints" / "last.pt")["plan"]["network"]["multiview"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(study, "finetune", refuse)
+    monkeypatch.setattr(study, "predict", refuse)
+    study.run_views_study(out=tmp_path, preset="micro", progress=False)
+    assert json.loads((tmp_path / "results.json").read_text()) == rows

@@ -348,6 +348,28 @@ def study_data_efficiency(
     typer.echo(report.read_text())
 
 
+@study_app.command("views")
+def study_views(
+    data: Optional[Path] = typer.Option(None, "--data", help="Labelled dataset with labelled test cases "
+                                        "[default: phantoms written into OUT/data]."),
+    out: Path = typer.Option(Path("runs/study_views"), "--out", "-o", help="Folder for the runs and report."),
+    preset: str = typer.Option("tiny", "--preset", help="Study size: tiny (CPU, about 25 min) or full (GPU)."),
+    seeds: Optional[List[int]] = typer.Option(None, "--seed", help="Seed (repeat) [default: the preset's]."),
+    pretrained: str = typer.Option("", "--pretrained", help="Start both models from these weights (a pre-training "
+                                   "run or checkpoint) [default: scratch]."),
+) -> None:
+    """Single views vs fused (SwinMM Table 3): fine-tune a SwinMM multi-view model and a plain
+    SwinUNETR, test each through the identity, swap_xy and swap_xz axis orders and fused.
+
+    Writes report.md (mean +- std Dice and HD95 per model and view), results.json and
+    dice_by_view.png; finished runs are reused when run again."""
+    from swinssl.study import run_views_study
+
+    with _user_errors():
+        report = run_views_study(data, out, preset=preset, seeds=seeds or None, pretrained=pretrained)
+    typer.echo(report.read_text())
+
+
 @study_app.command("modality")
 def study_modality(
     out: Path = typer.Option(Path("runs/study_modality"), "--out", "-o", help="Folder for the data, runs and report."),

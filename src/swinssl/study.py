@@ -5,6 +5,11 @@ once (the method of a pre-training config), then fine-tune from those weights an
 on seeded, nested subsets of the labelled cases (label ratios x seeds) and test every model on
 the same held-out test cases: mean +- std Dice and HD95 per ratio and init, and a plot.
 
+``views``: the multi-view claim (SwinMM Table 3). Fine-tune a SwinMM multi-view model and a
+plain SwinUNETR on the same cases, then test each through every single axis order and fused
+(the softmax of the three orders averaged; for the plain model, an ensemble of permuted
+inputs, the tables' "Fuse" row).
+
 ``modality``: the out-of-modality comparison of SwinFUSE (Table 2). Pre-train each method on
 the same mixed CT + MRI training volumes, fine-tune from each pre-training (and from scratch)
 on CT and, separately, on MRI, then evaluate every model on the held-out test cases of both
@@ -112,6 +117,91 @@ def run_modality_study(out: str | Path = "runs/study_modality", preset: str = "t
     return report
 
 
+VIEWS = {
+    "tiny": {  # about 25 minutes on 2 CPU cores
+        "cases": 10,  # phantoms; 2 are test cases
+        "size": 64,
+        "seeds": [0],
+        "models": {"swinmm": "finetune/swinmm_tiny", "swinunetr": "finetune/tiny"},
+        "finetune": ["model.depths=[1,1,1,1]", "preprocess.roi_size=32", "train.steps=160", "train.lr=2e-3",
+                     "train.val_every=80", "train.checkpoint_every=80", "train.log_every=10"],
+    },
+    "full": {  # a GPU, your dataset
+        "cases": 40,
+        "size": 96,
+        "seeds": [0, 1, 2],
+        "models": {"swinmm": "finetune/swinmm", "swinunetr": "finetune/ct"},
+        "finetune": ["train.steps=5000", "train.val_every=500", "train.checkpoint_every=500"],
+    },
+}
+VIEW_SETTINGS = ("identity", "swap_xy", "swap_xz", "fused")
+
+
+def run_views_study(data: str | Path | None = None, out: str | Path = "runs/study_views", preset: str = "tiny",
+                    seeds: list[int] | None = None, pretrained: str | Path = "", progress: bool = True) -> Path:
+    """Run (or finish) the single-view vs fused study into ``out``; returns its ``report.md``.
+
+    ``pretrained``: start both models from these weights (default: scratch).
+    """
+    p = _preset(VIEWS, preset)
+    seeds = seeds if seeds is not None else p["seeds"]
+    out = Path(out)
+    data = _study_data(data, out, p)
+    extra = [f"finetune.pretrained={pretrained}"] if pretrained else []
+    rows = []
+    for model, config in p["models"].items():
+        for seed in seeds:
+            cfg = load_config(config, [f"data={data}", f"train.out={out}", f"train.name=finetune_{model}_seed{seed}",
+                                       f"seed={seed}", *p["finetune"], *extra])
+            run = _train(finetune, cfg, progress)
+            for view in VIEW_SETTINGS:
+                summary = _evaluate(run, data, out / f"predictions_{model}_seed{seed}_{view}", progress, view)
+                rows.append({"model": model, "seed": seed, "view": view, "dice": summary["mean"]["dice"],
+                             "hd95": summary["mean"]["hd95"]})
+    atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
+    _plot_rows(rows, "model", "view", out / "dice_by_view.png", "test mean Dice")
+    report = out / "report.md"
+    atomic_write_text(report, views_report(rows, data, out))
+    return report
+
+
+def views_report(rows: list[dict], data: str | Path, out: Path) -> str:
+    lines = [
+        "# Single-view vs fused prediction",
+        "",
+        f"Both models fine-tuned on the same cases of `{data}`, tested on its held-out test cases through each axis "
+        "order (identity, swap_xy, swap_xz) and fused (the softmax of the three averaged). Mean Dice over the "
+        "foreground classes, HD95 in mm; mean +- std over seeds.",
+        "",
+        "| model | view | Dice | HD95 | seeds |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for view in VIEW_SETTINGS:
+            cell = [r for r in rows if r["model"] == model and r["view"] == view]
+            dice, hd95 = mean_std([r["dice"] for r in cell]), mean_std([r["hd95"] for r in cell])
+            lines.append(f"| {model} | {view} | {dice[0]:.3f} +- {dice[1]:.3f} | {hd95[0]:.1f} +- {hd95[1]:.1f} | "
+                         f"{len(cell)} |")
+    lines += ["", "Fused minus the mean of the single views, mean Dice:", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        single = [r["dice"] for r in rows if r["model"] == model and r["view"] != "fused"]
+        fused = [r["dice"] for r in rows if r["model"] == model and r["view"] == "fused"]
+        lines.append(f"- {model}: {sum(fused) / len(fused) - sum(single) / len(single):+.3f}")
+    lines += ["", f"Plot: `dice_by_view.png`. Reproduce: `swinssl study views --out {out}`", ""]
+    return "\n".join(lines)
+
+
+def _study_data(data: str | Path | None, out: Path, p: dict) -> Path:
+    """The study's dataset: ``data``, or phantoms written once into ``out/data``; it must have test cases."""
+    if data is None:
+        data = out / "data" / "dataset.json"
+        if not data.is_file():
+            write_phantom_dataset(data.parent, cases=p["cases"], size=p["size"], seed=0)
+    if not find_dataset(data).split("test"):
+        raise ConfigError(f"{data}: no test cases to evaluate on (the study needs a labelled test split)")
+    return Path(data)
+
+
 def run_data_efficiency_study(config: str | Path = "pretrain/swin_unetr_tiny", data: str | Path | None = None,
                               out: str | Path = "runs/study_data_efficiency", preset: str = "tiny",
                               ratios: list[float] | None = None, seeds: list[int] | None = None,
@@ -126,12 +216,7 @@ def run_data_efficiency_study(config: str | Path = "pretrain/swin_unetr_tiny", d
     if not ratios or any(not 0 < r <= 1 for r in ratios) or not seeds:
         raise ConfigError(f"label ratios must be in (0, 1] and seeds non-empty, got ratios {ratios}, seeds {seeds}")
     out = Path(out)
-    if data is None:
-        data = out / "data" / "dataset.json"
-        if not data.is_file():
-            write_phantom_dataset(data.parent, cases=p["cases"], size=p["size"], seed=0)
-    if not find_dataset(data).split("test"):
-        raise ConfigError(f"{data}: no test cases to evaluate on (the study needs a labelled test split)")
+    data = _study_data(data, out, p)
     cfg = load_config(config, [f"data={data}", f"train.out={out}", "train.name=pretrain", *p["pretrain"]])
     method, pre_run = cfg.method.name, _train(pretrain, cfg, progress)
     rows = []
@@ -144,7 +229,7 @@ def run_data_efficiency_study(config: str | Path = "pretrain/swin_unetr_tiny", d
                                                         f"finetune.label_ratio={ratio}", f"seed={seed}", *p["finetune"],
                                                         *extra])
                 run = _train(finetune, ft, progress)
-                summary = _evaluate(run, Path(data), out / f"predictions_{name}", progress)
+                summary = _evaluate(run, data, out / f"predictions_{name}", progress)
                 rows.append({"init": init, "ratio": ratio, "seed": seed, "dice": summary["mean"]["dice"],
                              "hd95": summary["mean"]["hd95"], "train_cases": _train_cases(run)})
     atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
@@ -210,6 +295,22 @@ def efficiency_report(rows: list[dict], method: str, data: str | Path, out: Path
 
 
 def plot_efficiency(rows: list[dict], path: Path) -> None:
+    """Dice against label ratio, one line per init, error bars = std over seeds."""
+    points = [{"init": t["init"], "ratio": 100 * t["ratio"], "dice": t["dice"]} for t in efficiency_table(rows)]
+    _plot(points, "init", "ratio", path, "labelled training cases (%)", "test mean Dice")
+
+
+def _plot_rows(rows: list[dict], series: str, x: str, path: Path, ylabel: str) -> None:
+    """Mean +- std of ``dice`` over seeds per (series, x), as lines with error bars."""
+    points = []
+    for name in dict.fromkeys(r[series] for r in rows):
+        for value in dict.fromkeys(r[x] for r in rows):
+            cell = [r["dice"] for r in rows if r[series] == name and r[x] == value]
+            points.append({series: name, x: value, "dice": mean_std(cell)})
+    _plot(points, series, x, path, x, ylabel)
+
+
+def _plot(points: list[dict], series: str, x: str, path: Path, xlabel: str, ylabel: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,14 +318,13 @@ def plot_efficiency(rows: list[dict], path: Path) -> None:
 
     from swinssl.utils import atomic_path
 
-    table = efficiency_table(rows)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for init in dict.fromkeys(t["init"] for t in table):
-        cells = [t for t in table if t["init"] == init]
-        ax.errorbar([100 * t["ratio"] for t in cells], [t["dice"][0] for t in cells],
-                    yerr=[t["dice"][1] for t in cells], marker="o", capsize=3, label=init)
-    ax.set_xlabel("labelled training cases (%)")
-    ax.set_ylabel("test mean Dice")
+    for name in dict.fromkeys(p[series] for p in points):
+        mine = [p for p in points if p[series] == name]
+        ax.errorbar([p[x] for p in mine], [p["dice"][0] for p in mine], yerr=[p["dice"][1] for p in mine],
+                    marker="o", capsize=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -246,12 +346,15 @@ def _train(stage, cfg, progress: bool) -> Path:
     return stage(cfg, progress=progress)
 
 
-def _evaluate(run: Path, dataset: Path, pred_dir: Path, progress: bool) -> dict:
+def _evaluate(run: Path, dataset: Path, pred_dir: Path, progress: bool, view: str | None = None) -> dict:
+    """Predict the test cases of ``dataset`` (with ``view``: one axis order or ``fused``; default the
+    model's own) and evaluate them; reused when already done."""
     summary_file = pred_dir / "summary.json"
     if summary_file.is_file():
         return json.loads(summary_file.read_text())
     images = [c.images[0] for c in find_dataset(dataset).split("test")]
-    predict(run, images, pred_dir, progress=progress)
+    fuse = None if view is None else view == "fused"
+    predict(run, images, pred_dir, progress=progress, fuse=fuse, view=view if view in VIEW_SETTINGS[:3] else "identity")
     return evaluate(pred_dir, dataset, out_dir=pred_dir, split="test")
 
 
