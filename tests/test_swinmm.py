@@ -112,6 +112,19 @@ def test_mutual_loss_is_zero_for_consistent_reconstructions_and_positive_otherwi
     assert mutual_loss([agreeing[0], other], views["mask"]).item() == pytest.approx(0.25)
 
 
+def test_mutual_loss_pulls_the_permuted_view_towards_the_held_unpermuted_one():
+    mask = torch.zeros(1, 1, 4, 4, 4, dtype=torch.bool)
+    mask[..., :2] = True  # 32 hidden voxels
+    reference = torch.zeros(1, 1, 4, 4, 4, requires_grad=True)
+    permuted = torch.ones(1, 1, 4, 4, 4, requires_grad=True)
+    loss = mutual_loss([reference, permuted], mask)
+    assert loss.item() == pytest.approx(1.0)  # mean of (1 - 0)^2 over the hidden voxels
+    loss.backward()
+    assert reference.grad is None or not reference.grad.any()  # the un-permuted view is the reference
+    expected = torch.where(mask, 2.0 / 32, 0.0)  # d/dr mean((r - 0)^2) over 32 voxels
+    torch.testing.assert_close(permuted.grad, expected)
+
+
 def test_symmetric_kl_hand_case():
     # One voxel, two classes: p = (0.8, 0.2), q = (0.4, 0.6).
     p, q = torch.tensor([0.8, 0.2]), torch.tensor([0.4, 0.6])
