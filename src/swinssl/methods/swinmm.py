@@ -8,8 +8,8 @@ of Swin UNETR SSL (``swin_unetr.SSLModel``). Tasks:
 * ``inpaint``: MSE on the masked voxels against the unmasked view (per-sample z-scored
   with ``method.zscore_target``);
 * ``rotate``: 4-way cross-entropy; ``contrast``: NT-Xent between the two views;
-* ``mutual``: both reconstructions, mapped back to the common frame, agree on the masked
-  voxels (mutual learning between views).
+* ``mutual``: the swapped view's reconstruction, mapped back to the common frame, agrees on
+  the masked voxels with the un-permuted view's, held as the reference (mutual learning).
 
 Where the published code differs, the paper wins (see docs/methods.md).
 """
