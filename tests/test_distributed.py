@@ -142,6 +142,7 @@ def test_rank_1_dying_stops_the_job_with_its_exit_code(phantoms, tmp_path):
     assert_checkpoint_intact(job.run_dir)
 
 
+@pytest.mark.slow  # make test-slow; rank 1 dying covers the default suite
 def test_rank_0_dying_stops_the_surviving_rank(phantoms, tmp_path):
     job = run_faulty_job(phantoms, tmp_path, rank=0, mode="exit", timeout_s=TIMEOUT_S)
     assert job.returncode == 1, job.stderr  # rank 0's own exit code is the job's
@@ -153,6 +154,7 @@ def test_rank_0_dying_stops_the_surviving_rank(phantoms, tmp_path):
     assert_checkpoint_intact(job.run_dir)
 
 
+@pytest.mark.slow  # make test-slow: waits out a 15 s timeout
 def test_hung_rank_is_ended_after_the_timeout(phantoms, tmp_path):
     job = run_faulty_job(phantoms, tmp_path, rank=1, mode="hang", timeout_s=HANG_TIMEOUT_S)
     assert job.returncode == 4, job.stderr

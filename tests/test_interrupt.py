@@ -119,6 +119,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one_and_resumes_exac
     assert_same_parameters(root / "runs" / "cut_in_save", reference)
 
 
+@pytest.mark.slow  # make test-slow; the kill mid-write runs by default
 def test_kill_at_a_random_moment_then_resume_ends_like_the_uninterrupted_run(setup):
     root, runner, reference, window = setup
     seed = random.SystemRandom().randrange(2**31)

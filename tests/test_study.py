@@ -54,6 +54,7 @@ def test_unknown_study_preset_is_refused(tmp_path):
         study.run_modality_study(tmp_path, preset="huge")
 
 
+@pytest.mark.slow  # make test-slow: 1 pre-training + 4 fine-tunings
 def test_data_efficiency_study_runs_every_cell_reports_and_resumes(tmp_path, monkeypatch):
     micro = {"cases": 5, "size": 32, "ratios": [0.5, 1.0], "seeds": [0],
              "pretrain": [*MICRO["pretrain"], "preprocess.roi_size=64"], "finetune_config": "finetune/tiny",
