@@ -331,7 +331,7 @@ def study_data_efficiency(
     data: Optional[Path] = typer.Option(None, "--data", help="Labelled dataset with labelled test cases "
                                         "[default: phantoms written into OUT/data]."),
     out: Path = typer.Option(Path("runs/study_data_efficiency"), "--out", "-o", help="Folder for the runs and report."),
-    preset: str = typer.Option("tiny", "--preset", help="Study size: tiny (CPU, about 30 min) or full (GPU)."),
+    preset: str = typer.Option("tiny", "--preset", help="Study size: tiny (CPU, about 70 min) or full (GPU)."),
     ratios: Optional[List[float]] = typer.Option(None, "--ratio", help="Label ratio (repeat) [default: 0.1 0.3 0.5 1]."),
     seeds: Optional[List[int]] = typer.Option(None, "--seed", help="Seed (repeat) [default: the preset's]."),
 ) -> None:

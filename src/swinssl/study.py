@@ -57,11 +57,13 @@ PRESETS = {
 MODALITIES = {"CT": "dataset.json", "MRI": "dataset_mri.json"}
 
 EFFICIENCY = {
-    "tiny": {  # about 30 minutes on 2 CPU cores: 1 pre-training + 16 short fine-tunings
+    # About 70 minutes on 2 CPU cores: 1 pre-training + 8 fine-tunings. 60 fine-tuning steps (half
+    # an hour) gave Dice 0 for every cell; 160 is what the modality and views studies need.
+    "tiny": {
         "cases": 12,  # phantoms; 3 are test cases, 2 of the other 9 validate the fine-tunings
         "size": 64,
         "ratios": [0.1, 0.3, 0.5, 1.0],
-        "seeds": [0, 1],
+        "seeds": [0],
         "pretrain": [
             "model.depths=[1,1,1,1]", "preprocess.roi_size=64", "preprocess.num_crops=1", "preprocess.spacing=null",
             "train.steps=60", "train.warmup_steps=6", "train.lr=1e-3", "train.val_every=30",
@@ -69,8 +71,8 @@ EFFICIENCY = {
         ],
         "finetune_config": "finetune/tiny",
         "finetune": [
-            "model.depths=[1,1,1,1]", "preprocess.roi_size=32", "train.steps=60", "train.warmup_steps=5",
-            "train.lr=2e-3", "train.val_every=60", "train.checkpoint_every=60", "train.log_every=10",
+            "model.depths=[1,1,1,1]", "preprocess.roi_size=32", "train.steps=160", "train.warmup_steps=10",
+            "train.lr=2e-3", "train.val_every=80", "train.checkpoint_every=80", "train.log_every=10",
         ],
     },
     "full": {  # a GPU: paper-size networks, your dataset (data=...) with labelled test cases
