@@ -124,3 +124,18 @@ def test_views_study_tests_every_view_of_both_models_and_resumes(tmp_path, monke
     monkeypatch.setattr(study, "predict", refuse)
     study.run_views_study(out=tmp_path, preset="micro", progress=False)
     assert json.loads((tmp_path / "results.json").read_text()) == rows
+
+
+def test_every_study_preset_gives_valid_configs():
+    from swinssl.config import load_config
+
+    for p in study.PRESETS.values():
+        for config in p["methods"].values():
+            load_config(config, ["data=x", *p["pretrain"]])
+        load_config("finetune/tiny", ["data=x", *p["finetune"]])
+    for p in study.EFFICIENCY.values():
+        load_config("pretrain/swinmm", ["data=x", *p["pretrain"]])
+        load_config(p["finetune_config"], ["data=x", "finetune.label_ratio=0.1", *p["finetune"]])
+    for p in study.VIEWS.values():
+        for config in p["models"].values():
+            load_config(config, ["data=x", *p["finetune"]])

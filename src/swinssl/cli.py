@@ -331,7 +331,7 @@ def study_data_efficiency(
     data: Optional[Path] = typer.Option(None, "--data", help="Labelled dataset with labelled test cases "
                                         "[default: phantoms written into OUT/data]."),
     out: Path = typer.Option(Path("runs/study_data_efficiency"), "--out", "-o", help="Folder for the runs and report."),
-    preset: str = typer.Option("tiny", "--preset", help="Study size: tiny (CPU, about 70 min) or full (GPU)."),
+    preset: str = typer.Option("tiny", "--preset", help="Study size: tiny (CPU, about 32 min per seed) or full (GPU)."),
     ratios: Optional[List[float]] = typer.Option(None, "--ratio", help="Label ratio (repeat) [default: 0.1 0.3 0.5 1]."),
     seeds: Optional[List[int]] = typer.Option(None, "--seed", help="Seed (repeat) [default: the preset's]."),
 ) -> None:
@@ -353,7 +353,7 @@ def study_views(
     data: Optional[Path] = typer.Option(None, "--data", help="Labelled dataset with labelled test cases "
                                         "[default: phantoms written into OUT/data]."),
     out: Path = typer.Option(Path("runs/study_views"), "--out", "-o", help="Folder for the runs and report."),
-    preset: str = typer.Option("tiny", "--preset", help="Study size: tiny (CPU, about 25 min) or full (GPU)."),
+    preset: str = typer.Option("tiny", "--preset", help="Study size: tiny (CPU, about 20 min) or full (GPU)."),
     seeds: Optional[List[int]] = typer.Option(None, "--seed", help="Seed (repeat) [default: the preset's]."),
     pretrained: str = typer.Option("", "--pretrained", help="Start both models from these weights (a pre-training "
                                    "run or checkpoint) [default: scratch]."),
@@ -373,7 +373,7 @@ def study_views(
 @study_app.command("modality")
 def study_modality(
     out: Path = typer.Option(Path("runs/study_modality"), "--out", "-o", help="Folder for the data, runs and report."),
-    preset: str = typer.Option("tiny", "--preset", help="Study size: tiny (CPU, about 20 min)."),
+    preset: str = typer.Option("tiny", "--preset", help="Study size: tiny (CPU, about 20 min) or full (GPU)."),
 ) -> None:
     """Out-of-modality transfer (SwinFUSE Table 2): pre-train Swin UNETR SSL and SwinFUSE on mixed
     CT + MRI phantoms, fine-tune each (and scratch) on CT and on MRI, test on both modalities.

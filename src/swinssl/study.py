@@ -53,12 +53,20 @@ PRESETS = {
             "train.val_every=80", "train.checkpoint_every=80", "train.log_every=10",
         ],
     },
+    "full": {  # a GPU: paper-size pre-trainings (their presets) on 40 paired phantoms of 96^3
+        "cases": 40,
+        "size": 96,
+        "methods": {"swin_unetr": "pretrain/swin_unetr", "swinfuse": "pretrain/swinfuse"},
+        "pretrain": ["train.steps=20000", "train.val_every=1000", "train.checkpoint_every=1000"],
+        "finetune": ["model.feature_size=48", "preprocess.roi_size=96", "train.steps=5000", "train.val_every=500",
+                     "train.checkpoint_every=500", "train.accelerator=auto", "train.precision=bf16-mixed"],
+    },
 }
 MODALITIES = {"CT": "dataset.json", "MRI": "dataset_mri.json"}
 
 EFFICIENCY = {
-    # About 70 minutes on 2 CPU cores: 1 pre-training + 8 fine-tunings. 60 fine-tuning steps (half
-    # an hour) gave Dice 0 for every cell; 160 is what the modality and views studies need.
+    # About 32 minutes on 2 CPU cores (measured): 1 pre-training + 8 fine-tunings; each further
+    # seed adds about 28. 60 fine-tuning steps gave Dice 0 in every cell; 160 learn the liver.
     "tiny": {
         "cases": 12,  # phantoms; 3 are test cases, 2 of the other 9 validate the fine-tunings
         "size": 64,
@@ -120,7 +128,7 @@ def run_modality_study(out: str | Path = "runs/study_modality", preset: str = "t
 
 
 VIEWS = {
-    "tiny": {  # about 25 minutes on 2 CPU cores
+    "tiny": {  # about 20 minutes on 2 CPU cores
         "cases": 10,  # phantoms; 2 are test cases
         "size": 64,
         "seeds": [0],
