@@ -53,3 +53,22 @@ def ct_case(tmp_path):
 def mri_case(tmp_path):
     image, label = body_volume(modality="MRI", seed=1)
     return write_nifti(tmp_path / "mri_image.nii.gz", image), write_nifti(tmp_path / "mri_label.nii.gz", label)
+
+
+# A pre-training that takes seconds on CPU: the base of the engine tests' overrides (each test
+# file adds its batch size, validation and checkpoint cadence).
+TINY_PRETRAIN = [
+    "model.feature_size=12", "model.depths=[1,1,1,1]", "preprocess.roi_size=64", "preprocess.num_crops=1",
+    "preprocess.spacing=null", "train.num_workers=0", "train.log_every=1", "train.warmup_steps=1",
+]
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory):
+    """4 phantom cases of 64^3 (3 CT training volumes, 1 test case), written once per session;
+    read-only for the tests. Files that need other phantoms define their own ``phantoms``."""
+    from swinssl.data.phantom import write_phantom_dataset
+
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantom_dataset(out, cases=4, size=64, seed=1)
+    return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import TINY_PRETRAIN
 
 from swinssl.engine.checkpoint import load_checkpoint
 
@@ -54,20 +55,9 @@ sys.exit(main())
 '''
 
 TINY = [
-    "model.feature_size=12", "model.depths=[1,1,1,1]", "preprocess.roi_size=64", "preprocess.num_crops=1",
-    "preprocess.spacing=null", "train.batch_size=1", "train.num_workers=0", "train.log_every=1",
-    "train.val_every=100", "train.preview_every=0", "train.checkpoint_every=1", "train.warmup_steps=1",
+    *TINY_PRETRAIN, "train.batch_size=1", "train.val_every=100", "train.preview_every=0", "train.checkpoint_every=1",
     "train.steps=3", "train.accelerator=cpu", "train.devices=2", "train.strategy=ddp",
 ]
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    from swinssl.data.phantom import write_phantom_dataset
-
-    out = tmp_path_factory.mktemp("phantoms")
-    write_phantom_dataset(out, cases=4, size=64, seed=1)
-    return out
 
 
 @dataclass

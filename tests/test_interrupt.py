@@ -11,16 +11,13 @@ import time
 
 import pytest
 import torch
+from conftest import TINY_PRETRAIN
 
 from swinssl.engine.checkpoint import load_checkpoint
 
 STEPS = 5
-OVERRIDES = [
-    "model.feature_size=12", "model.depths=[1,1,1,1]", "preprocess.roi_size=64", "preprocess.num_crops=1",
-    "preprocess.spacing=null", "train.batch_size=1", "train.num_workers=0", "train.log_every=1",
-    "train.val_every=100", "train.preview_every=100", "train.checkpoint_every=1", "train.warmup_steps=1",
-    f"train.steps={STEPS}",
-]
+OVERRIDES = [*TINY_PRETRAIN, "train.batch_size=1", "train.val_every=100", "train.preview_every=100",
+             "train.checkpoint_every=1", f"train.steps={STEPS}"]
 
 # Runs the CLI; with SWINSSL_TEST_KILL_IN_SAVE=N the N-th checkpoint write stops halfway
 # through the file with SIGKILL, as a crash or an OOM killer would.

@@ -129,16 +129,20 @@ def test_other_feature_size_raises_instead_of_loading_bias_tables(monai_net):
         load_pretrained(SwinUNETR(feature_size=24), monai_net.state_dict())
 
 
-def test_pickled_code_is_refused_and_not_executed(tmp_path):
+@pytest.mark.parametrize("name, refusal", [
+    ("evil.pt", "evil.pt: refused to load.*could run code"),
+    ("evil.safetensors", "evil.safetensors: cannot read as safetensors"),  # a pickle behind the safe suffix
+])
+def test_pickled_code_is_refused_and_not_executed(tmp_path, name, refusal):
     marker = tmp_path / "pwned"
 
     class Payload:
         def __reduce__(self):
             return (marker.touch, ())
 
-    path = tmp_path / "evil.pt"
+    path = tmp_path / name
     torch.save({"state_dict": {"a": torch.zeros(1)}, "extra": Payload()}, path)
-    with pytest.raises(CheckpointError, match="evil.pt: refused to load.*could run code"):
+    with pytest.raises(CheckpointError, match=refusal):
         load_pretrained(SwinUNETR(feature_size=12), path)
     assert not marker.exists()
 
@@ -190,17 +194,3 @@ def test_export_refuses_other_names_and_foreign_checkpoints(tmp_path, monai_net)
         export_weights(tmp_path / "monai.pt", tmp_path / "w.safetensors")
     with pytest.raises(CheckpointError, match="w.bin: the exported file's name must end in .safetensors"):
         export_weights(tmp_path / "monai.pt", tmp_path / "w.bin")
-
-
-def test_pickle_named_safetensors_is_refused_and_not_executed(tmp_path):
-    marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (marker.touch, ())
-
-    path = tmp_path / "evil.safetensors"
-    torch.save({"state_dict": {"a": torch.zeros(1)}, "extra": Payload()}, path)
-    with pytest.raises(CheckpointError, match="evil.safetensors: cannot read as safetensors"):
-        load_pretrained(SwinUNETR(feature_size=12), path)
-    assert not marker.exists()

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_PRETRAIN
 
 from swinssl.config import load_config
 from swinssl.engine import pretrain as engine
@@ -12,20 +13,7 @@ from swinssl.engine.logging import read_metrics
 from swinssl.errors import ConfigError, TrainingError
 from swinssl.nn import SwinUNETR, load_pretrained
 
-TINY = [
-    "model.feature_size=12", "model.depths=[1,1,1,1]", "preprocess.roi_size=64", "preprocess.num_crops=1",
-    "preprocess.spacing=null", "train.batch_size=2", "train.num_workers=0", "train.log_every=1",
-    "train.val_every=2", "train.preview_every=2", "train.checkpoint_every=2", "train.warmup_steps=1",
-]
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    from swinssl.data.phantom import write_phantom_dataset
-
-    out = tmp_path_factory.mktemp("phantoms")
-    write_phantom_dataset(out, cases=4, size=64, seed=1)
-    return out
+TINY = [*TINY_PRETRAIN, "train.batch_size=2", "train.val_every=2", "train.preview_every=2", "train.checkpoint_every=2"]
 
 
 def tiny_config(data, out, name, *extra):

@@ -5,6 +5,7 @@ import errno
 
 import pytest
 import torch
+from conftest import TINY_PRETRAIN
 from typer.testing import CliRunner
 
 from swinssl.cli import app
@@ -16,20 +17,9 @@ from swinssl.engine.logging import read_metrics
 from swinssl.errors import OutputError, TrainingError
 from swinssl.utils import writable_dir
 
-TINY = [
-    "model.feature_size=12", "model.depths=[1,1,1,1]", "preprocess.roi_size=64", "preprocess.num_crops=1",
-    "preprocess.spacing=null", "train.batch_size=1", "train.num_workers=0", "train.log_every=1",
-    "train.val_every=100", "train.preview_every=100", "train.checkpoint_every=1", "train.warmup_steps=1",
-]
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    from swinssl.data.phantom import write_phantom_dataset
-
-    out = tmp_path_factory.mktemp("phantoms")
-    write_phantom_dataset(out, cases=3, size=64, seed=1)
-    return out
+# One volume per step, a checkpoint after every step, validation only at the end.
+TINY = [*TINY_PRETRAIN, "train.batch_size=1", "train.val_every=100", "train.preview_every=100",
+        "train.checkpoint_every=1"]
 
 
 def config(data, out, name, *extra):
