@@ -169,7 +169,7 @@ def run_views_study(data: str | Path | None = None, out: str | Path = "runs/stud
                 rows.append({"model": model, "seed": seed, "view": view, "dice": summary["mean"]["dice"],
                              "hd95": summary["mean"]["hd95"]})
     atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
-    _plot_rows(rows, "model", "view", out / "dice_by_view.png", "test mean Dice")
+    _plot(seed_table(rows, "model", "view"), "model", "view", out / "dice_by_view.png", "view", "test mean Dice")
     report = out / "report.md"
     atomic_write_text(report, views_report(rows, data, out))
     return report
@@ -186,12 +186,9 @@ def views_report(rows: list[dict], data: str | Path, out: Path) -> str:
         "| model | view | Dice | HD95 | seeds |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for model in dict.fromkeys(r["model"] for r in rows):
-        for view in VIEW_SETTINGS:
-            cell = [r for r in rows if r["model"] == model and r["view"] == view]
-            dice, hd95 = mean_std([r["dice"] for r in cell]), mean_std([r["hd95"] for r in cell])
-            lines.append(f"| {model} | {view} | {dice[0]:.3f} +- {dice[1]:.3f} | {hd95[0]:.1f} +- {hd95[1]:.1f} | "
-                         f"{len(cell)} |")
+    for t in seed_table(rows, "model", "view"):
+        lines.append(f"| {t['model']} | {t['view']} | {t['dice'][0]:.3f} +- {t['dice'][1]:.3f} | "
+                     f"{t['hd95'][0]:.1f} +- {t['hd95'][1]:.1f} | {t['seeds']} |")
     lines += ["", "Fused minus the mean of the single views, mean Dice:", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         single = [r["dice"] for r in rows if r["model"] == model and r["view"] != "fused"]
@@ -267,15 +264,23 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, var**0.5
 
 
-def efficiency_table(rows: list[dict]) -> list[dict]:
-    """One row per (ratio, init): mean +- std over seeds of Dice and HD95, and the cases used."""
+def seed_table(rows: list[dict], outer: str, inner: str) -> list[dict]:
+    """One row per (``outer``, ``inner``) pair of values, in order of first appearance: mean +- std
+    over seeds of Dice and HD95, the number of seeds, and the ``cell``'s result rows."""
     table = []
-    for ratio in sorted({r["ratio"] for r in rows}):
-        for init in dict.fromkeys(r["init"] for r in rows):
-            cell = [r for r in rows if r["ratio"] == ratio and r["init"] == init]
-            dice, hd95 = mean_std([r["dice"] for r in cell]), mean_std([r["hd95"] for r in cell])
-            table.append({"ratio": ratio, "init": init, "dice": dice, "hd95": hd95, "seeds": len(cell),
-                          "train_cases": sorted({r["train_cases"] for r in cell})})
+    for a in dict.fromkeys(r[outer] for r in rows):
+        for b in dict.fromkeys(r[inner] for r in rows):
+            cell = [r for r in rows if r[outer] == a and r[inner] == b]
+            table.append({outer: a, inner: b, "dice": mean_std([r["dice"] for r in cell]),
+                          "hd95": mean_std([r["hd95"] for r in cell]), "seeds": len(cell), "cell": cell})
+    return table
+
+
+def efficiency_table(rows: list[dict]) -> list[dict]:
+    """One row per (ratio, init), ratios ascending: ``seed_table`` plus the training-case counts used."""
+    table = sorted(seed_table(rows, "ratio", "init"), key=lambda t: t["ratio"])  # stable: inits keep their order
+    for t in table:
+        t["train_cases"] = sorted({r["train_cases"] for r in t.pop("cell")})
     return table
 
 
@@ -310,17 +315,8 @@ def plot_efficiency(rows: list[dict], path: Path) -> None:
     _plot(points, "init", "ratio", path, "labelled training cases (%)", "test mean Dice")
 
 
-def _plot_rows(rows: list[dict], series: str, x: str, path: Path, ylabel: str) -> None:
-    """Mean +- std of ``dice`` over seeds per (series, x), as lines with error bars."""
-    points = []
-    for name in dict.fromkeys(r[series] for r in rows):
-        for value in dict.fromkeys(r[x] for r in rows):
-            cell = [r["dice"] for r in rows if r[series] == name and r[x] == value]
-            points.append({series: name, x: value, "dice": mean_std(cell)})
-    _plot(points, series, x, path, x, ylabel)
-
-
 def _plot(points: list[dict], series: str, x: str, path: Path, xlabel: str, ylabel: str) -> None:
+    """Lines of mean Dice against ``x``, one per ``series`` value, error bars = std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
