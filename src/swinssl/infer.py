@@ -423,13 +423,13 @@ def predict(
     """
     if output_format not in ("nifti", "same"):
         raise ConfigError(f"output_format must be one of nifti, same, got {output_format!r}")
+    if view not in PERMUTATIONS:
+        raise ConfigError(f"view {view!r}: choose one of {', '.join(PERMUTATIONS)}")
     out_dir = writable_dir(out_dir)
     checkpoint = resolve_checkpoint(model_source)
     model, plan = load_model(checkpoint, device)
     roi = _roi(roi_size, plan)
     fuse = plan_fuses(plan) if fuse is None else fuse
-    if view not in PERMUTATIONS:
-        raise ConfigError(f"view {view!r}: choose one of {', '.join(PERMUTATIONS)}")
     cases, failed = collect_cases(inputs)
     for source, reason in failed.items():
         log.warning("skipped %s", reason if reason.startswith(source) else f"{source}: {reason}")
