@@ -35,6 +35,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -373,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--repeats", type=int, default=3, help="loader rounds over all volumes (median)")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps after one warm-up (median)")
-    parser.add_argument("--cache", type=Path, default=Path("runs/bench/cache"), help="swinssl cache folder")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="swinssl cache folder (default: a new temporary one, so the one-off build is measured)")
     parser.add_argument("--json", type=Path, default=None, help="also write all measurements here")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -392,25 +394,31 @@ def main(argv: list[str] | None = None) -> None:
                "images": images, "pairs": pairs, "configs": {}}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(images)} volumes "
           f"({len(pairs)} labelled) under {args.data}")
-    for name in args.configs:
-        base = {"config": name, "images": images, "pairs": pairs, "cache": str(args.cache / name),
-                "repeats": args.repeats, "steps": args.steps}
-        rows = {"parity": run_worker("parity", base)}
-        for section in args.sections:
-            if section == "finetune" and not pairs:
-                print(f"  {name}: no labelled volumes, finetune skipped", file=sys.stderr)
-                continue
-            sides = ["reference", "ours", "ours cache build", "ours cached"] if section == "loader" else ["reference", "ours"]
-            rows[section] = {}
-            for side in sides:
-                rows[section][side] = run_worker(section, {**base, "side": side})
-                print(f"  measured {name} {section} {side}: {rows[section][side]}"[:200], file=sys.stderr)
-        results["configs"][name] = rows
-        print_table(name, rows)
+    with tempfile.TemporaryDirectory(prefix="swinssl-bench-cache-") as scratch:
+        for name in args.configs:
+            rows = measure_config(name, args, images, pairs, args.cache or Path(scratch))
+            results["configs"][name] = rows
+            print_table(name, rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")
+
+
+def measure_config(name: str, args: argparse.Namespace, images: list[str], pairs: list, cache: Path) -> dict:
+    base = {"config": name, "images": images, "pairs": pairs, "cache": str(cache / name),
+            "repeats": args.repeats, "steps": args.steps}
+    rows = {"parity": run_worker("parity", base)}
+    for section in args.sections:
+        if section == "finetune" and not pairs:
+            print(f"  {name}: no labelled volumes, finetune skipped", file=sys.stderr)
+            continue
+        sides = ["reference", "ours", "ours cache build", "ours cached"] if section == "loader" else ["reference", "ours"]
+        rows[section] = {}
+        for side in sides:
+            rows[section][side] = run_worker(section, {**base, "side": side})
+            print(f"  measured {name} {section} {side}: {rows[section][side]}"[:200], file=sys.stderr)
+    return rows
 
 
 def print_table(name: str, rows: dict) -> None:

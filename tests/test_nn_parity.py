@@ -84,18 +84,70 @@ def test_padding_is_invisible_at_multiples_of_32():
         torch.testing.assert_close(net(x), net.decode(*net.encode(x)))
 
 
-def test_attention_runs_through_sdpa_in_training(monkeypatch):
-    calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
+def _count_attention_calls(monkeypatch, net, x):
+    calls = {"chunked": 0, "sdpa": []}
+    chunked, sdpa = swin_module.window_attention, torch.nn.functional.scaled_dot_product_attention
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("attn_mask") is not None)
-        return real(*args, **kwargs)
+    def counting_chunked(*args, **kwargs):
+        calls["chunked"] += 1
+        return chunked(*args, **kwargs)
 
-    monkeypatch.setattr(swin_module.F, "scaled_dot_product_attention", counting)
-    net = swin_unetr("tiny", out_channels=2).train()
-    net(torch.randn(1, 1, 64, 64, 32)).mean().backward()
-    assert len(calls) == 8 and all(calls)  # 4 stages x 2 blocks, each with bias (+ shift) mask
+    def counting_sdpa(*args, **kwargs):
+        calls["sdpa"].append(kwargs.get("attn_mask") is not None)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(swin_module, "window_attention", counting_chunked)
+    monkeypatch.setattr(swin_module.F, "scaled_dot_product_attention", counting_sdpa)
+    net(x).mean().backward()
+    return calls
+
+
+def test_cpu_attention_is_chunked_and_attention_dropout_goes_through_sdpa(monkeypatch):
+    x = torch.randn(1, 1, 64, 64, 32)
+    calls = _count_attention_calls(monkeypatch, swin_unetr("tiny", out_channels=2).train(), x)
+    assert calls == {"chunked": 8, "sdpa": []}  # 4 stages x 2 blocks
+    # The chunked kernel has no attention dropout: with it, training falls back to SDPA (bias + shift mask).
+    dropped = SwinUNETR(feature_size=12, out_channels=2, attn_drop_rate=0.1).train()
+    calls = _count_attention_calls(monkeypatch, dropped, x)
+    assert calls["chunked"] == 0 and calls["sdpa"] == [True] * 8
+
+
+def _attention_inputs(windows, heads, n, d, per_image, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(windows, heads, n, d, generator=g, dtype=torch.float64) for _ in range(3))
+    bias = (0.3 * torch.randn(heads, n, n, generator=g, dtype=torch.float64)).requires_grad_()
+    mask = torch.where(torch.rand(per_image, n, n, generator=g) > 0.5, -100.0, 0.0).double()
+    return [t.requires_grad_() for t in (q, k, v)] + [bias], mask
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 5 * 5 * 8 * 2, 2**30])  # 1 window, 2 windows (straddling images), all
+@pytest.mark.parametrize("shifted", [False, True])
+def test_chunked_window_attention_equals_the_formula(monkeypatch, chunk_bytes, shifted):
+    from swinssl.nn import cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "CHUNK_BYTES", chunk_bytes)
+    (q, k, v, bias), mask = _attention_inputs(windows=6, heads=3, n=5, d=2, per_image=3)
+    mask = mask if shifted else None
+    scale = 0.7
+    out = cpu_attention.window_attention(q, k, v, bias, mask, scale)
+    # The formula, written out: window w of image b uses shift-mask row w % nW.
+    scores = q @ k.transpose(-2, -1) * scale + bias
+    if mask is not None:
+        scores = scores + mask.repeat(2, 1, 1).unsqueeze(1)
+    expected = scores.softmax(-1) @ v
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, bias), grad_out)
+    expected_grads = torch.autograd.grad(expected, (q, k, v, bias), grad_out)
+    for name, got, want in zip("qkvb", grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0, msg=name)
+
+
+def test_chunked_window_attention_passes_gradcheck():
+    from swinssl.nn.cpu_attention import window_attention
+
+    (q, k, v, bias), mask = _attention_inputs(windows=4, heads=2, n=4, d=3, per_image=2, seed=1)
+    assert torch.autograd.gradcheck(lambda *t: window_attention(*t, mask, 0.5), (q, k, v, bias))
 
 
 def test_activation_checkpointing_keeps_outputs_and_gradients():

@@ -25,6 +25,7 @@ from monai.networks.blocks import UnetrBasicBlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from swinssl.nn.cpu_attention import window_attention
 from swinssl.nn.dim import DomainInvarianceModule
 
 # Attention logit added across shifted-window region borders; the reference uses -100, not -inf.
@@ -139,15 +140,18 @@ class WindowAttention(nn.Module):
         # A window smaller than the configured one uses the top-left block of the index, as MONAI does.
         index = self.relative_position_index[:n, :n].reshape(-1)
         bias = self.relative_position_bias_table[index].view(n, n, -1).permute(2, 0, 1)  # (heads, N, N)
-        if mask is None:
-            attn_mask = bias.unsqueeze(0)
+        if q.device.type == "cpu" and not (self.training and self.attn_drop):
+            # CPU: chunked, cache-resident attention (see cpu_attention); GPUs keep SDPA's fused kernels.
+            x = window_attention(q, k, v, bias.to(q.dtype), None if mask is None else mask.to(q.dtype), self.scale)
         else:
-            nw = mask.shape[0]
-            attn_mask = (bias.unsqueeze(0) + mask.unsqueeze(1)).unsqueeze(0)  # (1, nW, heads, N, N)
-            attn_mask = attn_mask.expand(bw // nw, -1, -1, -1, -1).reshape(bw, self.num_heads, n, n)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-        )
+            if mask is None:
+                attn_mask = bias.unsqueeze(0)
+            else:
+                nw = mask.shape[0]
+                attn_mask = (bias.unsqueeze(0) + mask.unsqueeze(1)).unsqueeze(0)  # (1, nW, heads, N, N)
+                attn_mask = attn_mask.expand(bw // nw, -1, -1, -1, -1).reshape(bw, self.num_heads, n, n)
+            dropout = self.attn_drop if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=dropout, scale=self.scale)
         x = self.proj(x.transpose(1, 2).reshape(bw, n, c))
         return F.dropout(x, self.proj_drop, self.training)
 
