@@ -114,7 +114,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     out: str = "runs"  # run directories are created under it
     name: str = ""  # run directory name; default <method>-<date>-<time>
-    # CPU: keep freed memory in the process (runtime.keep_freed_memory): ~1.4x faster steps for one
+    # CPU: keep freed memory in the process (runtime.keep_freed_memory): 1.5-2x faster steps for one
     # fixed shape, but resident memory then only grows; a tiny pre-training on real volumes grew
     # past 16 GiB in 40 steps (6 GiB without). Off by default: safe for long runs.
     keep_memory: bool = False

@@ -6,9 +6,10 @@ attn.relative_position_bias_table,attn.relative_position_index,norm2,mlp.linear1
 ``layers{1..4}.0.downsample.{norm,reduction}``, ``layers{1..4}c.0`` with ``use_v2``), so the
 published weights load unchanged and MONAI serves as the numerical reference.
 
-Differences from the reference that do not change results: attention runs through
-``F.scaled_dot_product_attention`` with the relative-position bias and the shift mask
-as one additive mask; shift masks are cached per grid; blocks can use activation
+Differences from the reference that do not change results: on CPU, attention runs a few
+windows at a time with a recomputing backward (``swinssl.nn.cpu_attention``), elsewhere
+through ``F.scaled_dot_product_attention`` with the relative-position bias and the shift
+mask as one additive mask; shift masks are cached per grid; blocks can use activation
 checkpointing.
 
 Tensors inside stages are channel-last: ``(B, D, H, W, C)``.
@@ -140,7 +141,8 @@ class WindowAttention(nn.Module):
         # A window smaller than the configured one uses the top-left block of the index, as MONAI does.
         index = self.relative_position_index[:n, :n].reshape(-1)
         bias = self.relative_position_bias_table[index].view(n, n, -1).permute(2, 0, 1)  # (heads, N, N)
-        if q.device.type == "cpu" and not (self.training and self.attn_drop):
+        chunked = q.device.type == "cpu" and not (self.training and self.attn_drop)
+        if chunked and not torch.compiler.is_compiling():  # torch.compile would unroll its loop over chunks
             # CPU: chunked, cache-resident attention (see cpu_attention); GPUs keep SDPA's fused kernels.
             x = window_attention(q, k, v, bias.to(q.dtype), None if mask is None else mask.to(q.dtype), self.scale)
         else:
