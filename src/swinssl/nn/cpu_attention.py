@@ -10,7 +10,7 @@ Here the scores of a chunk of windows (about ``CHUNK_BYTES``) are built, soft-ma
 used while they sit in cache, and nothing of size ``N x N`` per window is kept: the
 backward pass recomputes each chunk's probabilities from q and k, as flash attention does,
 and returns the gradients of q, k, v and the bias. Same formula, so outputs equal SDPA's
-within float rounding (tested against MONAI in tests/test_network.py).
+within float rounding (tested against the formula and MONAI in tests/test_nn_parity.py).
 
 Products with an ``N x N`` matrix are written as ``(B^T A^T)^T``: on CPU that order is
 3-4x faster for N = 343 than ``A B`` with a short inner dimension on the right.
@@ -19,6 +19,7 @@ Products with an ``N x N`` matrix are written as ``(B^T A^T)^T``: on CPU that or
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # Scores per chunk: a few MB keeps them in the L2/L3 caches of current CPUs.
 CHUNK_BYTES = 6 * 2**20
@@ -64,6 +65,7 @@ class _WindowAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a second derivative would need its own formula
     def backward(ctx, grad_out):
         q, k, v, bias, mask, out = ctx.saved_tensors
         scale = ctx.scale
