@@ -32,7 +32,7 @@ from swinssl.utils import atomic_write_text
 DEMO = {
     "cases": 10,  # phantoms; round(10 / 4) = 2 are test cases
     "size": 64,  # voxels per side
-    # Small enough for about 10 minutes on 2 CPU cores: one Swin block per stage, crops of
+    # Small enough for about 5 minutes on 2 CPU cores: one Swin block per stage, crops of
     # 64x32x32 (pre-training; two bottleneck tokens for the rotation and contrastive heads)
     # and 32^3 (fine-tuning).
     "pretrain": [  # overrides of configs/pretrain/swin_unetr_tiny.yaml
