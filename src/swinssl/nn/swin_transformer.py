@@ -141,9 +141,9 @@ class WindowAttention(nn.Module):
         # A window smaller than the configured one uses the top-left block of the index, as MONAI does.
         index = self.relative_position_index[:n, :n].reshape(-1)
         bias = self.relative_position_bias_table[index].view(n, n, -1).permute(2, 0, 1)  # (heads, N, N)
-        chunked = q.device.type == "cpu" and not (self.training and self.attn_drop)
-        if chunked and not torch.compiler.is_compiling():  # torch.compile would unroll its loop over chunks
-            # CPU: chunked, cache-resident attention (see cpu_attention); GPUs keep SDPA's fused kernels.
+        # CPU: chunked, cache-resident attention (see cpu_attention); GPUs keep SDPA's fused kernels, and so
+        # do attention dropout (the chunked kernel has none) and torch.compile (it would unroll the chunk loop).
+        if q.device.type == "cpu" and not (self.training and self.attn_drop) and not torch.compiler.is_compiling():
             x = window_attention(q, k, v, bias.to(q.dtype), None if mask is None else mask.to(q.dtype), self.scale)
         else:
             if mask is None:
