@@ -1,16 +1,17 @@
 """The preprocessing cache: same crops as without it, rebuilt when a file or a setting changes."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import body_volume, write_nifti
+from conftest import SHARED_DATA, body_volume, write_nifti
 
 import swinssl.data.cache as cache_module
 from swinssl.config import PreprocessConfig
-from swinssl.data.cache import CachedPrefixd
-from swinssl.data.transforms import crop_with_padding, finetune_transforms, pretrain_transforms
+from swinssl.data.cache import CachedPrefixd, from_json, to_json
+from swinssl.data.transforms import crop_with_padding, finetune_transforms, inference_transforms, invert, pretrain_transforms
 from swinssl.errors import DataError
 
 CFG = PreprocessConfig(roi_size=(16, 16, 16), num_crops=2, spacing=(2.0, 2.0, 2.0))
@@ -139,3 +140,78 @@ def test_crop_with_padding_cuts_inside_and_pads_short_axes_centred():
     assert torch.equal(block[:, :, :, 1:4], volume[:, 1:5, 2:5, :])
     assert torch.all(block[:, :, :, :1] == 0) and torch.all(block[:, :, :, 4:] == 0)
     assert torch.equal(crop_with_padding(volume, (1, 2, 0), (4, 3, 6)), block)  # tensor and array agree
+
+
+# --- prediction: cached volumes invert to the file's grid exactly as freshly read ones ---------
+
+
+def test_metadata_and_trace_values_come_back_with_their_types():
+    value = {
+        "affine": torch.tensor([[1.5, 0, 0, -99.6], [0, 0.78125, 0, 3.0], [0, 0, 2.0, 1e-9], [0, 0, 0, 1]],
+                               dtype=torch.float64),
+        "spatial_shape": np.array([256, 256, 25]),
+        "pixdim": np.array([1.0, 0.1, 1 / 3], dtype=np.float32),
+        "scalar": np.float32(0.1), "flag": np.bool_(True), "count": np.int16(-3),
+        "original_channel_dim": float("nan"),
+        "padded": ((0, 0), (1, 2)), "cropped": [0, (2, 3)], "descrip": b"\x00ab",
+        "nested": {"orig_size": (134, 134, 79), 7: "a key that is not text", "__numpy__": "a key like a tag"},
+    }
+    back = from_json(json.loads(json.dumps(to_json(value))))
+    assert back["affine"].dtype == torch.float64 and torch.equal(back["affine"], value["affine"])
+    for key in ("spatial_shape", "pixdim"):
+        assert type(back[key]) is np.ndarray and back[key].dtype == value[key].dtype
+        assert np.array_equal(back[key], value[key])
+    for key in ("scalar", "flag", "count"):
+        assert type(back[key]) is type(value[key]) and back[key] == value[key]
+    assert math.isnan(back["original_channel_dim"])
+    assert back["padded"] == ((0, 0), (1, 2)) and type(back["padded"][1]) is tuple
+    assert back["cropped"] == [0, (2, 3)] and back["descrip"] == b"\x00ab"
+    assert back["nested"] == value["nested"]
+    with pytest.raises(TypeError, match="object"):
+        to_json({"reader": object()})
+
+
+# Left-posterior-superior at 1.5 x 1.5 x 2 mm, resampled to 2 mm: reorientation, resampling and
+# foreground cropping all act, and random labels put nearest-neighbour ties everywhere.
+@pytest.mark.parametrize("built_by", ["inference", "pretraining"])
+def test_cached_inference_volume_inverts_exactly_as_the_uncached_one(ct_case, tmp_path, built_by):
+    root = tmp_path / "cache"
+    data = item(ct_case[0])
+    plain = inference_transforms(CFG)
+    expected_item = plain(dict(data))
+    labels = torch.randint(0, 3, (1, *expected_item["image"].shape[1:]), generator=torch.Generator().manual_seed(0))
+    expected = invert(plain, expected_item, labels.float())
+    assert expected.shape[1:] == (40, 36, 28)
+    if built_by == "pretraining":  # the heads are the same: inference reads pre-training's entry
+        crops_of(pretrain_transforms(CFG, cache=root), data, 0)
+    for visit in ("first", "second"):
+        fast = inference_transforms(CFG, cache=root)  # a fresh pipeline, as a new process would build
+        got_item = fast(dict(data))
+        assert torch.equal(got_item["image"].as_tensor(), expected_item["image"].as_tensor()), visit
+        assert [op["class"] for op in got_item["image"].applied_operations] == \
+            [op["class"] for op in expected_item["image"].applied_operations] == \
+            ["Orientation", "SpatialResample", "CropForeground"]
+        got = invert(fast, got_item, labels.float())
+        assert torch.equal(got.as_tensor(), expected.as_tensor()), visit
+        assert torch.equal(got.affine, expected.affine)
+        assert np.array_equal(got.meta["spatial_shape"], expected.meta["spatial_shape"])
+    assert len(entries(root)) == 1
+
+
+def test_real_volumes_cached_for_prediction_invert_exactly_as_uncached(tmp_path):
+    """NRRD and NIfTI headers of scanners and atlases (../shared/data): their metadata and traces
+    survive the entry, so nearest-neighbour inversion of random labels is bitwise the same."""
+    volumes = sorted(p for p in SHARED_DATA.rglob("*") if p.name.endswith((".nrrd", ".nii.gz"))
+                     and not any(w in p.name for w in ("label", "seg", "prob")))
+    if not volumes:
+        pytest.skip(f"real sample volumes not found at {SHARED_DATA}")
+    cfg = PreprocessConfig(spacing=(1.5, 1.5, 2.0))
+    for path in volumes:
+        data = item(path, modality="CT" if path.parent.name == "ct" else "MRI")
+        plain, fast = inference_transforms(cfg), inference_transforms(cfg, cache=tmp_path / "cache")
+        fast(dict(data))  # builds the entry
+        expected_item, got_item = plain(dict(data)), inference_transforms(cfg, cache=tmp_path / "cache")(dict(data))
+        labels = torch.randint(0, 3, (1, *expected_item["image"].shape[1:]), generator=torch.Generator().manual_seed(1))
+        expected, got = invert(plain, expected_item, labels.float()), invert(fast, got_item, labels.float())
+        assert torch.equal(got.as_tensor(), expected.as_tensor()), path.name
+        assert torch.equal(got.affine, expected.affine), path.name

@@ -45,6 +45,7 @@ def test_run_directory_checkpoints_and_plan(phantoms, tmp_path):
     assert plan["network"]["out_channels"] == 5
     assert plan["labels"] == {"0": "background", "1": "liver", "2": "kidney", "3": "spleen", "4": "lesion"}
     assert plan["modality"] == "CT"
+    assert plan["cache"] == str((tmp_path / "cache").resolve())  # where predict looks first (--cache auto)
     val = {r["name"]: r["value"] for r in read_metrics(run) if r["split"] == "val"}
     assert {"dice", "dice_liver", "dice_lesion"} <= set(val)
     assert all(0.0 <= v <= 1.0 for v in val.values())
@@ -157,7 +158,9 @@ def test_tiny_finetune_segments_held_out_liver(phantoms, tmp_path):
                       "train.val_every=120", "train.checkpoint_every=120", "train.log_every=10")
     run = engine.finetune(cfg, progress=False)
     test = [c.images[0] for c in find_dataset(phantoms).split("test")]
+    trained = set((tmp_path / "cache" / "entries").iterdir())
     predict(run, test, tmp_path / "pred", progress=False)
+    assert len(set((tmp_path / "cache" / "entries").iterdir()) - trained) == len(test)  # auto: the training cache
     summary = evaluate(tmp_path / "pred", phantoms, split="test")
     liver = summary["classes"]["1"]["dice"]["mean"]
     print(f"held-out liver Dice {liver:.3f}")

@@ -176,6 +176,42 @@ def test_volume_without_foreground_gives_an_all_background_mask(tmp_path, thresh
     np.testing.assert_allclose(np.asarray(mask.affine), LPS_ANISO, atol=1e-4)
 
 
+# --- preprocessing cache ------------------------------------------------------------------------
+
+
+def test_second_prediction_reads_the_cache_and_writes_the_same_mask(tmp_path, threshold_checkpoint, monkeypatch):
+    from swinssl.data import transforms
+
+    image, box = box_volume(SHAPE, BOX)
+    path = write_nifti(tmp_path / "pls.nii.gz", image, PLS_ANISO)
+    reads = []
+    real_read = transforms.read_image
+    monkeypatch.setattr(transforms, "read_image", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    masks = {}
+    for run, cache in [("off", "off"), ("first", tmp_path / "cache"), ("second", tmp_path / "cache")]:
+        reads.clear()
+        written = predict(threshold_checkpoint, path, tmp_path / run, cache=cache, progress=False)
+        masks[run] = nib.load(written[0])
+        assert reads == ([] if run == "second" else [str(path)]), run  # the second run decodes nothing
+        record = json.loads((tmp_path / run / "predictions.json").read_text())
+        assert record["options"]["cache"] == (None if cache == "off" else str(cache))
+    assert len(list((tmp_path / "cache" / "entries").iterdir())) == 1
+    for run in ("first", "second"):
+        assert np.array_equal(np.asarray(masks[run].dataobj), np.asarray(masks["off"].dataobj)), run
+        np.testing.assert_array_equal(masks[run].affine, masks["off"].affine)
+    assert dice(np.asarray(masks["second"].dataobj) == 1, box) > 0.9
+
+
+def test_auto_cache_is_the_training_cache_while_it_exists(tmp_path):
+    trained = tmp_path / "train_out" / "cache"
+    assert infer.prediction_cache("auto", {"cache": str(trained)}) is None  # gone (or elsewhere): none
+    trained.mkdir(parents=True)
+    assert infer.prediction_cache("auto", {"cache": str(trained)}) == trained
+    assert infer.prediction_cache("auto", {}) is None  # a checkpoint that names no cache
+    assert infer.prediction_cache("off", {"cache": str(trained)}) is None
+    assert infer.prediction_cache(tmp_path / "mine", {"cache": str(trained)}) == tmp_path / "mine"
+
+
 # --- sliding windows and flips ------------------------------------------------------------------
 
 

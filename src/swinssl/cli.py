@@ -211,12 +211,16 @@ def predict(
                               "for SwinMM multi-view models, else single."),
     output_format: str = typer.Option("nifti", "--format", help="nifti, or 'same' to write NRRD for NRRD inputs."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    cache: str = typer.Option("auto", "--cache", help="Preprocessing cache folder; auto: the one the model was "
+                              "trained with, if it still exists; off: preprocess every volume afresh."),
 ) -> None:
     """Segment volumes with a fine-tuned model; each mask lands in its input's exact geometry.
 
     Sliding-window inference on the preprocessed volume, then the preprocessing is inverted
     (foreground crop, resampling, reorientation), so every mask has its input's shape and
     affine. Files are written atomically; an unreadable input is reported and skipped.
+    Preprocessed volumes are read from (and added to) the cache, so predicting the same
+    volumes again skips decoding and resampling.
     """
     import torch
 
@@ -231,7 +235,7 @@ def predict(
         fuse = None if views == "auto" else views == "fused"
         view = views if views in ("identity", "swap_xy", "swap_xz") else "identity"
         written = run(model, inputs, out, roi_size=roi, overlap=overlap, sw_batch_size=sw_batch_size, flips=flips,
-                      output_format=output_format, device=device, fuse=fuse, view=view)
+                      output_format=output_format, device=device, fuse=fuse, view=view, cache=cache)
     typer.echo(f"wrote {len(written)} masks to {out}")
 
 

@@ -3,7 +3,9 @@
 ``predict(model_source, inputs, out_dir)`` is what ``swinssl predict`` runs. Per case:
 
 1. ``inference_transforms`` of the checkpoint's plan (reorient, resample, normalise by
-   modality, crop the foreground) -- the same preprocessing the network was trained on;
+   modality, crop the foreground) -- the same preprocessing the network was trained on --
+   read from the preprocessing cache when the volume is in it (by default the cache the
+   model was trained with; see ``prediction_cache``);
 2. ``predict_volume``: sliding windows over the preprocessed volume (ROI = the training
    crop, overlap 0.5, Gaussian blending), optionally averaged over the 8 flips of the
    three spatial axes (test-time augmentation);
@@ -18,7 +20,7 @@ in ``out_dir`` records input -> output, the model and the options.
 
 Checkpoints are the fine-tuning engine's: ``{"format": "swinssl", "kind": "finetune",
 "model": state dict, "plan": {"network", "preprocess", "labels", "channel_names",
-"modality"}}``; a run directory stands for its ``checkpoints/best.pt`` (else ``last.pt``).
+"modality", "cache"}}``; a run directory stands for its ``checkpoints/best.pt`` (else ``last.pt``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from swinssl.errors import CheckpointError, ConfigError, DataError, SwinsslError
 from swinssl.nn.load import filter_swinssl, read_checkpoint
 from swinssl.nn.multiview import window_predictor
 from swinssl.nn.swin_unetr import SwinUNETR, build_network
+from swinssl.runtime import release_freed_memory
 from swinssl.ssl.views import PERMUTATIONS
 from swinssl.utils import atomic_path, atomic_write_text, writable_dir
 
@@ -240,6 +243,7 @@ def predict_case(
     mode: str = "gaussian",
     fuse: bool | None = None,
     view: str = "identity",
+    cache: str | Path | None = None,
 ) -> MetaTensor:
     """Integer mask ``(1, X, Y, Z)`` for one case, in the input file's geometry.
 
@@ -247,12 +251,14 @@ def predict_case(
     is uint8 (int32 beyond 256 classes). ``roi_size`` defaults to the plan's training crop.
     ``fuse``: multi-view fusion (``predict_volume``); ``None`` uses the plan's default
     (``plan_fuses``: on for SwinMM multi-view models); ``view``: the axis order without fusion.
+    ``cache``: a preprocessing cache folder to read the preprocessed volume from (built on
+    first use), or None.
     Raises ``DataError`` naming the file for unreadable or invalid inputs.
     """
     cfg = preprocess_of(plan)
     case = _as_case(case_or_path, plan)
-    pipeline = inference_transforms(cfg, channels=int(plan["network"].get("in_channels", 1)))
-    data = pipeline(case_item(case))
+    pipeline = inference_transforms(cfg, channels=int(plan["network"].get("in_channels", 1)), cache=cache)
+    data = pipeline({**case_item(case), "label": None})  # a case's label plays no part in predicting it
     image = data["image"]
     num_classes = int(plan["network"].get("out_channels", 2))
     if min(image.shape[1:]) == 0:
@@ -264,6 +270,9 @@ def predict_case(
                                view)
         num_classes = probs.shape[0]
         labels = probs.argmax(dim=0, keepdim=True).float()
+        # Inverting resamples onto the file's grid, the memory peak of a prediction: free what we can first.
+        del probs
+        release_freed_memory()
     mask = invert(pipeline, data, labels, nearest=True)
     _check_geometry(mask, case.images[0])
     return mask.round().to(torch.uint8 if num_classes <= 256 else torch.int32)
@@ -409,6 +418,7 @@ def predict(
     progress: bool = True,
     fuse: bool | None = None,
     view: str = "identity",
+    cache: str | Path | None = "auto",
 ) -> list[Path]:
     """Predict a mask for every case in ``inputs`` and write it to ``out_dir``; returns the written files.
 
@@ -420,6 +430,8 @@ def predict(
     ``out_dir/predictions.json`` lists input -> output, the checkpoint and the options.
     ``fuse``: multi-view fusion of the three axis orders; ``None``: the model's default (``plan_fuses``).
     ``view``: without fusion, the axis order predicted (``identity``, ``swap_xy``, ``swap_xz``).
+    ``cache``: preprocessing cache folder, ``"auto"`` (the one the model was trained with,
+    ``prediction_cache``) or ``"off"``/None.
     """
     if output_format not in ("nifti", "same"):
         raise ConfigError(f"output_format must be one of nifti, same, got {output_format!r}")
@@ -430,6 +442,7 @@ def predict(
     model, plan = load_model(checkpoint, device)
     roi = _roi(roi_size, plan)
     fuse = plan_fuses(plan) if fuse is None else fuse
+    cache = prediction_cache(cache, plan)
     cases, failed = collect_cases(inputs)
     for source, reason in failed.items():
         log.warning("skipped %s", reason if reason.startswith(source) else f"{source}: {reason}")
@@ -437,7 +450,8 @@ def predict(
     for case, name in tqdm(list(zip(cases, output_names(cases))), desc="predict", unit="case", disable=not progress):
         source = case.images[0]
         try:
-            mask = predict_case(model, plan, case, roi, overlap, sw_batch_size, flips, fuse=fuse, view=view)
+            mask = predict_case(model, plan, case, roi, overlap, sw_batch_size, flips, fuse=fuse, view=view,
+                                cache=cache)
         except SwinsslError as err:
             failed[str(source)] = str(err)
             log.warning("skipped %s", err)
@@ -448,10 +462,28 @@ def predict(
         reasons = "; ".join(list(failed.values())[:3]) or "no cases found"
         raise DataError(f"{_describe(inputs)}: no mask written ({len(failed)} input(s) failed: {reasons})")
     options = {"roi_size": list(roi), "overlap": overlap, "sw_batch_size": sw_batch_size, "mode": "gaussian",
-               "flips": flips, "views": "fused" if fuse else view, "output_format": output_format, "device": str(device)}
+               "flips": flips, "views": "fused" if fuse else view, "output_format": output_format, "device": str(device),
+               "cache": str(cache) if cache else None}
     _write_record(out_dir, model_source, checkpoint, plan, options, written, failed)
     log.info("wrote %d mask(s) to %s; %d input(s) skipped", len(written), out_dir, len(failed))
     return [Path(p) for p in written.values()]
+
+
+def prediction_cache(cache: str | Path | None, plan: Mapping) -> Path | None:
+    """The cache folder ``predict`` reads preprocessed volumes from, or None.
+
+    ``"auto"``: the folder the model's fine-tuning used (``plan["cache"]``) if it still
+    exists. Predicting the same volumes again (other checkpoints, options) then skips
+    decoding and resampling, and volumes seen in training are not preprocessed again.
+    Where that folder is gone (a checkpoint from elsewhere), none: predicting once gains
+    nothing from a cache. ``"off"`` or None: none; anything else: that folder.
+    """
+    if cache is None or str(cache) in ("off", ""):
+        return None
+    if str(cache) == "auto":
+        trained = plan.get("cache")
+        return Path(trained) if trained and Path(trained).is_dir() else None
+    return Path(cache)
 
 
 def _roi(roi_size: Sequence[int] | int | None, plan: Mapping) -> tuple[int, ...]:

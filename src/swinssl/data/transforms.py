@@ -12,10 +12,10 @@ its own modality, so one pipeline serves mixed CT + MRI data:
 Outputs are channel-first float32 MetaTensors ``(C, X, Y, Z)``; labels are
 ``(1, X, Y, Z)`` class indices. Pre-training crops are plain float32 tensors.
 
-The deterministic head of the training pipelines (read, geometry, normalisation,
-foreground) can run through the on-disk cache of ``swinssl.data.cache`` (``cache=``):
-the random tail is the same either way, so cached and uncached pipelines give the same
-crops for the same seed.
+The deterministic head of every pipeline (read, geometry, normalisation, foreground) can
+run through the on-disk cache of ``swinssl.data.cache`` (``cache=``): the random tail is the
+same either way, so cached and uncached pipelines give the same crops for the same seed,
+and a cached inference volume inverts to the file's grid as an uncached one does.
 """
 
 from __future__ import annotations
@@ -153,6 +153,12 @@ def _head(cfg: PreprocessConfig, keys: list[str], load: LoadCased) -> list:
     return [load, *_geometry(cfg, keys), NormalizeByModalityd(cfg), *_foreground(cfg, keys)]
 
 
+def _image_head(cfg: PreprocessConfig, channels: int) -> tuple[list, dict]:
+    """The head for images without labels (pre-training, inference) and its cache fingerprint."""
+    head = _head(cfg, ["image"], LoadCased(classes=None, channels=channels))
+    return head, settings_fingerprint(cfg, channels=channels, classes=None, labels=False)
+
+
 def crop_with_padding(image: Any, start: Sequence[int], size: Sequence[int]) -> torch.Tensor:
     """The ``size`` block at ``start`` of ``image`` (C, X, Y, Z: tensor or array, memory-mapped
     or not) as a new float32 tensor. Along an axis shorter than ``size`` the whole axis is
@@ -203,8 +209,7 @@ def pretrain_transforms(cfg: PreprocessConfig, channels: int = 1, cache: str | P
 
     ``cache``: the cache folder for the head (crops are then read from memory-mapped arrays), or None.
     """
-    head = _head(cfg, ["image"], LoadCased(classes=None, channels=channels))
-    fingerprint = settings_fingerprint(cfg, channels=channels, classes=None, labels=False)
+    head, fingerprint = _image_head(cfg, channels)
     return Pipeline([*cached(head, cache, fingerprint, mmap=True), RandCropsd(cfg.roi_size, cfg.num_crops)])
 
 
@@ -246,9 +251,14 @@ def finetune_transforms(
     return Pipeline(steps)
 
 
-def inference_transforms(cfg: PreprocessConfig, channels: int = 1) -> Pipeline:
-    """Image only, every spatial step invertible: ``invert`` maps network outputs back to the input grid."""
-    return Pipeline(_head(cfg, ["image"], LoadCased(classes=None, channels=channels)))
+def inference_transforms(cfg: PreprocessConfig, channels: int = 1, cache: str | Path | None = None) -> Pipeline:
+    """Image only, every spatial step invertible: ``invert`` maps network outputs back to the input grid.
+
+    ``cache``: the cache folder, or None. The head is pre-training's, so a volume pre-trained
+    on is read from the same entry.
+    """
+    head, fingerprint = _image_head(cfg, channels)
+    return Pipeline(cached(head, cache, fingerprint))
 
 
 def invert(transforms: Compose, item: Mapping[Hashable, Any], output: torch.Tensor, nearest: bool = True) -> MetaTensor:

@@ -110,6 +110,8 @@ def finetune(cfg: Config | None = None, resume: str | Path | None = None, overri
         "pretrained": ft.pretrained or None,
         "manifest_sha256": manifest,
         "package_version": swinssl.__version__,
+        # Where the preprocessed volumes are: predict reads them from there too (prediction_cache).
+        "cache": str(cache_root(cfg).resolve()) if cache_root(cfg) else None,
     }
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=ft.dice_weight, lambda_ce=ft.ce_weight)
     pipeline = finetune_transforms(cfg.preprocess, classes=classes, channels=cfg.model.in_channels, train=True,
