@@ -24,6 +24,9 @@ Sections (each measurement runs in a fresh subprocess, so its peak resident memo
             its preprocessing cache (as when predicting again, or volumes seen in training).
 
 Configs: ``tiny`` (feature 12, 64^3 crops, 2 mm) and ``base`` (feature 48, 96^3, 1.5x1.5x2 mm).
+Both sides normalise every file with the CT window of the reference (swinssl would scale MRI
+by percentiles and crop its background at 0, a different amount of work), so they cut the
+same crops and predict over the same grid.
 Times are medians over ``--repeats``; ratios are reference time / ours (speed-up) and ours /
 reference peak memory.
 """
@@ -31,6 +34,7 @@ reference peak memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -160,7 +164,7 @@ def loader_worker(spec: dict) -> dict:
         pipeline, items = reference_pipeline(cfg, labels=False), [{"image": f} for f in images]
     else:
         pipeline = ours_pipeline(cfg, spec["cache"] if "cache" in side else None, labels=False)
-        items = [item_of(f) for f in images]
+        items = [item_of(f, modality="CT") for f in images]
     if side == "ours cache build":  # the one-off build, in its own process so it does not count in the peak
         start = time.perf_counter()
         for it in items:
@@ -253,7 +257,7 @@ def pretrain_worker(spec: dict) -> dict:
     if reference:
         pipeline, items = reference_pipeline(cfg, labels=False), [{"image": f} for f in images]
     else:
-        pipeline, items = ours_pipeline(cfg, spec["cache"], labels=False), [item_of(f) for f in images]
+        pipeline, items = ours_pipeline(cfg, spec["cache"], labels=False), [item_of(f, modality="CT") for f in images]
         for it in items:  # the cache is built by an earlier run; building it is not a training step
             pipeline(dict(it))
     method = MethodConfig()
@@ -295,7 +299,7 @@ def finetune_worker(spec: dict) -> dict:
         pipeline, items = reference_pipeline(cfg, labels=True), [{"image": i, "label": l} for i, l in pairs]
     else:
         pipeline = ours_pipeline(cfg, spec["cache"], labels=True)
-        items = [item_of(i, l, modality="CT") for i, l in pairs]  # normalised as the reference: CT window
+        items = [item_of(i, l, modality="CT") for i, l in pairs]
         for it in items:
             pipeline(dict(it))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -326,32 +330,42 @@ def predict_worker(spec: dict) -> dict:
             times.append(time.perf_counter() - start)
     else:
         from swinssl.config import to_dict
+        from swinssl.data.discover import find_dataset
         from swinssl.infer import predict_case
 
         plan = {"network": {"feature_size": cfg["feature"], "out_channels": 2}, "preprocess": to_dict(preprocess_cfg(cfg)),
                 "modality": "CT"}
         cache = spec["cache"] if spec["side"] == "ours cached" else None
+        cases = [dataclasses.replace(find_dataset(image).cases[0], modality="CT") for image in spec["images"]]
         if cache:  # a first pass adds the volumes to the cache, as a first prediction (or training) would
-            for image in spec["images"]:
-                predict_case(model, plan, image, cache=cache)
-        for image in spec["images"]:
+            for case in cases:
+                predict_case(model, plan, case, cache=cache)
+        for case in cases:
             start = time.perf_counter()
-            predict_case(model, plan, image, cache=cache)
+            predict_case(model, plan, case, cache=cache)
             times.append(time.perf_counter() - start)
     return {"s_per_volume": statistics.median(times), "times": times, "peak_rss_gib": _peak_rss_gib()}
 
 
 def parity_worker(spec: dict) -> dict:
-    """Max |ours - reference| of the SSL outputs and segmentation logits on one input (eval, fp32)."""
+    """Max |ours - reference| of the preprocessed volumes (inf where a shape differs), and of the
+    SSL outputs and segmentation logits on one input (eval, fp32)."""
     import torch
 
+    from swinssl.data.transforms import inference_transforms
+
     cfg = CONFIGS[spec["config"]]
+    reference, ours = reference_pipeline(cfg, labels=False, train=False), inference_transforms(preprocess_cfg(cfg))
+    volumes = 0.0
+    for image in spec["images"]:
+        a, b = reference({"image": image})["image"], ours(item_of(image, modality="CT"))["image"]
+        volumes = max(volumes, (a - b).abs().max().item() if a.shape == b.shape else float("inf"))
     x = torch.rand(1, 1, cfg["roi"], cfg["roi"], cfg["roi"], generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         a, b = _ssl_models(cfg, False).eval()(x), _ssl_models(cfg, True).eval()(x)
         ssl = max((a[k] - b[k]).abs().max().item() for k in a)
         seg = (_segmentation_model(cfg, False).eval()(x) - _segmentation_model(cfg, True).eval()(x)).abs().max().item()
-    return {"ssl": ssl, "segmentation": seg}
+    return {"preprocessed": volumes, "ssl": ssl, "segmentation": seg}
 
 
 WORKERS = {"loader": loader_worker, "pretrain": pretrain_worker, "finetune": finetune_worker,
@@ -431,7 +445,8 @@ def print_table(name: str, rows: dict) -> None:
     cfg = CONFIGS[name]
     print(f"\n{name}: feature {cfg['feature']}, {cfg['roi']}^3 crops at {cfg['spacing']} mm, "
           f"{cfg['batch']} volume(s) x {cfg['crops']} crops per step; max |ours - reference| outputs: "
-          f"SSL {rows['parity']['ssl']:.1e}, segmentation {rows['parity']['segmentation']:.1e}")
+          f"preprocessed volumes {rows['parity']['preprocessed']:.1e}, SSL {rows['parity']['ssl']:.1e}, "
+          f"segmentation {rows['parity']['segmentation']:.1e}")
     header = f"{'measure':<34} {'reference':>10} {'ours':>10} {'speed-up':>9} {'peak GiB ref':>13} {'ours':>6} {'ratio':>6}"
     print(header)
     print("-" * len(header))

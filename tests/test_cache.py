@@ -133,6 +133,24 @@ def test_unusable_cache_folder_falls_back_to_reading_files(ct_case, tmp_path, ca
     assert "not usable" in caplog.text
 
 
+def test_read_only_cache_is_still_read(ct_case, tmp_path, monkeypatch, caplog):
+    root = tmp_path / "cache"
+    data = item(ct_case[0])
+    expected = crops_of(pretrain_transforms(CFG, cache=root), data, 0)  # builds the entry
+    (root / "checksums").rename(tmp_path / "old_checksums")  # the checksum memo must be written again...
+
+    def read_only(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(cache_module, "atomic_write_text", read_only)  # ...and cannot be
+    monkeypatch.setattr(cache_module.np, "save", read_only)
+    fast = pretrain_transforms(CFG, cache=root)
+    head = cached_head(fast)
+    monkeypatch.setattr(head, "head", lambda d: pytest.fail("the head ran: the entry was not read"))
+    assert all(torch.equal(a, b) for a, b in zip(crops_of(fast, data, 0), expected))
+    assert head.usable and "not usable" not in caplog.text
+
+
 def test_crop_with_padding_cuts_inside_and_pads_short_axes_centred():
     volume = torch.arange(1 * 6 * 5 * 3, dtype=torch.float32).reshape(1, 6, 5, 3)
     block = crop_with_padding(volume.numpy(), (1, 2, 0), (4, 3, 6))  # the last axis (3) is shorter than 6
