@@ -122,6 +122,11 @@ def test_inf_voxels_are_counted(tmp_path):
     data_error(lambda: read_image(path), path, "2 non-finite voxels (0 NaN, 2 Inf)")
 
 
+def test_huge_finite_values_are_not_called_non_finite(tmp_path):
+    path = write_volume(tmp_path / "huge.nii.gz", np.full((8, 8, 8), 3e38, np.float32))  # their sum overflows
+    assert float(read_image(path).max()) == pytest.approx(3e38, rel=1e-6)
+
+
 # --- labels that do not fit their image ---------------------------------------------------------
 
 

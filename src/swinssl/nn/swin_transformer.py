@@ -9,7 +9,7 @@ published weights load unchanged and MONAI serves as the numerical reference.
 Differences from the reference that do not change results: on CPU, attention runs a few
 windows at a time with a recomputing backward (``swinssl.nn.cpu_attention``), elsewhere
 through ``F.scaled_dot_product_attention`` with the relative-position bias and the shift
-mask as one additive mask; shift masks are cached per grid; blocks can use activation
+mask as one additive mask; the shift mask is built per stage and forward; blocks can use activation
 checkpointing.
 
 Tensors inside stages are channel-last: ``(B, D, H, W, C)``.
@@ -70,8 +70,8 @@ def shift_mask(grid: Sequence[int], window: Sequence[int], shift: Sequence[int],
     for n, (sd, sh, sw) in enumerate(itertools.product(*bounds)):
         region[:, sd, sh, sw, :] = n
     ids = window_partition(region, window).squeeze(-1)
-    diff = ids.unsqueeze(1) - ids.unsqueeze(2)
-    return torch.where(diff != 0, MASK_VALUE, 0.0)
+    across = ids.unsqueeze(1) != ids.unsqueeze(2)
+    return torch.zeros(across.shape, device=device).masked_fill_(across, MASK_VALUE)
 
 
 def relative_position_index(window: Sequence[int]) -> torch.Tensor:
@@ -250,15 +250,13 @@ class BasicLayer(nn.Module):
             for i in range(depth)
         )
         self.downsample = MERGING[downsample](dim) if downsample else None
-        self._masks: dict[tuple, torch.Tensor] = {}
 
-    def _mask(self, grid: Sequence[int], device: torch.device) -> torch.Tensor:
+    def _mask(self, grid: Sequence[int], device: torch.device) -> torch.Tensor | None:
+        # Built per forward, not kept: at a 96^3 input the first stage's mask is 161 MB, which a
+        # kept copy would add to the peak of every later step (the decoder's); building it is ~0.1 s.
         window, shift = window_and_shift(grid, self.window_size, self.shift_size)
         padded = tuple(-(-size // win) * win for size, win in zip(grid, window))
-        key = (padded, window, shift, str(device))
-        if key not in self._masks:  # the mask depends only on the grid: build it once per shape
-            self._masks[key] = shift_mask(padded, window, shift, device) if any(shift) else None
-        return self._masks[key]
+        return shift_mask(padded, window, shift, device) if any(shift) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self._mask(x.shape[2:], x.device)
