@@ -150,6 +150,19 @@ def test_chunked_window_attention_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda *t: window_attention(*t, mask, 0.5), (q, k, v, bias))
 
 
+def test_shift_masks_are_kept_in_training_and_not_in_inference():
+    torch.manual_seed(0)
+    model = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, depths=(2, 2, 2, 2))
+    stages = [m for m in model.modules() if isinstance(m, swin_module.BasicLayer)]
+    x = torch.rand(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    assert all(not stage._masks for stage in stages)  # inference: built per forward, freed with it
+    got = model(x)  # with gradients: stages whose windows shift keep their mask for the next forward
+    assert [len(stage._masks) for stage in stages] == [1, 1, 1, 0]  # 4^3 tokens fit one window: no shift
+    assert torch.equal(got, expected)
+
+
 def test_activation_checkpointing_keeps_outputs_and_gradients():
     torch.manual_seed(0)
     plain = SwinUNETR(feature_size=12, out_channels=2)

@@ -9,8 +9,8 @@ published weights load unchanged and MONAI serves as the numerical reference.
 Differences from the reference that do not change results: on CPU, attention runs a few
 windows at a time with a recomputing backward (``swinssl.nn.cpu_attention``), elsewhere
 through ``F.scaled_dot_product_attention`` with the relative-position bias and the shift
-mask as one additive mask; the shift mask is built per stage and forward; blocks can use activation
-checkpointing.
+mask as one additive mask; shift masks are kept per grid in training and built per forward
+in inference; blocks can use activation checkpointing.
 
 Tensors inside stages are channel-last: ``(B, D, H, W, C)``.
 """
@@ -250,13 +250,21 @@ class BasicLayer(nn.Module):
             for i in range(depth)
         )
         self.downsample = MERGING[downsample](dim) if downsample else None
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     def _mask(self, grid: Sequence[int], device: torch.device) -> torch.Tensor | None:
-        # Built per forward, not kept: at a 96^3 input the first stage's mask is 161 MB, which a
-        # kept copy would add to the peak of every later step (the decoder's); building it is ~0.1 s.
         window, shift = window_and_shift(grid, self.window_size, self.shift_size)
+        if not any(shift):
+            return None
         padded = tuple(-(-size // win) * win for size, win in zip(grid, window))
-        return shift_mask(padded, window, shift, device) if any(shift) else None
+        if not torch.is_grad_enabled():
+            # Inference: built per forward and freed with it. Kept, the first stage's mask (161 MB
+            # at 96^3) would add to the decoder's peak; building it takes ~0.1 s.
+            return shift_mask(padded, window, shift, device)
+        key = (padded, window, shift, str(device))
+        if key not in self._masks:  # training: one mask per grid, shared by the forwards of a step
+            self._masks[key] = shift_mask(padded, window, shift, device)
+        return self._masks[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self._mask(x.shape[2:], x.device)
