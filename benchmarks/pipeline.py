@@ -331,18 +331,18 @@ def predict_worker(spec: dict) -> dict:
     else:
         from swinssl.config import to_dict
         from swinssl.data.discover import find_dataset
-        from swinssl.infer import predict_case
+        from swinssl.infer import inference_pipeline, predict_case
 
         plan = {"network": {"feature_size": cfg["feature"], "out_channels": 2}, "preprocess": to_dict(preprocess_cfg(cfg)),
                 "modality": "CT"}
-        cache = spec["cache"] if spec["side"] == "ours cached" else None
+        pipeline = inference_pipeline(plan, spec["cache"] if spec["side"] == "ours cached" else None)
         cases = [dataclasses.replace(find_dataset(image).cases[0], modality="CT") for image in spec["images"]]
-        if cache:  # a first pass adds the volumes to the cache, as a first prediction (or training) would
+        if spec["side"] == "ours cached":  # a first pass fills the cache, as a first prediction (or training) would
             for case in cases:
-                predict_case(model, plan, case, cache=cache)
+                predict_case(model, plan, case, pipeline=pipeline)
         for case in cases:
             start = time.perf_counter()
-            predict_case(model, plan, case, cache=cache)
+            predict_case(model, plan, case, pipeline=pipeline)
             times.append(time.perf_counter() - start)
     return {"s_per_volume": statistics.median(times), "times": times, "peak_rss_gib": _peak_rss_gib()}
 

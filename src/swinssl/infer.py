@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from swinssl.config import ModelConfig, PreprocessConfig, from_dict
 from swinssl.data.discover import Case, find_dataset
-from swinssl.data.transforms import case_item, inference_transforms, invert
+from swinssl.data.transforms import Pipeline, case_item, inference_transforms, invert
 from swinssl.errors import CheckpointError, ConfigError, DataError, SwinsslError
 from swinssl.nn.load import filter_swinssl, read_checkpoint
 from swinssl.nn.multiview import window_predictor
@@ -243,7 +243,7 @@ def predict_case(
     mode: str = "gaussian",
     fuse: bool | None = None,
     view: str = "identity",
-    cache: str | Path | None = None,
+    pipeline: Pipeline | None = None,
 ) -> MetaTensor:
     """Integer mask ``(1, X, Y, Z)`` for one case, in the input file's geometry.
 
@@ -251,13 +251,13 @@ def predict_case(
     is uint8 (int32 beyond 256 classes). ``roi_size`` defaults to the plan's training crop.
     ``fuse``: multi-view fusion (``predict_volume``); ``None`` uses the plan's default
     (``plan_fuses``: on for SwinMM multi-view models); ``view``: the axis order without fusion.
-    ``cache``: a preprocessing cache folder to read the preprocessed volume from (built on
-    first use), or None.
+    ``pipeline``: the plan's ``inference_pipeline`` (with a cache folder to read the
+    preprocessed volume from); None builds one without a cache.
     Raises ``DataError`` naming the file for unreadable or invalid inputs.
     """
     cfg = preprocess_of(plan)
     case = _as_case(case_or_path, plan)
-    pipeline = inference_transforms(cfg, channels=int(plan["network"].get("in_channels", 1)), cache=cache)
+    pipeline = inference_pipeline(plan) if pipeline is None else pipeline
     data = pipeline({**case_item(case), "label": None})  # a case's label plays no part in predicting it
     image = data["image"]
     num_classes = int(plan["network"].get("out_channels", 2))
@@ -443,6 +443,7 @@ def predict(
     roi = _roi(roi_size, plan)
     fuse = plan_fuses(plan) if fuse is None else fuse
     cache = prediction_cache(cache, plan)
+    pipeline = inference_pipeline(plan, cache)  # one for all cases: an unusable cache is found (and said) once
     cases, failed = collect_cases(inputs)
     for source, reason in failed.items():
         log.warning("skipped %s", reason if reason.startswith(source) else f"{source}: {reason}")
@@ -451,7 +452,7 @@ def predict(
         source = case.images[0]
         try:
             mask = predict_case(model, plan, case, roi, overlap, sw_batch_size, flips, fuse=fuse, view=view,
-                                cache=cache)
+                                pipeline=pipeline)
         except SwinsslError as err:
             failed[str(source)] = str(err)
             log.warning("skipped %s", err)
@@ -467,6 +468,12 @@ def predict(
     _write_record(out_dir, model_source, checkpoint, plan, options, written, failed)
     log.info("wrote %d mask(s) to %s; %d input(s) skipped", len(written), out_dir, len(failed))
     return [Path(p) for p in written.values()]
+
+
+def inference_pipeline(plan: Mapping, cache: str | Path | None = None) -> Pipeline:
+    """The plan's preprocessing (``inference_transforms``), reading from and adding to the cache
+    folder ``cache`` (None: no cache)."""
+    return inference_transforms(preprocess_of(plan), channels=int(plan["network"].get("in_channels", 1)), cache=cache)
 
 
 def prediction_cache(cache: str | Path | None, plan: Mapping) -> Path | None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
 
+@functools.cache  # find_library runs ldconfig: once per process, not once per predicted case
 def _libc() -> ctypes.CDLL | None:
     """The C library on Linux, else None."""
     name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None

@@ -50,7 +50,6 @@ CACHE_FORMAT = 2  # 2: entries keep metadata and transform trace
 TAIL_FIELDS = ("roi_size", "num_crops", "pos_fraction", "augment")
 
 log = logging.getLogger(__name__)
-_REPORTED: set[Path] = set()  # cache folders already reported unusable
 
 
 def settings_fingerprint(cfg: PreprocessConfig, **extra: Any) -> dict[str, Any]:
@@ -240,10 +239,8 @@ class CachedPrefixd(MapTransform, InvertibleTransform):
         return self._load(dict(data), entry)
 
     def _give_up(self, err: OSError) -> None:
+        log.warning("preprocessing cache %s is not usable (%s); reading volumes uncached", self.root, err)
         self.usable = False
-        if self.root not in _REPORTED:  # predict builds a pipeline per case: say it once
-            _REPORTED.add(self.root)
-            log.warning("preprocessing cache %s is not usable (%s); reading volumes uncached", self.root, err)
 
     def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         return self.head.inverse(data)
