@@ -10,7 +10,11 @@ Sections (each measurement runs in a fresh subprocess, so its peak resident memo
             thread): the reference MONAI chain (LoadImaged, EnsureChannelFirstd, Orientationd,
             Spacingd, ScaleIntensityRanged, CropForegroundd, SpatialPadd, RandSpatialCropSamplesd)
             against swinssl's pipeline uncached and from its preprocessing cache (warm; the
-            one-off build is reported separately).
+            one-off build is reported separately). Also against MONAI's own way of caching the
+            same thing: swinssl's pre-training head and random tail in one Compose behind
+            ``PersistentDataset`` (torch.save of everything up to the first random transform,
+            whole volume reloaded per visit; a fresh cache_dir), first pass and later passes
+            each against the same of swinssl's cache, with a parity line of their crops.
   pretrain  Swin UNETR SSL steps/s end to end, loading included (no worker processes, so loading
             and compute add up): reference = MONAI pipeline + MONAI's SwinTransformer encoder +
             per-sample rotation/cut-out loops (as research-contributions' rot_rand/aug_rand);
@@ -132,6 +136,19 @@ def ours_pipeline(cfg: dict, cache: str | None, labels: bool):
     return pretrain_transforms(pre, cache=cache)
 
 
+def persistent_dataset(cfg: dict, images: list[str], cache_dir: str):
+    """swinssl's pre-training pipeline the MONAI way: its deterministic head and random tail in one
+    Compose behind ``PersistentDataset``, which caches the head (up to the first random transform)."""
+    from monai.data import PersistentDataset
+    from monai.transforms import Compose, Randomizable
+
+    steps = list(ours_pipeline(cfg, None, labels=False).transforms)  # head (uncached) + RandCropsd
+    transform = Compose(steps)
+    first_random = transform.get_index_of_first(lambda t: isinstance(t, Randomizable))
+    assert first_random == len(steps) - 1, f"PersistentDataset would cache {first_random} of {len(steps)} steps"
+    return PersistentDataset([item_of(f, modality="CT") for f in images], transform=transform, cache_dir=cache_dir)
+
+
 def collate_images(outputs: list) -> "torch.Tensor":  # noqa: F821
     import torch
 
@@ -160,21 +177,27 @@ def loader_worker(spec: dict) -> dict:
     torch.set_num_threads(1)
     cfg, images = CONFIGS[spec["config"]], spec["images"]
     side = spec["side"]
-    if side == "reference":
-        pipeline, items = reference_pipeline(cfg, labels=False), [{"image": f} for f in images]
+    if side.startswith("persistent"):  # MONAI's PersistentDataset over swinssl's head + random tail
+        dataset = persistent_dataset(cfg, images, spec["persistent_cache"])
+        pipeline, items, load = dataset.transform, range(len(dataset)), dataset.__getitem__
     else:
-        pipeline = ours_pipeline(cfg, spec["cache"] if "cache" in side else None, labels=False)
-        items = [item_of(f, modality="CT") for f in images]
-    if side == "ours cache build":  # the one-off build, in its own process so it does not count in the peak
+        if side == "reference":
+            pipeline, items = reference_pipeline(cfg, labels=False), [{"image": f} for f in images]
+        else:
+            pipeline = ours_pipeline(cfg, spec["cache"] if "cache" in side else None, labels=False)
+            items = [item_of(f, modality="CT") for f in images]
+        load = lambda it: pipeline(dict(it))
+    if side in ("ours cache build", "persistent build"):  # the one-off build (first pass), in its own process
+        pipeline.set_random_state(seed=0)
         start = time.perf_counter()
-        for it in items:
-            pipeline(dict(it))
-        return {"build_s": time.perf_counter() - start, "peak_rss_gib": _peak_rss_gib()}
+        crops = sum(len(load(it)) for it in items)
+        build_s = time.perf_counter() - start
+        return {"build_s": build_s, "crops_per_s": crops / build_s, "peak_rss_gib": _peak_rss_gib()}
     rates = []
     for r in range(spec["repeats"]):
         pipeline.set_random_state(seed=r)
         start = time.perf_counter()
-        crops = sum(len(pipeline(dict(it))) for it in items)
+        crops = sum(len(load(it)) for it in items)
         rates.append(crops / (time.perf_counter() - start))
     return {"crops_per_s": statistics.median(rates), "rates": rates, "peak_rss_gib": _peak_rss_gib()}
 
@@ -183,11 +206,12 @@ def _ssl_models(cfg: dict, reference: bool):
     """Our SSL model; for the reference, the same with MONAI's SwinTransformer as encoder (same keys)."""
     import torch
 
-    from swinssl.config import MethodConfig, ModelConfig
-    from swinssl.methods.swin_unetr import SSLModel
+    from swinssl.config import Config, MethodConfig, ModelConfig
+    from swinssl.methods import get_method
 
     torch.manual_seed(0)
-    model = SSLModel(ModelConfig(feature_size=cfg["feature"]), MethodConfig())
+    method = MethodConfig()
+    model = get_method(method.name).build_model(Config(model=ModelConfig(feature_size=cfg["feature"]), method=method))
     if reference:
         from monai.networks.nets.swin_unetr import SwinTransformer
 
@@ -195,6 +219,7 @@ def _ssl_models(cfg: dict, reference: bool):
         model.swinViT = SwinTransformer(in_chans=1, embed_dim=cfg["feature"], window_size=(7, 7, 7), patch_size=(2, 2, 2),
                                         depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), spatial_dims=3)
         model.swinViT.load_state_dict(ours)
+        model.swinViT.dim = None  # no domain-invariance module (SSLModel asks its encoder)
     return model
 
 
@@ -368,8 +393,29 @@ def parity_worker(spec: dict) -> dict:
     return {"preprocessed": volumes, "ssl": ssl, "segmentation": seg}
 
 
-WORKERS = {"loader": loader_worker, "pretrain": pretrain_worker, "finetune": finetune_worker,
-           "predict": predict_worker, "parity": parity_worker}
+def loader_parity_worker(spec: dict) -> dict:
+    """Crops of swinssl's cache and of PersistentDataset for the same seed (both caches built by the
+    loader runs): shapes, value range of each, max |difference| (inf where a shape differs)."""
+    cfg, images = CONFIGS[spec["config"]], spec["images"]
+    ours = ours_pipeline(cfg, spec["cache"], labels=False)
+    dataset = persistent_dataset(cfg, images, spec["persistent_cache"])
+    ours.set_random_state(seed=0)
+    dataset.transform.set_random_state(seed=0)
+    out = {"shapes": [], "persistent_shapes": [], "range": [float("inf"), -float("inf")],
+           "persistent_range": [float("inf"), -float("inf")], "max_diff": 0.0}
+    for i, image in enumerate(images):
+        for a, b in zip(ours(item_of(image, modality="CT")), dataset[i], strict=True):
+            a, b = a["image"], b["image"]
+            for key, crop in (("", a), ("persistent_", b)):
+                low, high = out[key + "range"]
+                out[key + "shapes"] = sorted(set(map(tuple, out[key + "shapes"])) | {tuple(crop.shape)})
+                out[key + "range"] = [min(low, crop.min().item()), max(high, crop.max().item())]
+            out["max_diff"] = max(out["max_diff"], (a - b).abs().max().item() if a.shape == b.shape else float("inf"))
+    return out
+
+
+WORKERS = {"loader": loader_worker, "loader_parity": loader_parity_worker, "pretrain": pretrain_worker,
+           "finetune": finetune_worker, "predict": predict_worker, "parity": parity_worker}
 
 
 def run_worker(kind: str, spec: dict) -> dict:
@@ -415,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
           f"({len(pairs)} labelled) under {args.data}")
     with tempfile.TemporaryDirectory(prefix="swinssl-bench-cache-") as scratch:
         for name in args.configs:
-            rows = measure_config(name, args, images, pairs, args.cache or Path(scratch))
+            rows = measure_config(name, args, images, pairs, args.cache or Path(scratch), Path(scratch))
             results["configs"][name] = rows
             print_table(name, rows)
     if args.json:
@@ -424,20 +470,24 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.json}")
 
 
-def measure_config(name: str, args: argparse.Namespace, images: list[str], pairs: list, cache: Path) -> dict:
+def measure_config(name: str, args: argparse.Namespace, images: list[str], pairs: list, cache: Path,
+                   scratch: Path) -> dict:
+    persistent = tempfile.mkdtemp(prefix=f"persistent-{name}-", dir=scratch)  # always fresh: its first pass builds
     base = {"config": name, "images": images, "pairs": pairs, "cache": str(cache / name),
-            "repeats": args.repeats, "steps": args.steps}
+            "persistent_cache": persistent, "repeats": args.repeats, "steps": args.steps}
     rows = {"parity": run_worker("parity", base)}
     for section in args.sections:
         if section == "finetune" and not pairs:
             print(f"  {name}: no labelled volumes, finetune skipped", file=sys.stderr)
             continue
-        sides = {"loader": ["reference", "ours", "ours cache build", "ours cached"],
+        sides = {"loader": ["reference", "ours", "ours cache build", "ours cached", "persistent build", "persistent"],
                  "predict": ["reference", "ours", "ours cached"]}.get(section, ["reference", "ours"])
         rows[section] = {}
         for side in sides:
             rows[section][side] = run_worker(section, {**base, "side": side})
             print(f"  measured {name} {section} {side}: {rows[section][side]}"[:200], file=sys.stderr)
+        if section == "loader":
+            rows["loader_parity"] = run_worker("loader_parity", base)
     return rows
 
 
@@ -456,7 +506,8 @@ def print_table(name: str, rows: dict) -> None:
         if section not in rows:
             continue
         ref = rows[section]["reference"]
-        for side in [s for s in rows[section] if s not in ("reference", "ours cache build")]:
+        apart = ("reference", "ours cache build", "persistent build", "persistent")  # not against the reference
+        for side in [s for s in rows[section] if s not in apart]:
             ours = rows[section][side]
             speed = ours[key] / ref[key] if higher_better else ref[key] / ours[key]
             text = label + ("" if side == "ours" else f", {side.removeprefix('ours ')}")
@@ -466,6 +517,19 @@ def print_table(name: str, rows: dict) -> None:
             build = rows[section]["ours cache build"]
             print(f"{'  cache build, once: s, peak GiB':<34} {'':>10} {build['build_s']:>10.1f} {'':>9} {'':>13} "
                   f"{build['peak_rss_gib']:>6.2f}")
+        if "persistent" in rows[section]:
+            print("  vs MONAI PersistentDataset (same head + RandCropsd): "
+                  "reference = PersistentDataset, ours = swinssl cache")
+            for text, theirs, mine in (("loader crops/s, first pass (build)", "persistent build", "ours cache build"),
+                                       ("loader crops/s, later passes", "persistent", "ours cached")):
+                ref, ours = rows[section][theirs], rows[section][mine]
+                print(f"{text:<34} {ref[key]:>10.3f} {ours[key]:>10.3f} {ours[key] / ref[key]:>8.2f}x "
+                      f"{ref['peak_rss_gib']:>13.2f} {ours['peak_rss_gib']:>6.2f} "
+                      f"{ours['peak_rss_gib'] / ref['peak_rss_gib']:>6.2f}")
+            p = rows["loader_parity"]
+            print(f"  parity, seed 0: crops {' '.join(map(str, p['shapes']))} vs "
+                  f"{' '.join(map(str, p['persistent_shapes']))}, values [{p['range'][0]:.3f}, {p['range'][1]:.3f}] "
+                  f"vs [{p['persistent_range'][0]:.3f}, {p['persistent_range'][1]:.3f}], max |diff| {p['max_diff']:.1e}")
     print("speed-up = reference time / ours (loader: ours crops/s / reference); ratio = ours / reference peak RSS")
 
 

@@ -1,13 +1,21 @@
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 import swinssl
 from swinssl.cli import app
 
 runner = CliRunner()
+WIDE = {"COLUMNS": "200"}  # help and errors on one line where they fit
+
+
+def _flat(text: str) -> str:
+    """Rendered help or error text without rich's box characters and line wrapping."""
+    return " ".join(text.replace("│", " ").split())
 
 
 def test_help_lists_commands():
@@ -59,7 +67,7 @@ def test_config_error_is_one_line_with_exit_code_2():
 def test_data_check_rejects_unknown_modality(tmp_path):
     result = runner.invoke(app, ["data", "check", str(tmp_path), "--modality", "PET"])
     assert result.exit_code == 2
-    assert "--modality must be one of CT, MRI, auto" in result.output
+    assert "--modality" in result.output and all(f"'{m}'" in result.output for m in ("CT", "MRI", "auto"))
 
 
 def test_phantom_into_unwritable_place_is_one_line_error(tmp_path):
@@ -88,3 +96,117 @@ def test_pretrain_help_names_presets_and_resume():
     result = runner.invoke(app, ["pretrain", "--help"])
     assert result.exit_code == 0
     assert "--resume" in result.output and "pretrain/swin_unetr_tiny" in result.output
+
+
+def test_study_help_lists_its_commands_when_run_as_module():
+    env = {**os.environ, **WIDE}
+    result = subprocess.run([sys.executable, "-m", "swinssl.cli", "study", "--help"], capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 0, result.stderr
+    for command in ("data-efficiency", "views", "modality"):
+        assert command in result.stdout
+
+
+def test_predict_rejects_unknown_views_naming_the_registry_choices(tmp_path):
+    from swinssl.methods import view_choices
+
+    result = runner.invoke(app, ["predict", str(tmp_path), str(tmp_path), "-o", str(tmp_path / "out"),
+                                 "--views", "bogus"], env=WIDE)
+    assert result.exit_code == 2, result.output
+    assert "--views" in result.output and "'bogus'" in result.output
+    assert all(f"'{choice}'" in result.output for choice in view_choices())
+
+
+def test_predict_rejects_unknown_format_naming_the_choices(tmp_path):
+    result = runner.invoke(app, ["predict", str(tmp_path), str(tmp_path), "-o", str(tmp_path / "out"),
+                                 "--format", "png"], env=WIDE)
+    assert result.exit_code == 2, result.output
+    assert "--format" in result.output and "'nifti'" in result.output and "'same'" in result.output
+
+
+def test_predict_help_lists_choices(tmp_path):
+    from swinssl.methods import view_choices
+
+    result = runner.invoke(app, ["predict", "--help"], env=WIDE)
+    assert result.exit_code == 0
+    assert "<" + "|".join(view_choices()) + ">" in result.output
+    assert "<nifti|same>" in result.output and "<auto|cpu|cuda>" in result.output
+
+
+def test_predict_passes_plain_strings_to_predict_options(tmp_path, monkeypatch):
+    import swinssl.infer
+
+    seen = {}
+
+    def fake_predict(model, inputs, out, options):
+        seen["options"] = options
+        return []
+
+    monkeypatch.setattr(swinssl.infer, "predict", fake_predict)
+    result = runner.invoke(app, ["predict", str(tmp_path), str(tmp_path), "-o", str(tmp_path / "out"),
+                                 "--views", "swap_xy", "--format", "same", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    options = seen["options"]
+    assert (options.views, options.output_format, options.device) == ("swap_xy", "same", "cpu")
+    assert all(type(v) is str for v in (options.views, options.output_format, options.device))
+
+
+def test_study_preset_is_a_checked_choice_passed_as_a_string(tmp_path, monkeypatch):
+    import swinssl.study
+
+    seen = {}
+
+    def fake_study(out, preset):
+        seen["preset"] = preset
+        report = tmp_path / "report.md"
+        report.write_text("report")
+        return report
+
+    monkeypatch.setattr(swinssl.study, "run_modality_study", fake_study)
+    result = runner.invoke(app, ["study", "modality", "-o", str(tmp_path), "--preset", "full"])
+    assert result.exit_code == 0, result.output
+    assert seen["preset"] == "full" and type(seen["preset"]) is str
+    bad = runner.invoke(app, ["study", "modality", "-o", str(tmp_path), "--preset", "huge"], env=WIDE)
+    assert bad.exit_code == 2 and all(f"'{p}'" in bad.output for p in swinssl.study.PRESETS)
+
+
+@pytest.mark.parametrize("args, text", [
+    (["predict", "--help"], "Sliding-window size [default: the training crop]"),
+    (["evaluate", "--help"], "[default: the predictions folder]"),
+    (["study", "data-efficiency", "--help"], "[default: 0.1 0.3 0.5 1]"),
+    (["study", "views", "--help"], "[default: scratch]"),
+])
+def test_help_shows_bracketed_default_texts(args, text):
+    result = runner.invoke(app, args, env=WIDE)
+    assert result.exit_code == 0
+    assert text in _flat(result.output)
+
+
+@pytest.mark.parametrize("args, text", [
+    (["predict", "--help"], "then the preprocessing is inverted (foreground crop, resampling, reorientation), so"),
+    (["pretrain", "--help"], "contrastive), swinmm (masked multi-view reconstruction"),
+    (["finetune", "--help"], "adds pseudo-labelled unlabelled volumes. Writes a run directory with"),
+])
+def test_help_paragraphs_are_not_broken_mid_sentence(args, text):
+    result = runner.invoke(app, args, env=WIDE)
+    assert result.exit_code == 0
+    assert any(text in line for line in result.output.splitlines())  # on one line at 200 columns
+
+
+def test_phantom_short_out_flag(tmp_path):
+    out = tmp_path / "phantom"
+    result = runner.invoke(app, ["phantom", "-o", str(out), "--cases", "2", "--size", "32"])
+    assert result.exit_code == 0, result.output
+    assert (out / "dataset.json").is_file() and (out / "dataset_mri.json").is_file()
+
+
+def test_top_level_help_does_not_import_torch():
+    code = ("import sys\n"
+            "from typer.testing import CliRunner\n"
+            "from swinssl.cli import app\n"
+            "for args in (['--help'], ['phantom', '--help'], ['data', 'check', '--help'], ['study', '--help']):\n"
+            "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
+            "print(sorted(m for m in ('torch', 'swinssl.methods', 'swinssl.study') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

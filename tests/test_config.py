@@ -119,3 +119,20 @@ def test_from_dict_on_a_section_class():
     cfg = from_dict(PreprocessConfig, {"roi_size": [32, 32, 32]})
     assert cfg.roi_size == (32, 32, 32)
     assert to_dict(cfg)["roi_size"] == [32, 32, 32]
+
+
+def test_presets_lay_over_one_another_key_by_key(tmp_path):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("train: {steps: 7}\nmethod: {weights: {inpaint: 2.0}}\n")
+    cfg = load_config(["pretrain/swin_unetr_tiny", overlay], ["train.lr=1e-3"])
+    assert cfg.train.steps == 7 and cfg.train.lr == 1e-3
+    assert cfg.train.batch_size == 2 and cfg.model.feature_size == 12  # the base preset's other keys stay
+    assert cfg.method.weights == {"inpaint": 2.0}  # a value that is a mapping is replaced, as an override does
+    assert load_config([overlay, "pretrain/swin_unetr_tiny"]).train.steps == 300  # the later preset wins
+
+
+def test_retired_keys_of_older_run_folders_are_ignored_with_a_warning(tmp_path):
+    old = tmp_path / "config.yaml"
+    old.write_text("model: {feature_size: 12, out_channels: 5}\n")
+    with pytest.warns(UserWarning, match="model.out_channels is no longer used"):
+        assert load_config(old).model.feature_size == 12

@@ -31,12 +31,13 @@ import os
 import sys
 import time
 
-import swinssl.methods.swin_unetr as method
+from swinssl.methods import get_method
 from swinssl.cli import main
 
 rank = int(os.environ.get("LOCAL_RANK", "0"))
 with open(os.path.join(os.environ["FAULT_PIDS"], f"rank{rank}.pid"), "w") as f:
     f.write(str(os.getpid()))
+method = get_method("swin_unetr")
 real_compute_losses, calls = method.compute_losses, 0
 
 

@@ -11,7 +11,7 @@ from swinssl.engine import finetune as engine
 from swinssl.engine.checkpoint import load_checkpoint, save_checkpoint
 from swinssl.engine.logging import read_metrics
 from swinssl.errors import ConfigError, DataError
-from swinssl.methods.swin_unetr import SSLModel
+from swinssl.methods import get_method
 from swinssl.nn import build_network
 
 TINY = [
@@ -81,7 +81,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(phantoms, tmp_path,
 def _pretrain_checkpoint(path: Path) -> Path:
     """A swinssl pre-training checkpoint of a feature-12 encoder with recognisable weights."""
     cfg = load_config(None, ["model.feature_size=12", "model.depths=[1,1,1,1]"])
-    ssl = SSLModel(cfg.model, cfg.method)
+    ssl = get_method(cfg.method.name).build_model(cfg)
     with torch.no_grad():
         ssl.swinViT.patch_embed.proj.weight.fill_(0.125)
     return save_checkpoint(path, {"format": "swinssl", "kind": "pretrain", "step": 1, "model": ssl.state_dict(),
@@ -197,14 +197,14 @@ def test_real_volumes_finetune_predict_evaluate_keep_input_geometry(real_labelle
     import numpy as np
 
     from swinssl.data.io import read_volume
-    from swinssl.infer import predict
+    from swinssl.infer import PredictOptions, predict
     from swinssl.metrics import evaluate
 
     cfg = tiny_config(real_labelled / "dataset.json", tmp_path, "real", "train.steps=2", "train.val_fraction=0",
                       "preprocess.spacing=[3,3,3]", "preprocess.mri_normalization=zscore")
     run = engine.finetune(cfg, progress=False)
     images = sorted((real_labelled / "images").iterdir())
-    written = predict(run, images, tmp_path / "pred", output_format="same", progress=False)
+    written = predict(run, images, tmp_path / "pred", PredictOptions(output_format="same"), progress=False)
     assert sorted(p.name for p in written) == ["brain1.nrrd", "itk_t1.nii.gz"]
     for image in images:
         source = read_volume(image)

@@ -12,10 +12,10 @@ from swinssl import infer
 from swinssl.config import ModelConfig, PreprocessConfig, to_dict
 from swinssl.data.io import orientation_of, read_volume
 from swinssl.errors import CheckpointError, DataError
-from swinssl.infer import load_model, predict, predict_case, predict_volume
+from swinssl.infer import PredictOptions, load_model, predict, predict_case, predict_volume
 from swinssl.nn.swin_unetr import SwinUNETR
 
-TINY = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), out_channels=3)
+TINY = ModelConfig(feature_size=12, depths=(1, 1, 1, 1))
 # Resample to 2 mm, crop the body: the inverse must undo both and the reorientation.
 PLAN_PREPROCESS = PreprocessConfig(spacing=(2.0, 2.0, 2.0), crop_foreground=True, ct_window=(-1000.0, 1000.0), roi_size=(32, 32, 32))
 
@@ -27,23 +27,24 @@ PLS_ANISO = np.array([[0, -1.2, 0, 25.0], [-0.8, 0, 0, 12.0], [0, 0, 3.0, -7.0],
 NRRD_DIRECTIONS = np.array([[0.0, 0.9, 0.0], [1.1, 0.0, 0.0], [0.0, 0.0, 2.5]])
 
 
-def plan(preprocess: PreprocessConfig = PLAN_PREPROCESS, network: ModelConfig = TINY) -> dict:
+def plan(preprocess: PreprocessConfig = PLAN_PREPROCESS, network: ModelConfig = TINY, classes: int = 3) -> dict:
+    """A plan written by hand, as older versions wrote them (the Plan class reads these too)."""
     return {
-        "network": {**to_dict(network), "patch_size": 2},
+        "network": {**to_dict(network), "out_channels": classes, "patch_size": 2},
         "preprocess": to_dict(preprocess),
-        "labels": {str(i): name for i, name in enumerate(["background", "liver", "tumour"][: network.out_channels])},
+        "labels": {str(i): name for i, name in enumerate(["background", "liver", "tumour"][:classes])},
         "channel_names": ["image"],
         "modality": "CT",
     }
 
 
-def save_checkpoint(path, network: ModelConfig = TINY, kind="finetune", prefix="", state=None):
+def save_checkpoint(path, network: ModelConfig = TINY, kind="finetune", prefix="", state=None, classes=3):
     path.parent.mkdir(parents=True, exist_ok=True)
     if state is None:
         torch.manual_seed(0)
-        model = SwinUNETR(in_channels=1, out_channels=network.out_channels, feature_size=network.feature_size, depths=network.depths)
+        model = SwinUNETR(in_channels=1, out_channels=classes, feature_size=network.feature_size, depths=network.depths)
         state = {prefix + k: v for k, v in model.state_dict().items()}
-    torch.save({"format": "swinssl", "kind": kind, "model": state, "plan": plan(network=network)}, path)
+    torch.save({"format": "swinssl", "kind": kind, "model": state, "plan": plan(network=network, classes=classes)}, path)
     return path
 
 
@@ -72,11 +73,11 @@ class RampNet(nn.Module):
 @pytest.fixture
 def threshold_checkpoint(tmp_path, monkeypatch):
     """A real finetune checkpoint whose network is ThresholdNet (no weights), so outputs are known."""
-    monkeypatch.setattr(infer, "build_network", lambda cfg: ThresholdNet())
-    tiny = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), out_channels=2)
+    monkeypatch.setattr(infer.model, "build_network", lambda cfg: ThresholdNet())
+    tiny = ModelConfig(feature_size=12, depths=(1, 1, 1, 1))
     preprocess = PreprocessConfig(spacing=(2.0, 2.0, 2.0), crop_foreground=True, ct_window=(-1000.0, 1000.0), roi_size=(16, 16, 16))
     path = tmp_path / "threshold.pt"
-    torch.save({"format": "swinssl", "kind": "finetune", "model": {}, "plan": plan(preprocess, tiny)}, path)
+    torch.save({"format": "swinssl", "kind": "finetune", "model": {}, "plan": plan(preprocess, tiny, classes=2)}, path)
     return path
 
 
@@ -115,7 +116,8 @@ def test_masks_have_input_shape_affine_and_land_on_the_box(tmp_path, threshold_c
         "lps": write_nifti(tmp_path / "in" / "lps.nii.gz", image, LPS_ANISO),
         "scan": write_nrrd(tmp_path / "in" / "scan.nrrd", image),
     }
-    written = predict(threshold_checkpoint, list(inputs.values()), tmp_path / "out", output_format=output_format, progress=False)
+    written = predict(threshold_checkpoint, list(inputs.values()), tmp_path / "out", PredictOptions(output_format=output_format),
+                      progress=False)
 
     nrrd_suffix = ".nrrd" if output_format == "same" else ".nii.gz"
     expected = {tmp_path / "out" / "ras.nii.gz", tmp_path / "out" / "lps.nii.gz", tmp_path / "out" / f"scan{nrrd_suffix}"}
@@ -190,7 +192,7 @@ def test_second_prediction_reads_the_cache_and_writes_the_same_mask(tmp_path, th
     masks = {}
     for run, cache in [("off", "off"), ("first", tmp_path / "cache"), ("second", tmp_path / "cache")]:
         reads.clear()
-        written = predict(threshold_checkpoint, path, tmp_path / run, cache=cache, progress=False)
+        written = predict(threshold_checkpoint, path, tmp_path / run, PredictOptions(cache=cache), progress=False)
         masks[run] = nib.load(written[0])
         assert reads == ([] if run == "second" else [str(path)]), run  # the second run decodes nothing
         record = json.loads((tmp_path / run / "predictions.json").read_text())
@@ -204,12 +206,12 @@ def test_second_prediction_reads_the_cache_and_writes_the_same_mask(tmp_path, th
 
 def test_auto_cache_is_the_training_cache_while_it_exists(tmp_path):
     trained = tmp_path / "train_out" / "cache"
-    assert infer.prediction_cache("auto", {"cache": str(trained)}) is None  # gone (or elsewhere): none
+    assert infer.prediction_cache("auto", str(trained)) is None  # gone (or elsewhere): none
     trained.mkdir(parents=True)
-    assert infer.prediction_cache("auto", {"cache": str(trained)}) == trained
-    assert infer.prediction_cache("auto", {}) is None  # a checkpoint that names no cache
-    assert infer.prediction_cache("off", {"cache": str(trained)}) is None
-    assert infer.prediction_cache(tmp_path / "mine", {"cache": str(trained)}) == tmp_path / "mine"
+    assert infer.prediction_cache("auto", str(trained)) == trained
+    assert infer.prediction_cache("auto", None) is None  # a checkpoint that names no cache
+    assert infer.prediction_cache("off", str(trained)) is None
+    assert infer.prediction_cache(tmp_path / "mine", str(trained)) == tmp_path / "mine"
 
 
 # --- sliding windows and flips ------------------------------------------------------------------
@@ -239,7 +241,7 @@ def test_fused_views_do_not_change_a_permutation_equivariant_model():
     torch.manual_seed(0)
     image = torch.rand(1, 21, 17, 13)
     plain = predict_volume(ThresholdNet(), image, (8, 8, 8), overlap=0.5)
-    fused = predict_volume(ThresholdNet(), image, (8, 8, 8), overlap=0.5, fuse=True)
+    fused = predict_volume(ThresholdNet(), image, (8, 8, 8), overlap=0.5, views="fused")
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
 
 
@@ -247,7 +249,7 @@ def test_fused_views_average_the_softmax_of_the_three_axis_orders():
     from swinssl.ssl.views import PERMUTATIONS, permute, unpermute
 
     x = torch.zeros(1, 1, 16, 16, 16)  # one window: the ramp's weights 1, 2, 3 differ per axis
-    fused = predict_volume(RampNet(), x[0], (16, 16, 16), fuse=True)
+    fused = predict_volume(RampNet(), x[0], (16, 16, 16), views="fused")
     plain = predict_volume(RampNet(), x[0], (16, 16, 16))
     expected = sum(torch.softmax(unpermute(RampNet()(permute(x, o)), o), 1) for o in PERMUTATIONS.values()) / 3
     torch.testing.assert_close(fused, expected[0], atol=1e-5, rtol=0)
@@ -258,12 +260,12 @@ def test_single_view_predicts_the_permuted_window_mapped_back():
     from swinssl.ssl.views import PERMUTATIONS, permute, unpermute
 
     x = torch.zeros(1, 1, 16, 16, 16)
-    views = {name: predict_volume(RampNet(), x[0], (16, 16, 16), view=name) for name in PERMUTATIONS}
+    views = {name: predict_volume(RampNet(), x[0], (16, 16, 16), views=name) for name in PERMUTATIONS}
     for name, order in PERMUTATIONS.items():
         expected = torch.softmax(unpermute(RampNet()(permute(x, order)), order), 1)[0]
         torch.testing.assert_close(views[name], expected, atol=1e-5, rtol=0)
     assert (views["swap_xy"] - views["identity"]).abs().max() > 0.1  # the orders do differ for this model
-    fused = predict_volume(RampNet(), x[0], (16, 16, 16), fuse=True)
+    fused = predict_volume(RampNet(), x[0], (16, 16, 16), views="fused")
     torch.testing.assert_close(fused, sum(views.values()) / 3, atol=1e-5, rtol=0)
 
 
@@ -277,7 +279,7 @@ def test_single_view_of_a_multiview_model_pairs_it_with_the_next_order():
     orders = list(PERMUTATIONS.values())
     with torch.no_grad():
         for i, name in enumerate(PERMUTATIONS):
-            got = predict_volume(model, x[0], (32, 32, 32), view=name)
+            got = predict_volume(model, x[0], (32, 32, 32), views=name)
             expected = torch.softmax(model(x, orders=(orders[i], orders[(i + 1) % 3]))[0], 1)[0]
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
@@ -331,7 +333,7 @@ def test_a_failing_write_leaves_no_partial_file(tmp_path, threshold_checkpoint, 
         target.write_bytes(b"\x1f\x8b half a file")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(infer, "_write_nifti", half_write)
+    monkeypatch.setattr(infer.write, "_write_nifti", half_write)
     with pytest.raises(OSError, match="No space"):
         predict(threshold_checkpoint, path, tmp_path / "out", progress=False)
     assert list((tmp_path / "out").iterdir()) == []  # neither the mask, nor its temporary file
@@ -374,11 +376,10 @@ def test_run_directory_uses_best_then_last(tmp_path):
     run.mkdir()
     with pytest.raises(CheckpointError, match="no checkpoints/best.pt or checkpoints/last.pt"):
         load_model(run)
-    two = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), out_channels=2)
-    save_checkpoint(run / "checkpoints" / "last.pt", network=two, prefix="module.")  # saved under DDP
+    save_checkpoint(run / "checkpoints" / "last.pt", classes=2, prefix="module.")  # saved under DDP
     model, the_plan = load_model(run)
     assert model.config["out_channels"] == 2 and not model.training
-    assert the_plan["preprocess"]["spacing"] == [2.0, 2.0, 2.0]
+    assert the_plan.preprocess.spacing == (2.0, 2.0, 2.0) and the_plan.out_channels == 2
     save_checkpoint(run / "checkpoints" / "best.pt")
     model, _ = load_model(run)
     assert model.config["out_channels"] == 3

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import LPS_AFFINE, write_nifti, write_volume
+from monai.data import MetaTensor
 
+from swinssl.data.discover import volume_stem
+from swinssl.data.io import AFFINE_TOLERANCE_MM, check_same_grid, spacing_of
 from swinssl.errors import ConfigError, DataError
 from swinssl.metrics import case_metrics, evaluate, format_summary, summarize, worst_distance
 
@@ -250,3 +253,51 @@ def test_evaluate_without_any_pair_names_both_folders(folders, tmp_path):
     write_nifti(other / "z.nii.gz", two_class())
     with pytest.raises(DataError, match=rf"^{preds}: no prediction matches a label in {other} "):
         evaluate(preds, other)
+
+
+# --- what evaluate reads through swinssl.data ----------------------------------------------------
+
+
+def test_check_same_grid_names_both_files_and_the_part_that_differs(tmp_path):
+    pred, label, beside = tmp_path / "preds" / "a.nii.gz", tmp_path / "labels" / "a.nii.gz", tmp_path / "preds" / "b.nii.gz"
+
+    def message(affine, shape=SHAPE, ref=label, **roles) -> str:
+        with pytest.raises(DataError) as excinfo:
+            check_same_grid(pred, shape, affine, ref, SHAPE, LPS_AFFINE, **roles)
+        return str(excinfo.value)
+
+    check_same_grid(pred, SHAPE, LPS_AFFINE + AFFINE_TOLERANCE_MM / 2, label, SHAPE, LPS_AFFINE)  # within tolerance
+    assert message(LPS_AFFINE, shape=(20, 20, 18), ref_what="label") == (
+        f"{pred}: shape (20, 20, 18) differs from label {label} shape (20, 20, 20)"
+    )
+    moved = LPS_AFFINE.copy()
+    moved[0, 3] += 1.0
+    assert message(moved, ref_what="label") == (
+        f"{pred}: affine differs from label {label} (origin (31, 40, -20) vs (30, 40, -20) mm, max difference 1 mm)"
+    )
+    assert message(moved, ref=beside, what="label") == f"{pred}: label affine differs from image b.nii.gz " + (
+        "(origin (31, 40, -20) vs (30, 40, -20) mm, max difference 1 mm)"  # a file beside it: named without its folder
+    )
+    assert "spacing (1.5, 1.5, 2.5) vs (1.5, 1.5, 2) mm" in message(LPS_AFFINE @ np.diag([1, 1, 1.25, 1]))
+    assert "orientation/direction differs, max difference 3 mm" in message(LPS_AFFINE @ np.diag([-1, 1, 1, 1]))
+    # rtol widens the tolerance in proportion to each reference entry: 0.002 mm at an origin of 30 mm.
+    slightly = LPS_AFFINE.copy()
+    slightly[0, 3] += 0.002
+    assert "origin" in message(slightly)
+    check_same_grid(pred, SHAPE, slightly, label, SHAPE, LPS_AFFINE, rtol=1e-4)
+
+
+def test_spacing_of_is_the_column_norms_of_an_affine_or_a_volumes_affine():
+    angle = math.radians(30)
+    rotation = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag(ANISO)  # rotated anisotropic voxels: row norms would mix the axes
+    assert spacing_of(affine) == pytest.approx(ANISO)
+    assert spacing_of(MetaTensor(torch.zeros(1, 2, 2, 2), affine=torch.as_tensor(affine))) == pytest.approx(ANISO)
+
+
+def test_volume_stem_drops_only_the_volume_suffix():
+    # Predictions pair with labels by this name, so an image token such as _0000 stays in it.
+    assert [volume_stem(Path(n)) for n in ("a.b.nii.gz", "Case_0000.nii.gz", "x.NRRD", "notes.txt")] == [
+        "a.b", "Case_0000", "x", "notes.txt"
+    ]

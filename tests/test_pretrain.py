@@ -7,6 +7,7 @@ import torch
 from conftest import TINY_PRETRAIN
 
 from swinssl.config import load_config
+from swinssl.engine import loop
 from swinssl.engine import pretrain as engine
 from swinssl.engine.checkpoint import load_checkpoint
 from swinssl.engine.logging import read_metrics
@@ -97,8 +98,13 @@ def test_bad_method_configs_are_refused(phantoms, tmp_path):
         engine.pretrain(tiny_config(phantoms, tmp_path, "x", "preprocess.roi_size=48"), progress=False)
     with pytest.raises(ConfigError, match="needs a second bottleneck token"):
         engine.pretrain(tiny_config(phantoms, tmp_path, "x", "preprocess.roi_size=32"), progress=False)
-    with pytest.raises(ConfigError, match=r"unknown tasks \['mutual'\]"):
+    with pytest.raises(ConfigError, match=r"unknown task 'nope'"):
+        engine.pretrain(tiny_config(phantoms, tmp_path, "x", "method.weights={nope: 1.0}"), progress=False)
+    # A registered task whose views cannot feed it: one line naming the task, what it needs and the fix.
+    with pytest.raises(ConfigError, match=r"task 'mutual' needs view fields \['mask', 'orders'\].*method.views=masked"):
         engine.pretrain(tiny_config(phantoms, tmp_path, "x", "method.weights={mutual: 1.0}"), progress=False)
+    with pytest.raises(ConfigError, match=r"task 'density' .* model.domain_invariance=true"):
+        engine.pretrain(tiny_config(phantoms, tmp_path, "x", "method.weights={density: 1.0}"), progress=False)
     with pytest.raises(ConfigError, match="run directory exists"):
         (tmp_path / "taken").mkdir()
         (tmp_path / "taken" / "file").write_text("x")
@@ -106,14 +112,27 @@ def test_bad_method_configs_are_refused(phantoms, tmp_path):
 
 
 def test_warmup_cosine_schedule():
-    f = engine.warmup_cosine(warmup=4, total=12)
+    f = loop.warmup_cosine(warmup=4, total=12)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(8) == pytest.approx(0.5)
     assert f(12) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_schedule_is_monais_cosine_without_its_zero_lr_first_step():
+    """Why the hand-written factor stays: MONAI's WarmupCosineSchedule has the same cosine but
+    warms up as step / warmup, so its first optimiser step runs at LR 0."""
+    from monai.optimizers import WarmupCosineSchedule
+
+    ours = loop.warmup_cosine(warmup=4, total=12)
+    monai = WarmupCosineSchedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 4, 12).lr_lambda
+    assert monai(0) == 0.0 and ours(0) == 0.25
+    assert [monai(s + 1) for s in range(3)] == [ours(s) for s in range(3)]  # the warm-up, one step late
+    for s in range(4, 13):
+        assert monai(s) == pytest.approx(ours(s), abs=1e-12)
+
+
 def test_embedding_spread_is_zero_when_collapsed_and_near_one_when_spread():
-    from swinssl.methods.swin_unetr import embedding_spread
+    from swinssl.methods.tasks import embedding_spread
 
     collapsed = torch.ones(8, 512) * 3 + torch.randn(512)  # every row the same vector
     assert embedding_spread(collapsed).item() == pytest.approx(0.0, abs=1e-6)

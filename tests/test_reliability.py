@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from swinssl.cli import app
 from swinssl.config import load_config
-from swinssl.engine import loop
 from swinssl.engine import pretrain as engine
+from swinssl.engine import runner
 from swinssl.engine.checkpoint import load_checkpoint
 from swinssl.engine.logging import read_metrics
 from swinssl.errors import OutputError, TrainingError
@@ -66,13 +66,13 @@ def test_nonfinite_gradients_stop_the_run_and_keep_the_last_checkpoint(phantoms,
 
 def test_skip_mode_skips_the_bad_step_without_touching_the_weights(phantoms, tmp_path, monkeypatch):
     saved = {}
-    real_save = engine.save_checkpoint
+    real_save = runner.save_checkpoint
 
     def remember(path, state):  # the weights after every step
         saved[state["step"]] = {k: v.clone() for k, v in state["model"].items()}
         return real_save(path, state)
 
-    monkeypatch.setattr(engine, "save_checkpoint", remember)
+    monkeypatch.setattr(runner, "save_checkpoint", remember)
     poison_steps(monkeypatch, {3})
     engine.pretrain(config(phantoms, tmp_path, "skip", "train.steps=4", "train.on_nonfinite=skip"), progress=False)
     assert sorted(saved) == [1, 2, 3, 4]
@@ -85,7 +85,7 @@ def test_skip_mode_skips_the_bad_step_without_touching_the_weights(phantoms, tmp
 
 
 def test_skip_mode_stops_when_bad_steps_keep_coming(phantoms, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "MAX_SKIPPED_IN_A_ROW", 1)
+    monkeypatch.setattr(runner, "MAX_SKIPPED_IN_A_ROW", 1)
     poison_steps(monkeypatch, {2, 3})
     with pytest.raises(TrainingError, match=r"step 2: gradient norm is nan, 2 steps in a row"):
         engine.pretrain(config(phantoms, tmp_path, "diverged", "train.steps=4", "train.on_nonfinite=skip"),

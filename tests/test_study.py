@@ -2,21 +2,19 @@
 second run reuses the finished stages instead of training again."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from swinssl import study
 
+PRESETS = Path(__file__).parent / "presets"  # micro-size overlays, as configs/study/ has for tiny and full
 MICRO = {
     "cases": 4,
     "size": 32,
     "methods": {"swin_unetr": "pretrain/swin_unetr_tiny", "swinfuse": "pretrain/swinfuse_tiny"},
-    "pretrain": ["model.depths=[1,1,1,1]", "preprocess.roi_size=[64,32,32]", "preprocess.num_crops=1",
-                 "preprocess.spacing=null", "train.steps=2", "train.warmup_steps=1", "train.num_workers=0",
-                 "train.val_every=2", "train.checkpoint_every=2", "train.log_every=1"],
-    "finetune": ["model.depths=[1,1,1,1]", "preprocess.roi_size=32", "preprocess.num_crops=1", "train.steps=2",
-                 "train.warmup_steps=1", "train.num_workers=0", "train.val_every=2", "train.checkpoint_every=2",
-                 "train.log_every=1", "finetune.overlap=0"],
+    "pretrain": str(PRESETS / "micro_pretrain.yaml"),
+    "finetune": str(PRESETS / "micro_finetune.yaml"),
 }
 
 
@@ -57,7 +55,7 @@ def test_unknown_study_preset_is_refused(tmp_path):
 @pytest.mark.slow  # make test-slow: 1 pre-training + 4 fine-tunings
 def test_data_efficiency_study_runs_every_cell_reports_and_resumes(tmp_path, monkeypatch):
     micro = {"cases": 5, "size": 32, "ratios": [0.5, 1.0], "seeds": [0],
-             "pretrain": [*MICRO["pretrain"], "preprocess.roi_size=64"], "finetune_config": "finetune/tiny",
+             "pretrain": str(PRESETS / "micro_pretrain_64.yaml"), "finetune_config": "finetune/tiny",
              "finetune": MICRO["finetune"]}
     monkeypatch.setitem(study.EFFICIENCY, "micro", micro)
     report = study.run_data_efficiency_study("pretrain/swin_unetr_tiny", out=tmp_path, preset="micro", progress=False)
@@ -101,7 +99,7 @@ def test_views_study_tests_every_view_of_both_models_and_resumes(tmp_path, monke
     real_predict = study.predict
 
     def spy(*args, **kwargs):
-        calls.append((kwargs["fuse"], kwargs["view"]))
+        calls.append(args[3].views)  # the PredictOptions
         return real_predict(*args, **kwargs)
 
     monkeypatch.setattr(study, "predict", spy)
@@ -109,7 +107,7 @@ def test_views_study_tests_every_view_of_both_models_and_resumes(tmp_path, monke
     rows = json.loads((tmp_path / "results.json").read_text())
     assert {(r["model"], r["view"]) for r in rows} == {
         (m, v) for m in ("swinmm", "swinunetr") for v in ("identity", "swap_xy", "swap_xz", "fused")}
-    assert sorted(calls) == sorted([(False, "identity"), (False, "swap_xy"), (False, "swap_xz"), (True, "identity")] * 2)
+    assert sorted(calls) == sorted(["identity", "swap_xy", "swap_xz", "fused"] * 2)
     text = report.read_text()
     assert text.count("| swinmm |") == 4 and "Fused minus the mean of the single views" in text
     assert (tmp_path / "dice_by_view.png").read_bytes()[:4] == b"\x89PNG"
@@ -131,11 +129,13 @@ def test_every_study_preset_gives_valid_configs():
 
     for p in study.PRESETS.values():
         for config in p["methods"].values():
-            load_config(config, ["data=x", *p["pretrain"]])
-        load_config("finetune/tiny", ["data=x", *p["finetune"]])
+            load_config([config, p["pretrain"]], ["data=x"])
+        load_config(["finetune/tiny", p["finetune"]], ["data=x"])
     for p in study.EFFICIENCY.values():
-        load_config("pretrain/swinmm", ["data=x", *p["pretrain"]])
-        load_config(p["finetune_config"], ["data=x", "finetune.label_ratio=0.1", *p["finetune"]])
+        load_config(["pretrain/swinmm", p["pretrain"]], ["data=x"])
+        load_config([p["finetune_config"], p["finetune"]], ["data=x", "finetune.label_ratio=0.1"])
     for p in study.VIEWS.values():
         for config in p["models"].values():
-            load_config(config, ["data=x", *p["finetune"]])
+            load_config([config, p["finetune"]], ["data=x"])
+    tiny = load_config(["pretrain/swin_unetr_tiny", study.PRESETS["tiny"]["pretrain"]])
+    assert tiny.model.depths == (1, 1, 1, 1) and tiny.train.steps == 60 and tiny.model.feature_size == 12

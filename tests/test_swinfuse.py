@@ -6,14 +6,19 @@ import math
 import pytest
 import torch
 
-from swinssl.config import MethodConfig, ModelConfig
-from swinssl.methods import swinfuse
+from swinssl.config import Config, MethodConfig, ModelConfig, PreprocessConfig
+from swinssl.methods import get_method, swinfuse
 from swinssl.nn import SwinUNETR, load_pretrained
 from swinssl.nn.dim import DomainInvarianceModule
 from swinssl.ssl.losses import kde_jsd, nn_bandwidth, sample_tokens
 
 METHOD = MethodConfig(name="swinfuse", weights={"inpaint": 1.0, "rotate": 1.0, "contrast": 1.0, "density": 1.0})
 TINY = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), domain_invariance=True, dim_heads=3, dim_pool=4)
+SWINFUSE = get_method("swinfuse")
+
+
+def build(model: ModelConfig = TINY, method: MethodConfig = METHOD):
+    return SWINFUSE.build_model(Config(model=model, method=method))
 
 
 # --- density matching ----------------------------------------------------------------------------
@@ -81,7 +86,7 @@ def test_dim_single_input_duplicates_it_into_both_streams():
 
 def test_dim_attention_maps_for_figures(tmp_path):
     torch.manual_seed(0)
-    model = swinfuse.SSLModel(TINY, METHOD)
+    model = build()
     view = torch.rand(1, 64, 64, 64)
     path = swinfuse.save_attention_overlay(model.swinViT, view, view.flip(-1), tmp_path / "attention.png")
     assert path.is_file() and path.stat().st_size > 1000
@@ -97,8 +102,8 @@ def test_dim_attention_maps_for_figures(tmp_path):
 
 def test_swinfuse_losses_reach_the_dim_and_log_every_term():
     torch.manual_seed(0)
-    model = swinfuse.SSLModel(TINY, METHOD)
-    total, parts, previews = swinfuse.compute_losses(model, torch.rand(2, 1, 64, 64, 64),
+    model = build()
+    total, parts, previews = SWINFUSE.compute_losses(model, torch.rand(2, 1, 64, 64, 64),
                                                      torch.Generator().manual_seed(0), METHOD)
     assert {"inpaint", "rotate", "contrast", "density", "jsd"} <= set(parts)
     assert parts["density"].item() == -parts["jsd"].item()
@@ -111,7 +116,7 @@ def test_swinfuse_losses_reach_the_dim_and_log_every_term():
 
 def test_density_term_alone_moves_the_dim():
     torch.manual_seed(0)
-    model = swinfuse.SSLModel(TINY, METHOD)
+    model = build()
     out = model(torch.rand(4, 1, 64, 64, 64))
     points = sample_tokens(list(out["streams"]), 128, torch.Generator().manual_seed(0))
     kde_jsd(*points).backward()
@@ -125,13 +130,14 @@ def test_swinfuse_needs_the_module():
     from swinssl.errors import ConfigError
 
     with pytest.raises(ConfigError, match="domain_invariance"):
-        swinfuse.SSLModel(replace(TINY, domain_invariance=False), METHOD)
+        SWINFUSE.check(Config(preprocess=PreprocessConfig(roi_size=(64, 64, 64)),
+                              model=replace(TINY, domain_invariance=False), method=METHOD))
     with pytest.raises(ConfigError, match="domain_invariance"):
-        swinfuse.check_config(load_config("pretrain/swinfuse_tiny", ["model.domain_invariance=false"]))
+        SWINFUSE.check(load_config("pretrain/swinfuse_tiny", ["model.domain_invariance=false"]))
 
 
 def test_pretrained_dim_loads_into_segmentation_network_and_adapts_channels():
-    model = swinfuse.SSLModel(TINY, METHOD)
+    model = build()
     net = SwinUNETR(in_channels=4, out_channels=3, feature_size=12, depths=(1, 1, 1, 1), domain_invariance=True,
                     dim_heads=3)
     report = load_pretrained(net, {"state_dict": model.state_dict()})

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from swinssl.config import MethodConfig, ModelConfig, load_config
+from swinssl.config import Config, MethodConfig, ModelConfig, load_config
 from swinssl.methods import swinmm
 from swinssl.nn import SwinUNETR, build_network, load_pretrained
-from swinssl.nn.multiview import CrossViewAttention, MultiViewSwinUNETR, fused_log_probs, window_predictor
+from swinssl.nn.multiview import CrossViewAttention, MultiViewSwinUNETR, fused_log_probs
 from swinssl.ssl.losses import masked_mse, mutual_loss, symmetric_kl, zscore
 from swinssl.ssl.views import PERMUTATIONS, multi_views, patch_mask, permute, rotate_by, to_common_frame, unpermute
 
@@ -140,9 +140,9 @@ def test_symmetric_kl_hand_case():
 
 def test_swinmm_pretraining_losses_and_gradients():
     torch.manual_seed(0)
-    model = swinmm.SSLModel(ModelConfig(feature_size=12, depths=(1, 1, 1, 1)), MethodConfig(name="swinmm"))
     method = MethodConfig(name="swinmm", weights={"inpaint": 1.0, "rotate": 1.0, "contrast": 1.0, "mutual": 1.0})
-    total, parts, previews = swinmm.compute_losses(model, torch.rand(2, 1, 64, 64, 64), torch.Generator().manual_seed(0),
+    model = swinmm.METHOD.build_model(Config(model=ModelConfig(feature_size=12, depths=(1, 1, 1, 1)), method=method))
+    total, parts, previews = swinmm.METHOD.compute_losses(model, torch.rand(2, 1, 64, 64, 64), torch.Generator().manual_seed(0),
                                                    method)
     assert {"inpaint", "rotate", "contrast", "mutual"} <= set(parts)
     assert all(torch.isfinite(v) and v > 0 for v in parts.values())
@@ -194,7 +194,8 @@ def test_swinunetr_weights_load_into_the_multiview_network_and_back():
 
 
 def test_swinmm_pretrained_encoder_loads_into_a_single_view_swinunetr():
-    ssl = swinmm.SSLModel(ModelConfig(feature_size=12, depths=(1, 1, 1, 1)), MethodConfig(name="swinmm"))
+    ssl = swinmm.METHOD.build_model(Config(model=ModelConfig(feature_size=12, depths=(1, 1, 1, 1)),
+                                           method=MethodConfig(name="swinmm")))
     net = SwinUNETR(**TINY_NET)
     report = load_pretrained(net, {"state_dict": ssl.state_dict()})
     assert set(report.loaded) == {k for k in ssl.state_dict() if k.startswith("swinViT.")}
@@ -206,11 +207,11 @@ def test_window_predictor_fuses_the_multiview_pairs_or_takes_the_identity_view()
     net = MultiViewSwinUNETR(**TINY_NET).eval()
     x = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
-        single = window_predictor(net, fuse=False)(x)
+        single = swinmm.METHOD.window_predictor(net, "single")(x)
         torch.testing.assert_close(single, net(x, orders=(PERMUTATIONS["identity"], PERMUTATIONS["swap_xy"]))[0])
         orders = list(PERMUTATIONS.values())
         outs = [o for i in range(3) for o in net(x, orders=(orders[i], orders[(i + 1) % 3]))]
-        torch.testing.assert_close(window_predictor(net, fuse=True)(x), fused_log_probs(outs))
+        torch.testing.assert_close(swinmm.METHOD.window_predictor(net, "fused")(x), fused_log_probs(outs))
 
 
 # --- end to end on phantoms ----------------------------------------------------------------------
@@ -257,17 +258,17 @@ def test_multiview_finetuning_predicts_fused_by_default_and_single_on_request(tm
     import json
 
     from swinssl.engine.finetune import finetune
-    from swinssl.infer import load_model, predict
+    from swinssl.infer import PredictOptions, load_model, predict
 
     run = finetune(load_config("finetune/swinmm_tiny", [f"data={phantoms}", f"train.out={tmp_path}",
                                                          "train.name=mv", "train.steps=2", *FINETUNE_TINY]),
                    progress=False)
     model, plan = load_model(run)
-    assert isinstance(model, MultiViewSwinUNETR) and plan["network"]["multiview"] is True
+    assert isinstance(model, MultiViewSwinUNETR) and plan.network.multiview is True
     test_image = phantoms.parent / "imagesTs" / "phantom_004_ct.nii.gz"
-    for views, fuse in (("fused", None), ("identity", False)):  # single: the identity order
+    for views, asked in (("fused", "auto"), ("identity", "identity")):
         out = tmp_path / views
-        [mask] = predict(run, test_image, out, fuse=fuse, progress=False)
+        [mask] = predict(run, test_image, out, PredictOptions(views=asked), progress=False)
         assert mask.is_file()
         assert json.loads((out / "predictions.json").read_text())["options"]["views"] == views
 

@@ -10,17 +10,19 @@ cannot be written (checked before the work starts).
 from __future__ import annotations
 
 import contextlib
+import enum
+import inspect
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Callable, Iterable, Iterator, List, Literal, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 import swinssl
-from swinssl.errors import ConfigError, SwinsslError
+from swinssl.errors import SwinsslError
 
 app = typer.Typer(
     name="swinssl",
@@ -35,6 +37,64 @@ app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 study_app = typer.Typer(help="Check the papers' claims on small data, one command per study.", no_args_is_help=True)
 app.add_typer(study_app, name="study")
+
+
+class _LazyChoices(enum.EnumMeta):
+    """Metaclass of an option type whose choices are loaded when first needed.
+
+    typer lists and checks an Enum option's choices by iterating its class, and does so only for
+    the command being run or helped. The choices below come from modules that import torch
+    (seconds), so they are loaded then, and ``swinssl --help`` or ``swinssl phantom`` stay fast.
+    Iterating yields the members of a plain str Enum built from the loaded choices.
+    """
+
+    def _loaded_members(cls) -> list:
+        if "_loaded" not in cls.__dict__:
+            loaded = enum.Enum(cls.__name__, {v: v for v in cls._load()}, type=str)
+            type.__setattr__(cls, "_loaded", loaded)
+        return list(cls.__dict__["_loaded"])
+
+    def __iter__(cls):
+        return iter(cls._loaded_members())
+
+    def __len__(cls) -> int:
+        return len(cls._loaded_members())
+
+
+def _lazy_choices(name: str, load: Callable[[], Iterable[str]]) -> type:
+    """An option type (a str Enum) whose choices are ``load()``, called on first use."""
+
+    class Choices(str, enum.Enum, metaclass=_LazyChoices):
+        pass
+
+    Choices.__name__ = Choices.__qualname__ = name
+    type.__setattr__(Choices, "_load", staticmethod(load))
+    return Choices
+
+
+def _view_choices() -> list[str]:
+    from swinssl.methods import view_choices
+
+    return view_choices()
+
+
+def _study_presets(table: str) -> Callable[[], list[str]]:
+    def load() -> list[str]:
+        import swinssl.study
+
+        return list(getattr(swinssl.study, table))
+
+    return load
+
+
+ViewsChoice = _lazy_choices("ViewsChoice", _view_choices)  # the methods registry's choices
+ModalityPreset = _lazy_choices("ModalityPreset", _study_presets("PRESETS"))
+EfficiencyPreset = _lazy_choices("EfficiencyPreset", _study_presets("EFFICIENCY"))
+ViewsPreset = _lazy_choices("ViewsPreset", _study_presets("VIEWS"))
+Modality = Literal["CT", "MRI", "auto"]
+OutputFormat = Literal["nifti", "same"]
+Device = Literal["auto", "cpu", "cuda"]
+Split = Literal["training", "validation", "test"]
 
 
 def _console(stderr: bool = False) -> Console:
@@ -71,7 +131,7 @@ def _main(
 
 @app.command()
 def phantom(
-    out: Path = typer.Option(..., "--out", help="Folder to write the dataset into."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the dataset into."),
     cases: int = typer.Option(8, "--cases", min=1, help="Number of cases (the last quarter become test cases)."),
     size: int = typer.Option(96, "--size", min=32, help="Volume side in voxels."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same data."),
@@ -87,7 +147,7 @@ def phantom(
 @data_app.command("check")
 def data_check(
     path: Path = typer.Argument(..., help="A folder of volumes, a dataset.json (MSD or nnU-Net), or an nnU-Net raw folder."),
-    modality: str = typer.Option("auto", "--modality", help="CT, MRI, or auto (folder names, then intensities)."),
+    modality: Modality = typer.Option("auto", "--modality", help="CT, MRI, or auto (folder names, then intensities)."),
 ) -> None:
     """Read every volume and list file, modality, shape, spacing, orientation, intensities and label classes.
 
@@ -96,9 +156,6 @@ def data_check(
     from swinssl.data.check import check_dataset
     from swinssl.data.discover import find_dataset
 
-    if modality not in ("CT", "MRI", "auto"):
-        typer.echo(f"error: --modality must be one of CT, MRI, auto, got {modality!r}", err=True)
-        raise typer.Exit(2)
     with _user_errors():
         dataset = find_dataset(path, modality=modality)
     with _progress(len(dataset.cases), "reading") as tick:
@@ -131,8 +188,9 @@ def data_check(
 @app.command()
 def pretrain(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. data=PATH train.steps=500."),
-    config: str = typer.Option("pretrain/swin_unetr_tiny", "--config", "-c", help="Preset name or YAML file "
-                               "(pretrain/swin_unetr, pretrain/swinmm, pretrain/swinfuse and their _tiny CPU versions)."),
+    config: List[str] = typer.Option(["pretrain/swin_unetr_tiny"], "--config", "-c", help="Preset name or YAML "
+                                     "file (pretrain/swin_unetr, pretrain/swinmm, pretrain/swinfuse, their _tiny CPU "
+                                     "versions, pretrain/swinmm_fuse_tiny); repeat to lay presets over one another."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
 ) -> None:
     """Self-supervised pre-training of a Swin encoder (method from the config) on unlabelled volumes.
@@ -140,7 +198,8 @@ def pretrain(
     Methods (method.name): swin_unetr (inpainting + rotation + contrastive), swinmm
     (masked multi-view reconstruction + rotation + contrastive + mutual) and swinfuse
     (the Swin UNETR tasks on CT + MRI with a domain-invariance module and a density loss).
-    Writes a run directory (config, data manifest, metrics.csv, TensorBoard, previews,
+    Tasks of different methods combine by config alone (method.views, method.weights,
+    model.domain_invariance; e.g. pretrain/swinmm_fuse_tiny). Writes a run directory (config, data manifest, metrics.csv, TensorBoard, previews,
     checkpoints/last.pt, written atomically) and prints where it is. The encoder loads into
     SwinUNETR with swinssl.nn.load_pretrained. A killed run continues with --resume RUN_DIR.
     """
@@ -153,8 +212,9 @@ def pretrain(
 def finetune(
     overrides: Optional[List[str]] = typer.Argument(
         None, help="key=value overrides, e.g. data=PATH finetune.pretrained=RUN_DIR finetune.label_ratio=0.1."),
-    config: str = typer.Option("finetune/tiny", "--config", "-c", help="Preset name or YAML file (finetune/ct, "
-                               "finetune/mri, finetune/swinmm, finetune/tiny, finetune/swinmm_tiny)."),
+    config: List[str] = typer.Option(["finetune/tiny"], "--config", "-c", help="Preset name or YAML file "
+                                     "(finetune/ct, finetune/mri, finetune/swinmm, finetune/tiny, "
+                                     "finetune/swinmm_tiny); repeat to lay presets over one another."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
 ) -> None:
     """Fine-tune SwinUNETR for segmentation, from scratch or from pre-trained weights.
@@ -170,8 +230,8 @@ def finetune(
     _train(run, config, overrides, resume)
 
 
-def _train(run, config: str, overrides: Optional[List[str]], resume: Optional[Path]) -> None:
-    """Start a training stage from a preset + overrides, or resume its run directory; print where it is."""
+def _train(run, config: List[str], overrides: Optional[List[str]], resume: Optional[Path]) -> None:
+    """Start a training stage from presets + overrides, or resume its run directory; print where it is."""
     from swinssl.config import load_config
 
     with _user_errors():
@@ -202,15 +262,16 @@ def predict(
     model: Path = typer.Argument(..., help="A fine-tuning run directory (uses checkpoints/best.pt) or checkpoint file."),
     inputs: List[Path] = typer.Argument(..., help="Volume files, folders of volumes, dataset.json or nnU-Net folders."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the masks (<case_id>.nii.gz) and predictions.json."),
-    roi: Optional[int] = typer.Option(None, "--roi", help="Sliding-window size [default: the training crop]."),
+    roi: Optional[int] = typer.Option(None, "--roi", help="Sliding-window size \\[default: the training crop]."),
     overlap: float = typer.Option(0.5, "--overlap", help="Sliding-window overlap (Gaussian blending)."),
     sw_batch_size: int = typer.Option(1, "--sw-batch-size", help="Windows per forward pass."),
     flips: bool = typer.Option(False, "--flips", help="Test-time augmentation: average over the 8 axis flips."),
-    views: str = typer.Option("auto", "--views", help="single (the identity axis order), fused (softmax of the "
-                              "three axis orders averaged), one order (identity, swap_xy, swap_xz), or auto: fused "
-                              "for SwinMM multi-view models, else single."),
-    output_format: str = typer.Option("nifti", "--format", help="nifti, or 'same' to write NRRD for NRRD inputs."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    views: ViewsChoice = typer.Option("auto", "--views", help="single (the identity axis order), fused (softmax of "
+                                      "the three axis orders averaged), one order (identity, swap_xy, swap_xz), or "
+                                      "auto: fused for SwinMM multi-view models, else single."),
+    output_format: OutputFormat = typer.Option("nifti", "--format", help="nifti, or 'same' to write NRRD for NRRD "
+                                               "inputs."),
+    device: Device = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     cache: str = typer.Option("auto", "--cache", help="Preprocessing cache folder; auto: the one the model was "
                               "trained with, if it still exists; off: preprocess every volume afresh."),
 ) -> None:
@@ -224,18 +285,14 @@ def predict(
     """
     import torch
 
-    from swinssl.infer import predict as run
+    from swinssl.infer import PredictOptions, predict as run
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = PredictOptions(roi_size=roi, overlap=overlap, sw_batch_size=sw_batch_size, flips=flips, views=views.value,
+                             output_format=output_format, device=device, cache=cache)
     with _user_errors():
-        allowed = ("auto", "single", "fused", "identity", "swap_xy", "swap_xz")
-        if views not in allowed:
-            raise ConfigError(f"--views must be one of {', '.join(allowed)}, got {views!r}")
-        fuse = None if views == "auto" else views == "fused"
-        view = views if views in ("identity", "swap_xy", "swap_xz") else "identity"
-        written = run(model, inputs, out, roi_size=roi, overlap=overlap, sw_batch_size=sw_batch_size, flips=flips,
-                      output_format=output_format, device=device, fuse=fuse, view=view, cache=cache)
+        written = run(model, inputs, out, options)
     typer.echo(f"wrote {len(written)} masks to {out}")
 
 
@@ -245,11 +302,11 @@ def evaluate(
     labels: Path = typer.Argument(..., help="Folder of label files named <case_id>.*, or a dataset (dataset.json, "
                                   "nnU-Net raw folder) whose labelled cases are used."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where metrics.csv and summary.json go "
-                                       "[default: the predictions folder]."),
+                                       "\\[default: the predictions folder]."),
     nsd_tolerance: float = typer.Option(1.0, "--nsd-tolerance", help="NSD tolerance in mm, all classes."),
     classes: Optional[List[int]] = typer.Option(None, "--class", help="Evaluate this class (repeat); default: every "
                                                 "class in the labels."),
-    split: Optional[str] = typer.Option(None, "--split", help="Only this split of a dataset: training, validation "
+    split: Optional[Split] = typer.Option(None, "--split", help="Only this split of a dataset: training, validation "
                                         "or test."),
 ) -> None:
     """Dice, HD95 (mm) and NSD per case and class, in physical spacing; a summary table per class.
@@ -320,24 +377,18 @@ def config_list() -> None:
         typer.echo(str(path.relative_to(PRESET_DIR).with_suffix("")))
 
 
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()
-
-
 @study_app.command("data-efficiency")
 def study_data_efficiency(
     config: str = typer.Option("pretrain/swin_unetr_tiny", "--config", "-c", help="Pre-training preset or YAML: its "
                                "method is the one studied (e.g. pretrain/swinmm_tiny)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Labelled dataset with labelled test cases "
-                                        "[default: phantoms written into OUT/data]."),
+                                        "\\[default: phantoms written into OUT/data]."),
     out: Path = typer.Option(Path("runs/study_data_efficiency"), "--out", "-o", help="Folder for the runs and report."),
-    preset: str = typer.Option("tiny", "--preset", help="Study size: tiny (CPU, about 32 min per seed) or full (GPU)."),
-    ratios: Optional[List[float]] = typer.Option(None, "--ratio", help="Label ratio (repeat) [default: 0.1 0.3 0.5 1]."),
-    seeds: Optional[List[int]] = typer.Option(None, "--seed", help="Seed (repeat) [default: the preset's]."),
+    preset: EfficiencyPreset = typer.Option("tiny", "--preset", help="Study size: tiny (CPU, about 32 min per seed) "
+                                            "or full (GPU)."),
+    ratios: Optional[List[float]] = typer.Option(None, "--ratio", help="Label ratio (repeat) "
+                                                 "\\[default: 0.1 0.3 0.5 1]."),
+    seeds: Optional[List[int]] = typer.Option(None, "--seed", help="Seed (repeat) \\[default: the preset's]."),
 ) -> None:
     """Label efficiency (Swin UNETR Fig. 7, SwinMM Table 5): pre-train once, fine-tune from it and
     from scratch at each label ratio and seed, test all on the same held-out cases.
@@ -347,7 +398,7 @@ def study_data_efficiency(
     from swinssl.study import run_data_efficiency_study
 
     with _user_errors():
-        report = run_data_efficiency_study(config, data, out, preset=preset, ratios=ratios or None,
+        report = run_data_efficiency_study(config, data, out, preset=preset.value, ratios=ratios or None,
                                            seeds=seeds or None)
     typer.echo(report.read_text())
 
@@ -355,12 +406,12 @@ def study_data_efficiency(
 @study_app.command("views")
 def study_views(
     data: Optional[Path] = typer.Option(None, "--data", help="Labelled dataset with labelled test cases "
-                                        "[default: phantoms written into OUT/data]."),
+                                        "\\[default: phantoms written into OUT/data]."),
     out: Path = typer.Option(Path("runs/study_views"), "--out", "-o", help="Folder for the runs and report."),
-    preset: str = typer.Option("tiny", "--preset", help="Study size: tiny (CPU, about 20 min) or full (GPU)."),
-    seeds: Optional[List[int]] = typer.Option(None, "--seed", help="Seed (repeat) [default: the preset's]."),
+    preset: ViewsPreset = typer.Option("tiny", "--preset", help="Study size: tiny (CPU, about 20 min) or full (GPU)."),
+    seeds: Optional[List[int]] = typer.Option(None, "--seed", help="Seed (repeat) \\[default: the preset's]."),
     pretrained: str = typer.Option("", "--pretrained", help="Start both models from these weights (a pre-training "
-                                   "run or checkpoint) [default: scratch]."),
+                                   "run or checkpoint) \\[default: scratch]."),
 ) -> None:
     """Single views vs fused (SwinMM Table 3): fine-tune a SwinMM multi-view model and a plain
     SwinUNETR, test each through the identity, swap_xy and swap_xz axis orders and fused.
@@ -370,14 +421,15 @@ def study_views(
     from swinssl.study import run_views_study
 
     with _user_errors():
-        report = run_views_study(data, out, preset=preset, seeds=seeds or None, pretrained=pretrained)
+        report = run_views_study(data, out, preset=preset.value, seeds=seeds or None, pretrained=pretrained)
     typer.echo(report.read_text())
 
 
 @study_app.command("modality")
 def study_modality(
     out: Path = typer.Option(Path("runs/study_modality"), "--out", "-o", help="Folder for the data, runs and report."),
-    preset: str = typer.Option("tiny", "--preset", help="Study size: tiny (CPU, about 20 min) or full (GPU)."),
+    preset: ModalityPreset = typer.Option("tiny", "--preset", help="Study size: tiny (CPU, about 20 min) or full "
+                                          "(GPU)."),
 ) -> None:
     """Out-of-modality transfer (SwinFUSE Table 2): pre-train Swin UNETR SSL and SwinFUSE on mixed
     CT + MRI phantoms, fine-tune each (and scratch) on CT and on MRI, test on both modalities.
@@ -386,5 +438,26 @@ def study_modality(
     from swinssl.study import run_modality_study
 
     with _user_errors():
-        report = run_modality_study(out, preset=preset)
+        report = run_modality_study(out, preset=preset.value)
     typer.echo(report.read_text())
+
+
+def _flow(doc: Optional[str]) -> Optional[str]:
+    """A docstring with each paragraph on one line: rich keeps the line breaks of a command's help
+    after its first paragraph, so hand-wrapped docstrings would break mid-sentence in ``--help``."""
+    if doc is None:
+        return None
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in inspect.cleandoc(doc).split("\n\n"))
+
+
+for _typer in (app, data_app, config_app, study_app):
+    for _command in _typer.registered_commands:
+        _command.callback.__doc__ = _flow(_command.callback.__doc__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

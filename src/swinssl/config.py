@@ -14,6 +14,7 @@ import dataclasses
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -60,7 +61,6 @@ class ModelConfig:
 
     feature_size: int = 48
     in_channels: int = 1
-    out_channels: int = 2  # fine-tuning classes incl. background (unused by pre-training)
     depths: tuple[int, int, int, int] = (2, 2, 2, 2)
     num_heads: tuple[int, int, int, int] = (3, 6, 12, 24)
     window_size: int = 7
@@ -77,9 +77,13 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """A pre-training method: proxy tasks with their loss weights, and the view maker's settings."""
+    """A pre-training method: proxy tasks with their loss weights, and the view maker's settings.
+    Methods, tasks and view makers are registered in ``swinssl.methods`` (checked there)."""
 
-    name: Literal["swin_unetr", "swinmm", "swinfuse"] = "swin_unetr"
+    name: str = "swin_unetr"  # swin_unetr, swinmm, swinfuse
+    views: str = ""  # view maker: cutout (Swin UNETR, SwinFUSE) or masked (SwinMM); "" = the method's own
+    # Proxy-task weights (tasks weighted 0 are not trained and get no head): inpaint, rotate,
+    # contrast, mutual (masked views), density (domain-invariance module).
     weights: dict[str, float] = field(default_factory=lambda: {"inpaint": 1.0, "rotate": 1.0, "contrast": 1.0})
     temperature: float = 0.5  # NT-Xent
     embed_dim: int = 512  # contrastive head output
@@ -101,7 +105,8 @@ class TrainConfig:
     weight_decay: float = 1e-5
     warmup_steps: int = 50
     clip_grad: float = 1.0  # max gradient norm; 0 disables
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    # 64-true: float64, for reference checks (a multi-process run equals one process to 1e-9 only there)
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "64-true"] = "32-true"
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
     devices: int = 1
     num_nodes: int = 1
@@ -160,15 +165,30 @@ class Config:
 # A section given a scalar sets this field: ``data=PATH`` means ``data.path=PATH``.
 SHORTHANDS = {"data": "path"}
 
+# Keys that older versions wrote (run folders' config.yaml): read and ignored, with a warning.
+RETIRED = {"model.out_channels": "fine-tuning takes the number of classes from the dataset's labels"}
 
-def load_config(preset: str | Path | None = None, overrides: Sequence[str] = (), cls: type = Config) -> Any:
-    """Build a validated config of type ``cls`` from defaults, a preset and overrides."""
+
+def load_config(preset: str | Path | Sequence[str | Path] | None = None, overrides: Sequence[str] = (),
+                cls: type = Config) -> Any:
+    """Build a validated config of type ``cls`` from defaults, a preset and overrides.
+
+    ``preset`` may be a list: each later preset sets its keys over the earlier ones, section by
+    section (a preset that holds only ``train: {steps: 40}`` changes only that key), as
+    ``key=value`` overrides do.
+    """
     raw: dict[str, Any] = {}
-    source = "defaults"
-    if preset:
-        path = resolve_preset(preset)
-        source = str(path)
-        raw = _read_yaml(path)
+    sources = []
+    presets = [preset] if isinstance(preset, (str, Path)) else list(preset or [])
+    for item in presets:
+        path = resolve_preset(item)
+        sources.append(str(path))
+        for section, values in _read_yaml(path).items():
+            if isinstance(values, dict) and isinstance(raw.get(section), dict):
+                raw[section].update(values)
+            else:
+                raw[section] = values
+    source = " + ".join(sources) or "defaults"
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
@@ -238,6 +258,9 @@ def from_dict(cls: type, raw: dict[str, Any], source: str = "config", prefix: st
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
+        if f"{prefix}{key}" in RETIRED:
+            warnings.warn(f"{source}: {prefix}{key} is no longer used ({RETIRED[prefix + key]}); ignored", stacklevel=2)
+            continue
         if key not in names:
             raise ConfigError(f"{source}: unknown key '{prefix}{key}'; allowed: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", source)

@@ -22,7 +22,9 @@ from swinssl.data.discover import find_dataset
 from swinssl.data.io import read_volume
 from swinssl.data.phantom import write_phantom_dataset
 from swinssl.engine.finetune import finetune
-from swinssl.engine.logging import read_metrics, save_figure, save_overlay
+from swinssl.engine.logging import read_metrics
+from swinssl.plots import figure, save_figure, save_overlay
+from swinssl.runs import RunDir
 from swinssl.engine.pretrain import pretrain
 from swinssl.errors import ConfigError
 from swinssl.infer import predict
@@ -32,19 +34,10 @@ from swinssl.utils import atomic_write_text
 DEMO = {
     "cases": 10,  # phantoms; round(10 / 4) = 2 are test cases
     "size": 64,  # voxels per side
-    # Small enough for about 5 minutes on 2 CPU cores: one Swin block per stage, crops of
-    # 64x32x32 (pre-training; two bottleneck tokens for the rotation and contrastive heads)
-    # and 32^3 (fine-tuning).
-    "pretrain": [  # overrides of configs/pretrain/swin_unetr_tiny.yaml
-        "model.depths=[1,1,1,1]", "preprocess.roi_size=[64,32,32]", "preprocess.spacing=null", "train.steps=40",
-        "train.warmup_steps=4", "train.lr=1e-3", "train.val_every=20", "train.preview_every=20",
-        "train.checkpoint_every=20", "train.log_every=4",
-    ],
-    "finetune": [  # overrides of configs/finetune/tiny.yaml, the same for both initialisations
-        "model.depths=[1,1,1,1]", "finetune.label_ratio=0.5", "preprocess.roi_size=[32,32,32]", "train.steps=160",
-        "train.lr=2e-3",
-        "train.val_every=80", "train.checkpoint_every=80", "train.log_every=10",
-    ],
+    # Overlay presets (configs/demo/) laid over pretrain/swin_unetr_tiny and finetune/tiny: small
+    # enough for about 5 minutes on 2 CPU cores.
+    "pretrain": ["pretrain/swin_unetr_tiny", "demo/pretrain"],
+    "finetune": ["finetune/tiny", "demo/finetune"],  # the same for both initialisations
 }
 INITS = ("scratch", "pretrained")
 
@@ -66,14 +59,12 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, progress: bool 
         return result
 
     data = timed("phantoms", write_phantom_dataset, out / "data", cases=DEMO["cases"], size=DEMO["size"], seed=0)
-    pre_cfg = load_config("pretrain/swin_unetr_tiny", [f"data={data}", f"train.out={out}", "train.name=pretrain",
-                                                       *DEMO["pretrain"]])
+    pre_cfg = load_config(DEMO["pretrain"], [f"data={data}", f"train.out={out}", "train.name=pretrain"])
     pre_run = timed("pretrain", pretrain, pre_cfg, progress=progress)
     runs = {}
     for init in INITS:
         extra = [f"finetune.pretrained={pre_run}"] if init == "pretrained" else []
-        cfg = load_config("finetune/tiny", [f"data={data}", f"train.out={out}", f"train.name=finetune_{init}",
-                                            *DEMO["finetune"], *extra])
+        cfg = load_config(DEMO["finetune"], [f"data={data}", f"train.out={out}", f"train.name=finetune_{init}", *extra])
         runs[init] = timed(f"finetune {init}", finetune, cfg, progress=progress)
     test_images = [c.images[0] for c in find_dataset(data).split("test")]
     summaries = {}
@@ -108,7 +99,7 @@ def write_report(out: Path, data: Path, pre_run: Path, runs: dict[str, Path], su
     masks.update({init: read_volume(out / f"predictions_{init}" / f"{case_id}.nii.gz")[0].long() for init in INITS})
     save_overlay(out / "overlay.png", image=shown, masks=masks, title=f"{case_id} (test case)")
 
-    n_train = json.loads((runs["scratch"] / "manifest.json").read_text())
+    n_train = json.loads(RunDir(runs["scratch"]).manifest.read_text())
     used = len(n_train["train"])
     lines = [
         "# swinssl demo",
@@ -149,9 +140,9 @@ def write_report(out: Path, data: Path, pre_run: Path, runs: dict[str, Path], su
         "",
         "```",
         f"swinssl phantom --out {data.parent} --cases {DEMO['cases']} --size {DEMO['size']}",
-        f"swinssl pretrain data={data} train.out={out} train.name=pretrain {' '.join(map(repr, DEMO['pretrain']))}",
-        f"swinssl finetune data={data} train.out={out} train.name=finetune_pretrained "
-        f"finetune.pretrained={pre_run} {' '.join(map(repr, DEMO['finetune']))}",
+        f"swinssl pretrain {_configs(DEMO['pretrain'])} data={data} train.out={out} train.name=pretrain",
+        f"swinssl finetune {_configs(DEMO['finetune'])} data={data} train.out={out} train.name=finetune_pretrained "
+        f"finetune.pretrained={pre_run}",
         f"swinssl predict {runs['pretrained']} {' '.join(map(str, test_images))} --out {out}/predictions_pretrained",
         f"swinssl evaluate {out}/predictions_pretrained {data} --split test",
         "```",
@@ -160,6 +151,10 @@ def write_report(out: Path, data: Path, pre_run: Path, runs: dict[str, Path], su
     report = out / "report.md"
     atomic_write_text(report, "\n".join(lines))
     return report
+
+
+def _configs(presets: list[str]) -> str:
+    return " ".join(f"-c {p}" for p in presets)
 
 
 def first_last(run: Path, split: str = "train") -> dict[str, tuple[float, float]]:
@@ -189,12 +184,7 @@ def dice_table(summaries: dict[str, dict]) -> str:
 
 
 def plot_losses(path: Path, pre_run: Path, runs: dict[str, Path]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = figure(3, 13 / 3, 3.6)
     for name in ("inpaint", "rotate", "contrast"):
         steps, values = _series(pre_run, "train", name)
         axes[0].plot(steps, values, label=name)
@@ -210,14 +200,9 @@ def plot_losses(path: Path, pre_run: Path, runs: dict[str, Path]) -> None:
 
 
 def plot_dice(path: Path, summaries: dict[str, dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     classes = summaries[INITS[0]]["classes"]
     names = [info["name"] for info in classes.values()]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, (ax,) = figure(1, 6.0, 3.6)
     width = 0.8 / len(INITS)
     for i, init in enumerate(INITS):
         means = [summaries[init]["classes"][k]["dice"]["mean"] for k in classes]

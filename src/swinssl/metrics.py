@@ -48,8 +48,8 @@ import torch
 from monai.data import MetaTensor
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
-from swinssl.data.discover import VOLUME_SUFFIXES, find_dataset, is_volume_file
-from swinssl.data.io import AFFINE_TOLERANCE_MM, read_volume
+from swinssl.data.discover import VOLUME_SUFFIXES, find_dataset, is_volume_file, volume_stem
+from swinssl.data.io import check_same_grid, read_volume, spacing_of
 from swinssl.errors import ConfigError, DataError
 from swinssl.utils import atomic_write_text, writable_dir
 
@@ -281,7 +281,7 @@ def _score_pairs(
     for case_id, (pred_path, label_path) in pairs.items():
         label, affine = _read_mask(label_path, "label")
         pred, pred_affine = _read_mask(pred_path, "prediction")
-        _check_same_grid(pred_path, pred, pred_affine, label_path, label, affine)
+        check_same_grid(pred_path, pred.shape, pred_affine, label_path, label.shape, affine, ref_what="label")
         label_values, pred_values = _nonzero_values(label), _nonzero_values(pred)
         found |= label_values
         predicted |= pred_values
@@ -290,7 +290,7 @@ def _score_pairs(
         else:
             here = sorted(label_values | pred_values)
             tolerance = _case_tolerances(nsd_tolerance, here, label_values)
-        per_case[case_id] = case_metrics(pred, label, _spacing(affine), here, tolerance)
+        per_case[case_id] = case_metrics(pred, label, spacing_of(affine), here, tolerance)
         log.info("%s: evaluated", case_id)
     return per_case, found, predicted
 
@@ -351,19 +351,11 @@ def _volumes_by_id(folder: Path) -> dict[str, Path]:
     """Volume files directly in ``folder`` keyed by their name without extension."""
     by_id: dict[str, Path] = {}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and is_volume_file(p)):
-        case_id = _stem(path)
+        case_id = volume_stem(path)
         if case_id in by_id:
             raise DataError(f"{path}: same case id '{case_id}' as {by_id[case_id].name}; keep one of them")
         by_id[case_id] = path
     return by_id
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in VOLUME_SUFFIXES:  # longest first where it matters: .nii.gz before .nii
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _pair(predictions: dict[str, Path], labels: dict[str, Path], pred_dir: Path, labels_path: Path) -> dict[str, tuple[Path, Path]]:
@@ -403,34 +395,6 @@ def _read_mask(path: Path, what: str) -> tuple[torch.Tensor, np.ndarray]:
         raise DataError(f"{path}: {what} has non-integer values (e.g. {example:g}); expected a map of class indices")
     # Integer type: `mask == c` is then an exact comparison, whatever the file stored.
     return rounded.to(torch.int32), np.asarray(volume.affine, dtype=np.float64)
-
-
-def _check_same_grid(
-    pred_path: Path, pred: torch.Tensor, pred_affine: np.ndarray, label_path: Path, label: torch.Tensor, affine: np.ndarray
-) -> None:
-    if pred.shape != label.shape:
-        raise DataError(f"{pred_path}: shape {tuple(pred.shape)} differs from label {label_path} shape {tuple(label.shape)}")
-    if not np.allclose(pred_affine, affine, atol=AFFINE_TOLERANCE_MM, rtol=0):
-        raise DataError(f"{pred_path}: affine differs from label {label_path} ({_affine_difference(pred_affine, affine)})")
-
-
-def _affine_difference(a: np.ndarray, b: np.ndarray) -> str:
-    """Say which part differs (spacing, origin or direction) so the user knows what went wrong."""
-    spacing_a, spacing_b = np.linalg.norm(a[:3, :3], axis=0), np.linalg.norm(b[:3, :3], axis=0)
-    worst = float(np.abs(a - b).max())
-    if not np.allclose(spacing_a, spacing_b, atol=AFFINE_TOLERANCE_MM, rtol=0):
-        return f"spacing {_fmt(spacing_a)} vs {_fmt(spacing_b)} mm"
-    if not np.allclose(a[:3, 3], b[:3, 3], atol=AFFINE_TOLERANCE_MM, rtol=0):
-        return f"origin {_fmt(a[:3, 3])} vs {_fmt(b[:3, 3])} mm"
-    return f"orientation/direction differs, max difference {worst:.4g}"
-
-
-def _fmt(values: np.ndarray) -> str:
-    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
-
-
-def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    return tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))  # type: ignore[return-value]
 
 
 def _nonzero_values(mask: torch.Tensor) -> set[int]:

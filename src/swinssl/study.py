@@ -18,7 +18,8 @@ so "trained on CT, tested on MRI" isolates the modality shift.
 
 Every stage writes its own run directory under ``out``; a finished stage is reused when the
 study runs again (so an interrupted study resumes), an unfinished training stage resumes from
-its last checkpoint. Sizes are plain data (``PRESETS``).
+its last checkpoint. Sizes are plain data (``PRESETS``, ``EFFICIENCY``, ``VIEWS``) naming overlay
+presets in ``configs/study/``.
 """
 
 from __future__ import annotations
@@ -34,32 +35,28 @@ from swinssl.engine.checkpoint import load_checkpoint
 from swinssl.engine.finetune import finetune
 from swinssl.engine.pretrain import pretrain
 from swinssl.errors import ConfigError
-from swinssl.infer import predict
+from swinssl.infer import PredictOptions, predict
 from swinssl.metrics import evaluate
+from swinssl.plots import save_lines
+from swinssl.runs import RunDir
 from swinssl.utils import atomic_write_text
 
+# Sizes are plain data: phantom counts, and overlay presets (configs/study/) laid over the
+# methods' and fine-tuning's own presets.
 PRESETS = {
     "tiny": {  # about 20 minutes on 2 CPU cores
         "cases": 8,  # phantoms; 2 are test cases
         "size": 64,
         "methods": {"swin_unetr": "pretrain/swin_unetr_tiny", "swinfuse": "pretrain/swinfuse_tiny"},
-        "pretrain": [
-            "model.depths=[1,1,1,1]", "preprocess.roi_size=[64,32,32]", "preprocess.spacing=null", "train.steps=60",
-            "train.warmup_steps=6", "train.lr=1e-3", "train.val_every=30", "train.preview_every=30",
-            "train.checkpoint_every=30", "train.log_every=5",
-        ],
-        "finetune": [  # overrides of finetune/tiny
-            "model.depths=[1,1,1,1]", "preprocess.roi_size=[32,32,32]", "train.steps=160", "train.lr=2e-3",
-            "train.val_every=80", "train.checkpoint_every=80", "train.log_every=10",
-        ],
+        "pretrain": "study/tiny_pretrain",
+        "finetune": "study/tiny_finetune",  # over finetune/tiny
     },
     "full": {  # a GPU: paper-size pre-trainings (their presets) on 40 paired phantoms of 96^3
         "cases": 40,
         "size": 96,
         "methods": {"swin_unetr": "pretrain/swin_unetr", "swinfuse": "pretrain/swinfuse"},
-        "pretrain": ["train.steps=20000", "train.val_every=1000", "train.checkpoint_every=1000"],
-        "finetune": ["model.feature_size=48", "preprocess.roi_size=96", "train.steps=5000", "train.val_every=500",
-                     "train.checkpoint_every=500", "train.accelerator=auto", "train.precision=bf16-mixed"],
+        "pretrain": "study/full_pretrain",
+        "finetune": "study/modality_full_finetune",
     },
 }
 MODALITIES = {"CT": "dataset.json", "MRI": "dataset_mri.json"}
@@ -72,25 +69,18 @@ EFFICIENCY = {
         "size": 64,
         "ratios": [0.1, 0.3, 0.5, 1.0],
         "seeds": [0],
-        "pretrain": [
-            "model.depths=[1,1,1,1]", "preprocess.roi_size=64", "preprocess.num_crops=1", "preprocess.spacing=null",
-            "train.steps=60", "train.warmup_steps=6", "train.lr=1e-3", "train.val_every=30",
-            "train.preview_every=30", "train.checkpoint_every=30", "train.log_every=5",
-        ],
+        "pretrain": "study/efficiency_tiny_pretrain",
         "finetune_config": "finetune/tiny",
-        "finetune": [
-            "model.depths=[1,1,1,1]", "preprocess.roi_size=32", "train.steps=160", "train.warmup_steps=10",
-            "train.lr=2e-3", "train.val_every=80", "train.checkpoint_every=80", "train.log_every=10",
-        ],
+        "finetune": "study/tiny_finetune",
     },
     "full": {  # a GPU: paper-size networks, your dataset (data=...) with labelled test cases
         "cases": 40,
         "size": 96,
         "ratios": [0.1, 0.3, 0.5, 1.0],
         "seeds": [0, 1, 2],
-        "pretrain": ["train.steps=20000", "train.val_every=1000", "train.checkpoint_every=1000"],
+        "pretrain": "study/full_pretrain",
         "finetune_config": "finetune/ct",
-        "finetune": ["train.steps=5000", "train.val_every=500", "train.checkpoint_every=500"],
+        "finetune": "study/full_finetune",
     },
 }
 
@@ -105,15 +95,15 @@ def run_modality_study(out: str | Path = "runs/study_modality", preset: str = "t
     inits: dict[str, Path | None] = {"scratch": None}
     for method, config in p["methods"].items():
         # Both modalities' training images (imagesTr), never the test cases (imagesTs).
-        cfg = load_config(config, [f"data={data / 'imagesTr'}", f"train.out={out}", f"train.name=pretrain_{method}",
-                                   *p["pretrain"]])
+        cfg = load_config([config, p["pretrain"]], [f"data={data / 'imagesTr'}", f"train.out={out}",
+                                                    f"train.name=pretrain_{method}"])
         inits[method] = _train(pretrain, cfg, progress)
     rows = []
     for init, pre_run in inits.items():
         for train_mod, dataset in MODALITIES.items():
             extra = [f"finetune.pretrained={pre_run}"] if pre_run else []
-            cfg = load_config("finetune/tiny", [f"data={data / dataset}", f"train.out={out}",
-                                                f"train.name=finetune_{init}_{train_mod}", *p["finetune"], *extra])
+            cfg = load_config(["finetune/tiny", p["finetune"]], [f"data={data / dataset}", f"train.out={out}",
+                                                                 f"train.name=finetune_{init}_{train_mod}", *extra])
             run = _train(finetune, cfg, progress)
             for test_mod, test_dataset in MODALITIES.items():
                 summary = _evaluate(run, data / test_dataset, out / f"predictions_{init}_{train_mod}_on_{test_mod}",
@@ -133,15 +123,14 @@ VIEWS = {
         "size": 64,
         "seeds": [0],
         "models": {"swinmm": "finetune/swinmm_tiny", "swinunetr": "finetune/tiny"},
-        "finetune": ["model.depths=[1,1,1,1]", "preprocess.roi_size=32", "train.steps=160", "train.lr=2e-3",
-                     "train.val_every=80", "train.checkpoint_every=80", "train.log_every=10"],
+        "finetune": "study/tiny_finetune",
     },
     "full": {  # a GPU, your dataset
         "cases": 40,
         "size": 96,
         "seeds": [0, 1, 2],
         "models": {"swinmm": "finetune/swinmm", "swinunetr": "finetune/ct"},
-        "finetune": ["train.steps=5000", "train.val_every=500", "train.checkpoint_every=500"],
+        "finetune": "study/full_finetune",
     },
 }
 VIEW_SETTINGS = ("identity", "swap_xy", "swap_xz", "fused")
@@ -161,15 +150,15 @@ def run_views_study(data: str | Path | None = None, out: str | Path = "runs/stud
     rows = []
     for model, config in p["models"].items():
         for seed in seeds:
-            cfg = load_config(config, [f"data={data}", f"train.out={out}", f"train.name=finetune_{model}_seed{seed}",
-                                       f"seed={seed}", *p["finetune"], *extra])
+            cfg = load_config([config, p["finetune"]], [f"data={data}", f"train.out={out}",
+                                                        f"train.name=finetune_{model}_seed{seed}", f"seed={seed}", *extra])
             run = _train(finetune, cfg, progress)
             for view in VIEW_SETTINGS:
                 summary = _evaluate(run, data, out / f"predictions_{model}_seed{seed}_{view}", progress, view)
                 rows.append({"model": model, "seed": seed, "view": view, "dice": summary["mean"]["dice"],
                              "hd95": summary["mean"]["hd95"]})
     atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
-    _plot(seed_table(rows, "model", "view"), "model", "view", out / "dice_by_view.png", "view", "test mean Dice")
+    save_lines(out / "dice_by_view.png", seed_table(rows, "model", "view"), "model", "view", "view", "test mean Dice")
     report = out / "report.md"
     atomic_write_text(report, views_report(rows, data, out))
     return report
@@ -224,7 +213,7 @@ def run_data_efficiency_study(config: str | Path = "pretrain/swin_unetr_tiny", d
         raise ConfigError(f"label ratios must be in (0, 1] and seeds non-empty, got ratios {ratios}, seeds {seeds}")
     out = Path(out)
     data = _study_data(data, out, p)
-    cfg = load_config(config, [f"data={data}", f"train.out={out}", "train.name=pretrain", *p["pretrain"]])
+    cfg = load_config([config, p["pretrain"]], [f"data={data}", f"train.out={out}", "train.name=pretrain"])
     method, pre_run = cfg.method.name, _train(pretrain, cfg, progress)
     rows = []
     for ratio in ratios:
@@ -232,9 +221,9 @@ def run_data_efficiency_study(config: str | Path = "pretrain/swin_unetr_tiny", d
             for init in ("scratch", method):
                 name = f"{init}_ratio{round(ratio * 100):03d}_seed{seed}"
                 extra = [f"finetune.pretrained={pre_run}"] if init == method else []
-                ft = load_config(p["finetune_config"], [f"data={data}", f"train.out={out}", f"train.name=finetune_{name}",
-                                                        f"finetune.label_ratio={ratio}", f"seed={seed}", *p["finetune"],
-                                                        *extra])
+                ft = load_config([p["finetune_config"], p["finetune"]],
+                                 [f"data={data}", f"train.out={out}", f"train.name=finetune_{name}",
+                                  f"finetune.label_ratio={ratio}", f"seed={seed}", *extra])
                 run = _train(finetune, ft, progress)
                 summary = _evaluate(run, data, out / f"predictions_{name}", progress)
                 rows.append({"init": init, "ratio": ratio, "seed": seed, "dice": summary["mean"]["dice"],
@@ -253,7 +242,7 @@ def _preset(presets: dict, name: str) -> dict:
 
 
 def _train_cases(run: Path) -> int:
-    manifest = json.loads((run / "manifest.json").read_text())
+    manifest = json.loads(RunDir(run).manifest.read_text())
     return len(manifest["train"])
 
 
@@ -312,37 +301,13 @@ def efficiency_report(rows: list[dict], method: str, data: str | Path, out: Path
 def plot_efficiency(rows: list[dict], path: Path) -> None:
     """Dice against label ratio, one line per init, error bars = std over seeds."""
     points = [{"init": t["init"], "ratio": 100 * t["ratio"], "dice": t["dice"]} for t in efficiency_table(rows)]
-    _plot(points, "init", "ratio", path, "labelled training cases (%)", "test mean Dice")
-
-
-def _plot(points: list[dict], series: str, x: str, path: Path, xlabel: str, ylabel: str) -> None:
-    """Lines of mean Dice against ``x``, one per ``series`` value, error bars = std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from swinssl.utils import atomic_path
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name in dict.fromkeys(p[series] for p in points):
-        mine = [p for p in points if p[series] == name]
-        ax.errorbar([p[x] for p in mine], [p["dice"][0] for p in mine], yerr=[p["dice"][1] for p in mine],
-                    marker="o", capsize=3, label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_lines(path, points, "init", "ratio", "labelled training cases (%)", "test mean Dice")
 
 
 def _train(stage, cfg, progress: bool) -> Path:
     """A training stage's run directory: reused when finished, resumed when started, else run."""
     run_dir = Path(cfg.train.out) / cfg.train.name
-    last = run_dir / "checkpoints" / "last.pt"
+    last = RunDir(run_dir).last
     if last.is_file():
         if int(load_checkpoint(last)["step"]) >= cfg.train.steps:
             return run_dir
@@ -352,15 +317,14 @@ def _train(stage, cfg, progress: bool) -> Path:
     return stage(cfg, progress=progress)
 
 
-def _evaluate(run: Path, dataset: Path, pred_dir: Path, progress: bool, view: str | None = None) -> dict:
-    """Predict the test cases of ``dataset`` (with ``view``: one axis order or ``fused``; default the
-    model's own) and evaluate them; reused when already done."""
+def _evaluate(run: Path, dataset: Path, pred_dir: Path, progress: bool, view: str = "auto") -> dict:
+    """Predict the test cases of ``dataset`` through ``view`` (one axis order or ``fused``; ``auto``:
+    the model's own) and evaluate them; reused when already done."""
     summary_file = pred_dir / "summary.json"
     if summary_file.is_file():
         return json.loads(summary_file.read_text())
     images = [c.images[0] for c in find_dataset(dataset).split("test")]
-    fuse = None if view is None else view == "fused"
-    predict(run, images, pred_dir, progress=progress, fuse=fuse, view=view if view in VIEW_SETTINGS[:3] else "identity")
+    predict(run, images, pred_dir, PredictOptions(views=view), progress=progress)
     return evaluate(pred_dir, dataset, out_dir=pred_dir, split="test")
 
 

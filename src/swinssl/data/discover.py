@@ -115,10 +115,11 @@ def _from_folder(root: Path) -> Dataset:
 
 
 def _tokens(path: Path) -> list[str]:
-    return [t for t in re.split(r"[_\-. ]+", _stem(path).lower()) if t]
+    return [t for t in re.split(r"[_\-. ]+", volume_stem(path).lower()) if t]
 
 
-def _stem(path: Path) -> str:
+def volume_stem(path: Path) -> str:
+    """The file name without its volume suffix (``.nii.gz`` is one suffix); nothing else is stripped."""
     name = path.name
     for suffix in VOLUME_SUFFIXES:
         if name.lower().endswith(suffix):
@@ -162,7 +163,7 @@ def _same_place(image: Path, label: Path) -> bool:
 
 
 def _case_id(path: Path) -> str:
-    tokens = re.split(r"[_]+", _stem(path))
+    tokens = re.split(r"[_]+", volume_stem(path))
     if tokens and tokens[-1].lower() in IMAGE_TOKENS and len(tokens) > 1:
         tokens = tokens[:-1]
     return "_".join(tokens)

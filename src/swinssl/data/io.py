@@ -39,6 +39,9 @@ def _itk_loader() -> LoadImage:
         return LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
 
 AFFINE_TOLERANCE_MM = 1e-3
+# Reading an image with its label or channels also allows this relative slack (a few hundredths of a mm
+# at origins hundreds of mm out); evaluate does not. Kept apart so that what loaded before still loads.
+_READ_RTOL = 1e-4
 
 
 def read_volume(path: str | Path) -> MetaTensor:
@@ -93,7 +96,8 @@ def read_image(paths: str | Path | Sequence[str | Path], channels: int | None = 
     image = parts[0]
     if len(parts) > 1:
         for f, part in zip(files[1:], parts[1:]):
-            _check_same_grid(f, part, files[0], parts[0], what="channel")
+            check_same_grid(f, part.shape[1:], part.affine, files[0], parts[0].shape[1:], parts[0].affine,
+                            what="channel", rtol=_READ_RTOL)
         image = MetaTensor(torch.cat([p.as_tensor() for p in parts]), meta=parts[0].meta)
     if channels is not None and image.shape[0] != channels:
         raise DataError(f"{files[0]}: has {image.shape[0]} channels, expected {channels}")
@@ -109,7 +113,8 @@ def read_label(path: str | Path, image: MetaTensor, image_path: str | Path, clas
     label = read_volume(path)
     _check_3d(path, label)
     _check_finite(path, label)
-    _check_same_grid(path, label, Path(image_path), image, what="label")
+    check_same_grid(path, label.shape[1:], label.affine, Path(image_path), image.shape[1:], image.affine,
+                    what="label", rtol=_READ_RTOL)
     values = torch.unique(label)
     if not torch.equal(values, values.round()):
         raise DataError(f"{path}: label has non-integer values (e.g. {values[values != values.round()][0].item():g})")
@@ -141,19 +146,52 @@ def _check_finite(path: Path, image: torch.Tensor) -> None:
         raise DataError(f"{path}: {bad} non-finite voxel{'s' if bad > 1 else ''} ({nan} NaN, {bad - nan} Inf)")
 
 
-def _check_same_grid(path: Path, other: MetaTensor, ref_path: Path, ref: MetaTensor, what: str) -> None:
-    if tuple(other.shape[1:]) != tuple(ref.shape[1:]):
-        raise DataError(
-            f"{path}: {what} shape {tuple(other.shape[1:])} differs from image {ref_path.name} shape {tuple(ref.shape[1:])}"
-        )
-    a, b = np.asarray(other.affine, dtype=np.float64), np.asarray(ref.affine, dtype=np.float64)
-    if not np.allclose(a, b, atol=AFFINE_TOLERANCE_MM, rtol=1e-4):
-        worst = float(np.abs(a - b).max())
-        raise DataError(f"{path}: {what} affine differs from image {ref_path.name} (max difference {worst:.4g} mm)")
+def check_same_grid(
+    path: Path,
+    shape: Sequence[int],
+    affine: np.ndarray | torch.Tensor,
+    ref_path: Path,
+    ref_shape: Sequence[int],
+    ref_affine: np.ndarray | torch.Tensor,
+    *,
+    what: str = "",
+    ref_what: str = "image",
+    rtol: float = 0.0,
+) -> None:
+    """DataError naming ``path`` and ``ref_path`` unless the two volumes share one voxel grid.
+
+    ``shape`` and ``ref_shape`` are spatial (X, Y, Z); the 4x4 affines must agree within
+    ``AFFINE_TOLERANCE_MM`` plus ``rtol`` times each reference entry. ``what`` and ``ref_what``
+    are the roles written in the message ("label", "image"; an empty ``what`` writes none).
+    The message says which part of the affine differs (spacing, origin or direction) and by how much.
+    """
+    ref = ref_path.name if ref_path.parent == path.parent else str(ref_path)  # a sibling's name is enough
+    role = f"{what} " if what else ""
+    if tuple(shape) != tuple(ref_shape):
+        raise DataError(f"{path}: {role}shape {tuple(shape)} differs from {ref_what} {ref} shape {tuple(ref_shape)}")
+    a, b = np.asarray(affine, dtype=np.float64), np.asarray(ref_affine, dtype=np.float64)
+    if not np.allclose(a, b, atol=AFFINE_TOLERANCE_MM, rtol=rtol):
+        raise DataError(f"{path}: {role}affine differs from {ref_what} {ref} ({_affine_difference(a, b, rtol)})")
 
 
-def spacing_of(image: MetaTensor) -> tuple[float, ...]:
-    affine = np.asarray(image.affine, dtype=np.float64)
+def _affine_difference(a: np.ndarray, b: np.ndarray, rtol: float) -> str:
+    """Which part differs (spacing, origin or direction), so the user knows what went wrong."""
+    worst = f"max difference {float(np.abs(a - b).max()):.4g} mm"
+    spacing_a, spacing_b = spacing_of(a), spacing_of(b)
+    if not np.allclose(spacing_a, spacing_b, atol=AFFINE_TOLERANCE_MM, rtol=rtol):
+        return f"spacing {_fmt(spacing_a)} vs {_fmt(spacing_b)} mm, {worst}"
+    if not np.allclose(a[:3, 3], b[:3, 3], atol=AFFINE_TOLERANCE_MM, rtol=rtol):
+        return f"origin {_fmt(a[:3, 3])} vs {_fmt(b[:3, 3])} mm, {worst}"
+    return f"orientation/direction differs, {worst}"
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def spacing_of(image: MetaTensor | np.ndarray) -> tuple[float, ...]:
+    """Voxel size in mm along X, Y, Z: column norms of the 3x3 part of the affine (a MetaTensor's, or one given)."""
+    affine = np.asarray(image.affine if isinstance(image, MetaTensor) else image, dtype=np.float64)
     return tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
 
 

@@ -4,9 +4,7 @@ Format (a dict of tensors and plain data, so it loads without unpickling code)::
 
     {"format": "swinssl", "version": str, "kind": "pretrain" | "finetune", "step": int,
      "model": state dict, "optimizer": ..., "scheduler": ..., "rng": {"torch": ByteTensor, ...},
-     "plan": {"network": {...}, "preprocess": {...}, "method": {...}, "manifest_sha256": str,
-              "package_version": str},
-     "metrics": {...}}
+     "plan": swinssl.plan.Plan.to_dict(), "metrics": {...}, "best_dice": float (fine-tuning)}
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ import torch
 
 from swinssl.errors import CheckpointError, TrainingError
 from swinssl.nn.load import read_checkpoint
+from swinssl.runs import resolve_checkpoint
 from swinssl.utils import atomic_path, writable_dir
 
 
@@ -61,8 +60,6 @@ def export_weights(source: str | Path, out: str | Path) -> Path:
     """Write the model weights of a checkpoint (or run directory) as ``.safetensors``: tensors
     and a JSON plan only, so the file can be shared and loaded without any pickle. ``predict``,
     ``load_pretrained`` and ``finetune.pretrained`` read it like the checkpoint itself."""
-    from swinssl.infer import resolve_checkpoint
-
     try:
         from safetensors.torch import save_file
     except ImportError:

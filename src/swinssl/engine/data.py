@@ -1,10 +1,15 @@
 """Deterministic, resumable loading of random crops.
 
-Which volume and which random crop a step sees is a function of (seed, step, rank,
+Which volume and which random crop a step sees is a function of (seed, step, global
 position) only: the sampler yields ``(case index, sample seed)`` keys and the dataset
 reseeds the MONAI pipeline with that seed before running it. So a resumed run sees
 exactly the batches the uninterrupted run would have seen, whatever the number of
 loader workers, and no RNG state has to be saved for the data.
+
+A step's data are defined globally: ``world_size * batch_size`` positions, of which rank r
+takes ``r * batch_size .. (r + 1) * batch_size - 1``. So the processes of a distributed run
+together see exactly the batch that one process with ``world_size`` times the batch size
+would see (rank 0's crops first), and one process (``world_size`` 1) sees what it always did.
 """
 
 from __future__ import annotations
@@ -28,28 +33,34 @@ def sample_seed(seed: int, step: int, rank: int, position: int) -> int:
 
 
 class StepSampler(Sampler):
-    """Yields ``(case index, seed)`` for steps ``start_step`` onwards, ``per_step`` items per step.
+    """Yields ``(case index, seed)`` for steps ``start_step`` onwards, ``per_step`` items per step: this
+    rank's share of the step's ``world_size * per_step`` global positions.
 
-    Cases are visited in a fresh permutation per pass over the data (per rank), so each
-    volume is seen once per pass; the permutation of pass p depends only on (seed, rank, p).
+    Cases are visited in one global permutation per pass over the data (global position
+    ``step * world_size * per_step + position``), so each volume is seen once per pass by the
+    processes together; the permutation of pass p depends only on (seed, p), and the sample seed
+    of an item on (seed, step, global position).
     """
 
     def __init__(self, num_cases: int, per_step: int, seed: int, rank: int = 0, start_step: int = 0,
-                 steps: int | None = None):
+                 steps: int | None = None, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of world_size={world_size} processes: a distributed run "
+                             f"must pass world_size (fabric.world_size) to crop_loader / StepSampler")
         self.num_cases, self.per_step, self.seed, self.rank = num_cases, per_step, seed, rank
-        self.start_step, self.steps = start_step, steps
+        self.start_step, self.steps, self.world_size = start_step, steps, world_size
 
     def _case(self, index: int) -> int:
         epoch, offset = divmod(index, self.num_cases)
-        order = np.random.default_rng([self.seed, self.rank, epoch, 7]).permutation(self.num_cases)
+        # The 0 once was the rank (one permutation per rank): kept, so single-process runs keep their data.
+        order = np.random.default_rng([self.seed, 0, epoch, 7]).permutation(self.num_cases)
         return int(order[offset])
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        step = self.start_step
+        step, global_per_step = self.start_step, self.world_size * self.per_step
         while self.steps is None or step < self.steps:
-            for position in range(self.per_step):
-                index = step * self.per_step + position
-                yield self._case(index), sample_seed(self.seed, step, self.rank, position)
+            for position in range(self.rank * self.per_step, (self.rank + 1) * self.per_step):
+                yield self._case(step * global_per_step + position), sample_seed(self.seed, step, 0, position)
             step += 1
 
     def __len__(self) -> int:
@@ -75,9 +86,11 @@ class SeededDataset(Dataset):
 
 
 def crop_loader(cases: Sequence[Case], pipeline: Pipeline, batch_size: int, seed: int, rank: int = 0,
-                start_step: int = 0, steps: int | None = None, num_workers: int = 0) -> DataLoader:
-    """Batches of ``batch_size`` volumes (each giving the pipeline's crops), one batch per step."""
-    sampler = StepSampler(len(cases), batch_size, seed, rank, start_step, steps)
+                start_step: int = 0, steps: int | None = None, num_workers: int = 0,
+                world_size: int = 1) -> DataLoader:
+    """Batches of ``batch_size`` volumes (each giving the pipeline's crops), one batch per step: rank
+    ``rank``'s share of the step's ``world_size * batch_size`` volumes (see the module docstring)."""
+    sampler = StepSampler(len(cases), batch_size, seed, rank, start_step, steps, world_size)
     return DataLoader(
         SeededDataset(cases, pipeline),
         batch_size=batch_size,

@@ -1,22 +1,23 @@
-"""Fine-tuning SwinUNETR for segmentation, from scratch or from pre-trained weights.
+"""Fine-tuning SwinUNETR for segmentation, from scratch or from pre-trained weights: the stage
+``engine.runner`` runs.
 
 Labelled cases of the dataset's training (and validation) splits, never its test cases;
 a validation split from the dataset, a k-fold split or ``train.val_fraction``; a label
 ratio or explicit case list for data-efficiency studies. DiceCE loss (MONAI), AdamW with
-optional layer-wise LR decay of the encoder, warm-up + cosine (the shared loop in
-``engine.loop``), sliding-window validation Dice every ``train.val_every`` steps,
-``checkpoints/best.pt`` (best validation mean Dice) and ``checkpoints/last.pt``, and PNG
-overlays of a validation case. Checkpoints carry the plan that ``swinssl predict`` needs.
+optional layer-wise LR decay of the encoder, warm-up + cosine, sliding-window validation
+Dice every ``train.val_every`` steps, ``checkpoints/best.pt`` (best validation mean Dice)
+and ``checkpoints/last.pt``, and PNG overlays of a validation case. Checkpoints carry the
+plan that ``swinssl predict`` needs.
 
-With ``model.multiview`` (SwinMM): each crop is seen in two axis orders drawn per step, the
-network's cross-view block joins them, and the loss is the mean DiceCE of the two views
-plus ``finetune.consistency_weight`` x their symmetric KL. With ``finetune.unlabeled``,
-random crops of unlabelled volumes add the same loss against the detached argmax of the
-two views' mean softmax (pseudo-labels); their label files are never read.
+The objective is the fine-tuning hook of the network's method (``swinssl.methods``): DiceCE
+of the network's output for a plain SwinUNETR; SwinMM's two-view loss with consistency for a
+multi-view one. With ``finetune.unlabeled`` (a method that takes it, e.g. SwinMM), random
+crops of unlabelled volumes come with each batch; their label files are never read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -26,176 +27,118 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice
-from torch.optim.lr_scheduler import LambdaLR
 
-import swinssl
-from swinssl.config import Config, FinetuneConfig, ModelConfig, to_dict
+from swinssl.config import Config, FinetuneConfig
 from swinssl.data.discover import Case, Dataset, find_dataset
 from swinssl.data.io import read_volume
 from swinssl.data.transforms import case_item, finetune_transforms, pretrain_transforms
-from swinssl.engine.checkpoint import restore_rng, rng_state, save_checkpoint
 from swinssl.engine.data import cache_root, crop_loader, images_of, labels_of, sample_seed
-from swinssl.engine.distributed import DistributedFaults
-from swinssl.engine.logging import MetricLogger, save_overlay
-from swinssl.engine.loop import progress_bar, run_steps, setup_fabric, warmup_cosine
 from swinssl.engine.pretrain import split_cases
-from swinssl.engine.run_dir import open_run_dir, resume_state
+from swinssl.engine.runner import run_stage
 from swinssl.errors import ConfigError, DataError
+from swinssl.methods import network_method
 from swinssl.nn import build_network, load_pretrained
 from swinssl.nn.load import read_checkpoint
-from swinssl.nn.multiview import VIEW_ORDERS
-from swinssl.ssl.losses import symmetric_kl
+from swinssl.plan import Plan, adopt_architecture
+from swinssl.plots import save_overlay
+from swinssl.runs import RunDir, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
-# Architecture fields a pre-trained plan fixes: the encoder's weights only fit this shape. Not the
-# input channels: those are the data's, and load_pretrained adapts a pre-trained stem to them.
-ARCHITECTURE = ("feature_size", "depths", "num_heads", "window_size", "use_v2", "downsample",
-                "domain_invariance", "dim_heads", "dim_pool")
+UNLABELED_SEED = 7919  # offset of the unlabelled crops' seed stream from the labelled one
 
 
 def finetune(cfg: Config | None = None, resume: str | Path | None = None, overrides: list[str] = (),
              progress: bool = True) -> Path:
     """Run (or resume) a fine-tuning; returns the run directory."""
-    state = None
-    if resume is not None:
-        cfg, state = resume_state(resume, overrides)
-    assert cfg is not None
-    ft, t = cfg.finetune, cfg.train
-    if not cfg.data.path:
-        raise ConfigError("data.path is empty: pass data=PATH (a dataset.json, nnU-Net raw folder or labelled folder)")
-    # A resumed run has its weights in its own checkpoint (and its saved config adopted the plan).
-    pretrained = read_pretrained(ft.pretrained) if ft.pretrained and state is None else None
-    if pretrained is not None:
-        cfg.model = adopt_plan(cfg.model, pretrained, ft.pretrained)
-    dataset = find_dataset(cfg.data.path, cfg.data.modality)
-    classes = class_indices(dataset, cfg.data.num_classes)
-    train_cases, val_cases = finetune_split(dataset, ft, t.val_fraction, cfg.seed)
-    unlabeled = unlabeled_cases(ft.unlabeled, cfg.data.modality) if ft.unlabeled else []
-    if unlabeled and not cfg.model.multiview:
-        raise ConfigError("finetune.unlabeled needs model.multiview=true: pseudo-labels come from the views' mean")
+    return run_stage(FinetuneStage, cfg, resume, overrides, progress)
 
-    fabric = setup_fabric(t, cfg.seed)
-    splits = {"train": train_cases, "validation": val_cases}
-    if unlabeled:
-        splits["unlabeled"] = unlabeled
-    run_dir, manifest = open_run_dir(fabric, cfg, "finetune", resume, state, splits)
 
-    model = build_network(cfg.model, out_channels=len(classes))
-    if pretrained is not None:
-        report = load_pretrained(model, pretrained, layout=None)
-        if fabric.is_global_zero:
-            print(f"pre-trained weights: {report.summary()}")
-    optimizer = torch.optim.AdamW(layer_decay_groups(model, t.lr, ft.layer_decay), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.steps))
-    start, best = 0, -1.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
-        start, best = int(state["step"]), float(state.get("best_dice", -1.0))
-        manifest = state["plan"].get("manifest_sha256")
-    raw_model = model
-    if t.compile:
-        model.compile()
-    model, optimizer = fabric.setup(model, optimizer)
+class FinetuneStage:
+    """Supervised fine-tuning of SwinUNETR (or the network the method hooks own) on labelled cases."""
 
-    plan = {
-        "network": {**to_dict(cfg.model), "out_channels": len(classes), "patch_size": 2},
-        "preprocess": to_dict(cfg.preprocess),
-        "labels": {str(c): dataset.labels.get(c, "background" if c == 0 else f"class_{c}") for c in classes},
-        "channel_names": dataset.channel_names or ["image"] * cfg.model.in_channels,
-        "modality": _common_modality(train_cases),
-        "pretrained": ft.pretrained or None,
-        "manifest_sha256": manifest,
-        "package_version": swinssl.__version__,
-        # Where the preprocessed volumes are: predict reads them from there too (prediction_cache).
-        "cache": str(cache_root(cfg).resolve()) if cache_root(cfg) else None,
-    }
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=ft.dice_weight, lambda_ce=ft.ce_weight)
-    pipeline = finetune_transforms(cfg.preprocess, classes=classes, channels=cfg.model.in_channels, train=True,
-                                   cache=cache_root(cfg))
-    loader = crop_loader(train_cases, pipeline, t.batch_size, cfg.seed, rank=fabric.global_rank,
-                         start_step=start * t.accumulate, steps=t.steps * t.accumulate, num_workers=t.num_workers)
-    batches = iter(loader)
-    if unlabeled:
+    kind = run_prefix = "finetune"
+    best_metric = "dice"
+
+    def __init__(self, cfg: Config, resumed: bool = False):
+        ft = cfg.finetune
+        if not cfg.data.path:
+            raise ConfigError("data.path is empty: pass data=PATH (a dataset.json, nnU-Net raw folder or labelled folder)")
+        # A resumed run has its weights in its own checkpoint (and its saved config adopted the plan).
+        self.pretrained = read_pretrained(ft.pretrained) if ft.pretrained and not resumed else None
+        if self.pretrained is not None and isinstance(self.pretrained.get("plan"), dict):
+            cfg.model = adopt_architecture(cfg.model, Plan.network_of(self.pretrained["plan"], ft.pretrained),
+                                           ft.pretrained)
+        self.cfg = cfg
+        self.dataset = find_dataset(cfg.data.path, cfg.data.modality)
+        self.classes = class_indices(self.dataset, cfg.data.num_classes)
+        self.train_cases, self.val_cases = finetune_split(self.dataset, ft, cfg.train.val_fraction, cfg.seed)
+        self.objective = network_method(dataclasses.asdict(cfg.model))  # the fine-tuning hooks of the network's method
+        self.objective.check_finetune(cfg)
+        self.unlabeled = unlabeled_cases(ft.unlabeled, cfg.data.modality) if ft.unlabeled else []
+        self.labels = {str(c): self.dataset.labels.get(c, "background" if c == 0 else f"class_{c}")
+                       for c in self.classes}
+        self.segmentation_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=ft.dice_weight,
+                                            lambda_ce=ft.ce_weight)
+
+    def splits(self) -> dict[str, list[Case]]:
+        splits = {"train": self.train_cases, "validation": self.val_cases}
+        if self.unlabeled:
+            splits["unlabeled"] = self.unlabeled
+        return splits
+
+    def build_model(self, fabric):
+        model = build_network(self.cfg.model, out_channels=len(self.classes))
+        if self.pretrained is not None:
+            report = load_pretrained(model, self.pretrained, layout=None)
+            if fabric.is_global_zero:
+                print(f"pre-trained weights: {report.summary()}")
+        return model
+
+    def param_groups(self, model):
+        return layer_decay_groups(model, self.cfg.train.lr, self.cfg.finetune.layer_decay)
+
+    def plan(self, manifest: str | None) -> Plan:
+        cfg = self.cfg
+        cache = cache_root(cfg)
+        return Plan(network=cfg.model, preprocess=cfg.preprocess, out_channels=len(self.classes), labels=self.labels,
+                    channel_names=self.dataset.channel_names or ["image"] * cfg.model.in_channels,
+                    modality=_common_modality(self.train_cases), pretrained=cfg.finetune.pretrained or None,
+                    manifest_sha256=manifest,
+                    # Where the preprocessed volumes are: predict reads them from there too (prediction_cache).
+                    cache=str(cache.resolve()) if cache else None)
+
+    def batches(self, fabric, start: int):
+        cfg, t = self.cfg, self.cfg.train
+
+        def loader(cases, pipeline, seed):
+            return crop_loader(cases, pipeline, t.batch_size, seed, rank=fabric.global_rank,
+                               world_size=fabric.world_size, start_step=start * t.accumulate,
+                               steps=t.steps * t.accumulate, num_workers=t.num_workers)
+
+        labelled = loader(self.train_cases, finetune_transforms(cfg.preprocess, classes=self.classes,
+                                                                channels=cfg.model.in_channels, train=True,
+                                                                cache=cache_root(cfg)), cfg.seed)
+        if not self.unlabeled:
+            return iter(labelled)
         # Random crops (no label to guide them), normalised as the labelled ones; another seed stream.
-        extra = crop_loader(unlabeled, pretrain_transforms(cfg.preprocess, channels=cfg.model.in_channels,
-                                                           cache=cache_root(cfg)),
-                            t.batch_size, cfg.seed + UNLABELED_SEED, rank=fabric.global_rank,
-                            start_step=start * t.accumulate, steps=t.steps * t.accumulate, num_workers=t.num_workers)
-        batches = (dict(b, unlabeled=u["image"]) for b, u in zip(loader, extra))
-    logger = MetricLogger(run_dir) if fabric.is_global_zero else None
+        extra = loader(self.unlabeled, pretrain_transforms(cfg.preprocess, channels=cfg.model.in_channels,
+                                                           cache=cache_root(cfg)), cfg.seed + UNLABELED_SEED)
+        return (dict(b, unlabeled=u["image"]) for b, u in zip(labelled, extra))
 
-    def checkpoint(name: str, step: int, metrics: dict) -> None:
-        if not fabric.is_global_zero:
-            return
-        payload = {
-            "format": "swinssl", "version": swinssl.__version__, "kind": "finetune", "step": step,
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": rng_state(), "plan": plan, "metrics": metrics, "best_dice": best,
-        }
-        save_checkpoint(run_dir / "checkpoints" / name, payload)
-
-    def losses(batch, step: int, micro: int):
+    def losses(self, model, batch, step: int, micro: int, fabric):
+        t = self.cfg.train
         x, y = images_of(batch).to(fabric.device), labels_of(batch).to(fabric.device)
-        if not cfg.model.multiview:
-            return loss_fn(model(x), y), {}, {}
-        orders = draw_view_pair(sample_seed(cfg.seed, step * t.accumulate + micro, fabric.global_rank, 98))
-        seg, consistency = multiview_loss(model, x, y, orders, loss_fn)
-        total = seg + ft.consistency_weight * consistency
-        parts = {"dice_ce": seg, "consistency": consistency}
-        if "unlabeled" in batch:
-            xu = batch["unlabeled"].to(fabric.device)
-            parts["unlabeled_dice_ce"], parts["unlabeled_consistency"] = multiview_loss(model, xu, None, orders, loss_fn)
-            total = total + ft.unlabeled_weight * (parts["unlabeled_dice_ce"]
-                                                   + ft.consistency_weight * parts["unlabeled_consistency"])
+        extra = batch["unlabeled"].to(fabric.device) if "unlabeled" in batch else None
+        seed = sample_seed(self.cfg.seed, step * t.accumulate + micro, fabric.global_rank, 98)
+        total, parts = self.objective.finetune_losses(model, x, y, extra, seed, self.cfg, self.segmentation_loss)
         return total, parts, {}
 
-    def after_step(done: int, metrics: dict, _previews: dict) -> None:
-        nonlocal best
-        if val_cases and (done % t.val_every == 0 or done == t.steps):
-            val = validate(raw_model, cfg, val_cases, classes, plan["labels"], fabric,
-                           overlay=run_dir / "previews" / f"step_{done:07d}.png" if fabric.is_global_zero else None)
-            if logger:
-                logger.log(done, "val", val)
-            metrics.update({f"val_{k}": v for k, v in val.items()})
-            if val["dice"] > best:
-                best = val["dice"]
-                checkpoint("best.pt", done, metrics)
-        if done % t.checkpoint_every == 0 or done == t.steps:
-            checkpoint("last.pt", done, metrics)
-
-    bar = progress_bar(progress and fabric.is_global_zero, start, t.steps, f"finetune {run_dir.name}")
-    with DistributedFaults(fabric, run_dir / "checkpoints" / "last.pt"):
-        run_steps(fabric, model, optimizer, scheduler, batches, losses, t, start, logger, bar, after_step,
-                  run_dir / "checkpoints" / "last.pt")
-        if logger:
-            logger.close()
-        fabric.barrier()
-    return run_dir
-
-
-UNLABELED_SEED = 7919  # offset of the unlabelled crops' seed stream from the labelled one
-
-
-def draw_view_pair(seed: int) -> tuple:
-    """Two distinct axis orders of the three (identity, swap_xy, swap_xz), as SwinMM draws per batch."""
-    first, second = np.random.default_rng(seed).permutation(len(VIEW_ORDERS))[:2]
-    return VIEW_ORDERS[first], VIEW_ORDERS[second]
-
-
-def multiview_loss(model, x: torch.Tensor, y: torch.Tensor | None, orders, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean DiceCE of the two views, their symmetric KL) for crops ``x``.
-
-    ``y=None`` (unlabelled crops): the target is the detached argmax of the two views' mean softmax.
-    """
-    outs = model(x, orders=orders)
-    if y is None:
-        with torch.no_grad():
-            y = sum(torch.softmax(o.float(), 1) for o in outs).argmax(1, keepdim=True)
-    return sum(loss_fn(o, y) for o in outs) / len(outs), symmetric_kl(*outs)
+    def validate(self, model, fabric, run: RunDir, step: int) -> dict[str, float]:
+        if not self.val_cases:
+            return {}
+        return validate(model, self.cfg, self.val_cases, self.classes, self.labels, fabric,
+                        overlay=run.preview(step) if fabric.is_global_zero else None)
 
 
 # --- data --------------------------------------------------------------------------------------------
@@ -273,27 +216,7 @@ def _common_modality(cases: list[Case]) -> str | None:
 
 def read_pretrained(source: str) -> dict:
     """A pre-trained checkpoint: a file, or a run directory (its checkpoints/last.pt)."""
-    path = Path(source)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
-    return read_checkpoint(path)
-
-
-def adopt_plan(model: ModelConfig, ckpt: dict, source: str) -> ModelConfig:
-    """The network of a pre-trained plan, replacing differing architecture fields (and saying so)."""
-    network = (ckpt.get("plan") or {}).get("network") if isinstance(ckpt.get("plan"), dict) else None
-    if not network:
-        return model
-    changes = {}
-    for key in ARCHITECTURE:
-        if key in network:
-            theirs = tuple(network[key]) if isinstance(network[key], list) else network[key]
-            if theirs != getattr(model, key):
-                changes[key] = theirs
-    if changes:
-        said = ", ".join(f"{k} {getattr(model, k)} -> {v}" for k, v in changes.items())
-        print(f"adopting the network of the pre-trained plan {source}: {said}")
-    return replace(model, **changes)
+    return read_checkpoint(resolve_checkpoint(source, prefer_best=False))
 
 
 def layer_decay_groups(model: torch.nn.Module, lr: float, decay: float) -> list[dict]:

@@ -1,10 +1,6 @@
-"""The optimisation loop shared by pre-training and fine-tuning, on Lightning Fabric.
-
-``setup_fabric`` creates the devices and process settings from ``TrainConfig``;
-``run_steps`` runs optimiser steps ``start .. train.steps``: micro-steps with gradient
-accumulation, a stop (or skip) on a non-finite loss or gradient, clipping, the LR schedule, averaged metrics
-(CSV + TensorBoard + progress bar). What a stage adds (its loss, validation, previews,
-checkpoints) comes in as two functions, so each stage stays a readable page.
+"""Pieces of the optimisation shared by every stage (used by ``engine.runner``): Fabric and the
+process's numerics from ``TrainConfig``, the warm-up + cosine schedule, the progress bar, and
+the clipping / non-finite-gradient verdict every process agrees on.
 """
 
 from __future__ import annotations
@@ -12,24 +8,18 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
-from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
 from swinssl.config import TrainConfig
-from swinssl.engine.logging import MetricLogger
-from swinssl.errors import TrainingError
-
-# (batch, step, micro-step) -> (weighted loss, {name: value} to log, preview panels)
-LossFn = Callable[[Any, int, int], "tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]"]
-# (optimiser steps done, last logged metrics, last preview panels) -> None
-AfterStep = Callable[[int, dict, dict], None]
 
 
 def warmup_cosine(warmup: int, total: int):
-    """LR factor: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    """LR factor: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``.
+
+    MONAI's ``WarmupCosineSchedule`` gives the same cosine but warms up as ``step / warmup``:
+    its first optimiser step runs at LR 0 and is wasted (pinned in tests/test_pretrain.py), so
+    the warm-up here is ``(step + 1) / warmup``."""
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -84,63 +74,6 @@ def progress_bar(enabled: bool, start: int, total: int, what: str):
     # Redirected to a log file, a bar redrawn ten times a second would flood it.
     return tqdm(total=total, initial=start, desc=what, unit="step", dynamic_ncols=True,
                 disable=not enabled, mininterval=0.1 if sys.stderr.isatty() else 30)
-
-
-MAX_SKIPPED_IN_A_ROW = 10  # train.on_nonfinite=skip: more than this is a diverged run, not a bad batch
-
-
-def run_steps(fabric, model, optimizer, scheduler, batches: Iterator, loss_fn: LossFn, t: TrainConfig, start: int,
-              logger: MetricLogger | None, bar, after_step: AfterStep, last_checkpoint: Path) -> None:
-    """Optimiser steps ``start .. t.steps``; see the module docstring."""
-    sums: dict[str, float] = {}
-    count, tick, crops, skipped, in_a_row = 0, time.perf_counter(), 0, 0, 0
-    metrics: dict = {}
-    try:
-        for step in range(start, t.steps):
-            model.train()
-            previews: Mapping[str, torch.Tensor] = {}
-            fault, parts_seen = "", []
-            for micro in range(t.accumulate):
-                batch = next(batches)
-                with fabric.no_backward_sync(model, enabled=micro < t.accumulate - 1):
-                    total, parts, previews = loss_fn(batch, step, micro)
-                    if not fault and not torch.isfinite(total):
-                        detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-                        fault = f"loss is not finite ({detail})"
-                    # Backward even then: every process must join the gradient all-reduce.
-                    fabric.backward(total / t.accumulate)
-                crops += batch["image"].shape[0] * fabric.world_size
-                parts_seen.append({"loss": total, **parts})
-            fault = nonfinite_gradients(fabric, model, optimizer, t, fault)
-            if fault:
-                skipped, in_a_row = skipped + 1, in_a_row + 1
-                if t.on_nonfinite == "stop" or in_a_row > MAX_SKIPPED_IN_A_ROW:
-                    why = fault if t.on_nonfinite == "stop" else f"{fault}, {in_a_row} steps in a row"
-                    raise TrainingError(f"step {step}: {why}; the last good checkpoint is {last_checkpoint}")
-                bar.write(f"warning: step {step} skipped: {fault}", file=sys.stderr)
-            else:
-                optimizer.step()
-                in_a_row = 0
-                for seen in parts_seen:
-                    for k, v in seen.items():
-                        sums[k] = sums.get(k, 0.0) + v.item()
-                    count += 1
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()  # a skipped step still advances the schedule: steps stay (seed, step) addressable
-            done = step + 1
-            if done % t.log_every == 0 or done == t.steps:
-                means = {k: v / max(count, 1) for k, v in sums.items()}
-                means = {k: float(fabric.all_reduce(torch.tensor(v), reduce_op="mean")) for k, v in means.items()}
-                rate = crops / (time.perf_counter() - tick)
-                metrics = {**means, "lr": scheduler.get_last_lr()[0], "crops_per_s": rate, "skipped_steps": skipped}
-                if logger:
-                    logger.log(done, "train", metrics)
-                bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", crops_s=f"{rate:.2f}")
-                sums, count, tick, crops = {}, 0, time.perf_counter(), 0
-            after_step(done, metrics, dict(previews))
-            bar.update(1)
-    finally:  # ends the bar's line, so an error message starts on its own line
-        bar.close()
 
 
 def nonfinite_gradients(fabric, model, optimizer, t: TrainConfig, fault: str) -> str:

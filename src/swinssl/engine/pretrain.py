@@ -1,10 +1,9 @@
-"""Pre-training, shared by every method, on Lightning Fabric (CPU, one GPU, DDP across GPUs and nodes).
+"""Pre-training, shared by every method: the stage ``engine.runner`` runs.
 
-A method module supplies ``SSLModel``, ``check_config`` and ``compute_losses``; this stage
-adds the data (unlabelled volumes, never a dataset's test cases), validation losses on
-held-out volumes, previews and atomic checkpoints to the shared loop (``engine.loop``:
-devices, precision, AdamW, warm-up + cosine, clipping, accumulation, logging), and
-resumes a run exactly where it stopped.
+The method (``swinssl.methods``, from ``method.name``) checks the config, builds the model
+(encoder + the heads of its weighted tasks) and computes a step's losses; this stage adds the
+data (unlabelled volumes, never a dataset's test cases), the validation losses on fixed crops
+of held-out volumes, and the plan its checkpoints carry.
 """
 
 from __future__ import annotations
@@ -15,20 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import list_data_collate
-from torch.optim.lr_scheduler import LambdaLR
 
-import swinssl
-from swinssl.config import Config, to_dict
+from swinssl.config import Config
 from swinssl.data.discover import Case, find_dataset
 from swinssl.data.transforms import pretrain_transforms
-from swinssl.engine.checkpoint import restore_rng, rng_state, save_checkpoint
 from swinssl.engine.data import SeededDataset, cache_root, crop_loader, images_of, sample_seed
-from swinssl.engine.distributed import DistributedFaults
-from swinssl.engine.logging import MetricLogger, save_preview
-from swinssl.engine.loop import progress_bar, run_steps, setup_fabric, warmup_cosine
-from swinssl.engine.run_dir import open_run_dir, resume_state
+from swinssl.engine.runner import run_stage
 from swinssl.errors import ConfigError, DataError
 from swinssl.methods import get_method
+from swinssl.plan import Plan
+from swinssl.runs import RunDir
 
 VALIDATION_STEP = 2**30  # a step index no training step reaches: fixed validation crops and views
 
@@ -46,116 +41,77 @@ def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list
 def pretrain(cfg: Config | None = None, resume: str | Path | None = None, overrides: list[str] = (),
              progress: bool = True) -> Path:
     """Run (or resume) a pre-training; returns the run directory."""
-    state = None
-    if resume is not None:
-        cfg, state = resume_state(resume, overrides)
-    assert cfg is not None
-    method = get_method(cfg.method.name)
-    method.check_config(cfg)
-    if not cfg.data.path:
-        raise ConfigError("data.path is empty: pass data=PATH (a folder, dataset.json or nnU-Net raw folder)")
-    dataset = find_dataset(cfg.data.path, cfg.data.modality)
-    # Images only, and never a dataset's test cases: later fine-tuning is evaluated on them.
-    volumes = [replace(c, label=None) for c in dataset.split("training", "validation")]
-    if not volumes:
-        raise DataError(f"{cfg.data.path}: no training volumes (only test cases)")
-    train_cases, val_cases = split_cases(volumes, cfg.train.val_fraction, cfg.seed)
-    channels = cfg.model.in_channels
-
-    t = cfg.train
-    fabric = setup_fabric(t, cfg.seed)
-
-    run_dir, manifest = open_run_dir(fabric, cfg, cfg.method.name, resume, state,
-                                     {"train": train_cases, "validation": val_cases})
-
-    model = method.SSLModel(cfg.model, cfg.method)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.steps))
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
-        start = int(state["step"])
-        manifest = state["plan"].get("manifest_sha256")
-    raw_model = model
-    if t.compile:  # in place, so state-dict keys stay unprefixed
-        model.compile()
-    model, optimizer = fabric.setup(model, optimizer)
-
-    plan = {
-        "network": {**to_dict(cfg.model), "patch_size": 2},
-        "preprocess": to_dict(cfg.preprocess),
-        "method": to_dict(cfg.method),
-        "channel_names": dataset.channel_names or ["image"] * channels,
-        "manifest_sha256": manifest,
-        "package_version": swinssl.__version__,
-    }
-    pipeline = pretrain_transforms(cfg.preprocess, channels=channels, cache=cache_root(cfg))
-    micro_steps = t.steps * t.accumulate
-    loader = crop_loader(train_cases, pipeline, t.batch_size, cfg.seed, rank=fabric.global_rank,
-                         start_step=start * t.accumulate, steps=micro_steps, num_workers=t.num_workers)
-    logger = MetricLogger(run_dir) if fabric.is_global_zero else None
-
-    def checkpoint(step: int, metrics: dict) -> None:
-        if not fabric.is_global_zero:
-            return
-        payload = {
-            "format": "swinssl", "version": swinssl.__version__, "kind": "pretrain", "step": step,
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": rng_state(), "plan": plan, "metrics": metrics,
-        }
-        save_checkpoint(run_dir / "checkpoints" / "last.pt", payload)
-
-    generator = torch.Generator()
-
-    def losses(batch, step: int, micro: int):
-        generator.manual_seed(sample_seed(cfg.seed, step * t.accumulate + micro, fabric.global_rank, 99))
-        return method.compute_losses(model, images_of(batch).to(fabric.device), generator, cfg.method)
-
-    def after_step(done: int, metrics: dict, previews: dict) -> None:
-        if val_cases and (done % t.val_every == 0 or done == t.steps):
-            val = validate(raw_model, method, cfg, val_cases, fabric)
-            if logger:
-                logger.log(done, "val", val)
-            metrics.update({f"val_{k}": v for k, v in val.items()})
-        if fabric.is_global_zero and t.preview_every and (done % t.preview_every == 0 or done == t.steps):
-            save_preview(run_dir / "previews" / f"step_{done:07d}.png", previews, title=f"step {done}")
-        if done % t.checkpoint_every == 0 or done == t.steps:
-            checkpoint(done, metrics)
-
-    bar = progress_bar(progress and fabric.is_global_zero, start, t.steps, f"pretrain {run_dir.name}")
-    with DistributedFaults(fabric, run_dir / "checkpoints" / "last.pt"):
-        run_steps(fabric, model, optimizer, scheduler, iter(loader), losses, t, start, logger, bar, after_step,
-                  run_dir / "checkpoints" / "last.pt")
-        if logger:
-            logger.close()
-        fabric.barrier()
-    return run_dir
+    return run_stage(PretrainStage, cfg, resume, overrides, progress)
 
 
-@torch.no_grad()
-def validate(model, method, cfg: Config, cases: list[Case], fabric) -> dict[str, float]:
-    """Mean losses over fixed crops and fixed views of the held-out volumes (same every time).
+class PretrainStage:
+    """Self-supervised pre-training of the method ``cfg.method.name`` on unlabelled volumes."""
 
-    Volumes go in batches of ``train.batch_size``, as in training, so the contrastive
-    negatives of a crop include crops of other volumes.
-    """
-    was_training = model.training
-    model.eval()
-    dataset = SeededDataset(cases, pretrain_transforms(cfg.preprocess, channels=cfg.model.in_channels,
-                                                       cache=cache_root(cfg)))
-    generator = torch.Generator()
-    sums: dict[str, float] = {}
-    starts = range(0, len(cases), cfg.train.batch_size)
-    for first in starts:
-        indices = range(first, min(first + cfg.train.batch_size, len(cases)))
-        crops = [dataset[(i, sample_seed(cfg.seed, VALIDATION_STEP + i, 0, 0))] for i in indices]
-        x = images_of(list_data_collate(crops)).to(fabric.device)
-        generator.manual_seed(sample_seed(cfg.seed, VALIDATION_STEP + first, 0, 99))
-        total, parts, _ = method.compute_losses(model, x, generator, cfg.method)
-        for k, v in {"loss": total, **parts}.items():
-            sums[k] = sums.get(k, 0.0) + v.item() / len(starts)
-    model.train(was_training)
-    return sums
+    best_metric = None
+
+    def __init__(self, cfg: Config, resumed: bool = False):
+        self.cfg, self.method = cfg, get_method(cfg.method.name)
+        self.kind, self.run_prefix = "pretrain", cfg.method.name
+        self.method.check(cfg)
+        if not cfg.data.path:
+            raise ConfigError("data.path is empty: pass data=PATH (a folder, dataset.json or nnU-Net raw folder)")
+        self.dataset = find_dataset(cfg.data.path, cfg.data.modality)
+        # Images only, and never a dataset's test cases: later fine-tuning is evaluated on them.
+        volumes = [replace(c, label=None) for c in self.dataset.split("training", "validation")]
+        if not volumes:
+            raise DataError(f"{cfg.data.path}: no training volumes (only test cases)")
+        self.train_cases, self.val_cases = split_cases(volumes, cfg.train.val_fraction, cfg.seed)
+        self.pipeline = pretrain_transforms(cfg.preprocess, channels=cfg.model.in_channels, cache=cache_root(cfg))
+        self.generator = torch.Generator()
+
+    def splits(self) -> dict[str, list[Case]]:
+        return {"train": self.train_cases, "validation": self.val_cases}
+
+    def build_model(self, fabric):
+        return self.method.build_model(self.cfg)
+
+    def param_groups(self, model):
+        return [{"params": list(model.parameters())}]
+
+    def plan(self, manifest: str | None) -> Plan:
+        cfg = self.cfg
+        return Plan(network=cfg.model, preprocess=cfg.preprocess, method=cfg.method, manifest_sha256=manifest,
+                    channel_names=self.dataset.channel_names or ["image"] * cfg.model.in_channels)
+
+    def batches(self, fabric, start: int):
+        t = self.cfg.train
+        return iter(crop_loader(self.train_cases, self.pipeline, t.batch_size, self.cfg.seed, rank=fabric.global_rank,
+                                world_size=fabric.world_size, start_step=start * t.accumulate,
+                                steps=t.steps * t.accumulate, num_workers=t.num_workers))
+
+    def losses(self, model, batch, step: int, micro: int, fabric):
+        t = self.cfg.train
+        self.generator.manual_seed(sample_seed(self.cfg.seed, step * t.accumulate + micro, fabric.global_rank, 99))
+        return self.method.compute_losses(model, images_of(batch).to(fabric.device), self.generator, self.cfg.method)
+
+    @torch.no_grad()
+    def validate(self, model, fabric, run: RunDir, step: int) -> dict[str, float]:
+        """Mean losses over fixed crops and fixed views of the held-out volumes (same every time).
+
+        Volumes go in batches of ``train.batch_size``, as in training, so the contrastive
+        negatives of a crop include crops of other volumes.
+        """
+        cfg, cases = self.cfg, self.val_cases
+        if not cases:
+            return {}
+        was_training = model.training
+        model.eval()
+        dataset = SeededDataset(cases, self.pipeline)
+        generator = torch.Generator()
+        sums: dict[str, float] = {}
+        starts = range(0, len(cases), cfg.train.batch_size)
+        for first in starts:
+            indices = range(first, min(first + cfg.train.batch_size, len(cases)))
+            crops = [dataset[(i, sample_seed(cfg.seed, VALIDATION_STEP + i, 0, 0))] for i in indices]
+            x = images_of(list_data_collate(crops)).to(fabric.device)
+            generator.manual_seed(sample_seed(cfg.seed, VALIDATION_STEP + first, 0, 99))
+            total, parts, _ = self.method.compute_losses(model, x, generator, cfg.method)
+            for k, v in {"loss": total, **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / len(starts)
+        model.train(was_training)
+        return sums

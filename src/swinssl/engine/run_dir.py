@@ -1,9 +1,5 @@
-"""Run directories: everything needed to understand, reproduce and resume a run.
-
-``<out>/<name>/``: ``config.yaml`` (resolved), ``manifest.json`` (data files with sizes and
-SHA-256), ``environment.json`` (package versions, host, devices), ``metrics.csv``,
-``tensorboard/``, ``previews/``, ``checkpoints/{last,step_N}.pt``.
-"""
+"""Creating and resuming run directories: everything needed to understand, reproduce and resume
+a run. The files are named by ``swinssl.runs.RunDir``."""
 
 from __future__ import annotations
 
@@ -22,6 +18,7 @@ import swinssl
 from swinssl.config import load_config, save_config
 from swinssl.data.discover import Case
 from swinssl.errors import ConfigError
+from swinssl.runs import RunDir
 from swinssl.utils import atomic_write_text, sha256_file, writable_dir
 
 PACKAGES = ("torch", "monai", "lightning-fabric", "numpy", "nibabel", "itk-io", "pynrrd", "pydicom")
@@ -49,7 +46,7 @@ def write_manifest(path: Path, splits: dict[str, Sequence[Case]]) -> str:
                 "files": [{"path": str(f), "bytes": _size(f), "sha256": _digest(f)} for f in files],
             })
     text = json.dumps(entries, indent=2)
-    atomic_write_text(path / "manifest.json", text)
+    atomic_write_text(RunDir(path).manifest, text)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -86,11 +83,11 @@ def write_environment(path: Path) -> None:
         "packages": versions,
         "command": sys.argv,
     }
-    atomic_write_text(path / "environment.json", json.dumps(env, indent=2))
+    atomic_write_text(RunDir(path).environment, json.dumps(env, indent=2))
 
 
 def write_run_files(path: Path, cfg, splits: dict[str, Sequence[Case]]) -> str:
-    save_config(cfg, path / "config.yaml")
+    save_config(cfg, RunDir(path).config)
     write_environment(path)
     return write_manifest(path, splits)
 
@@ -99,14 +96,13 @@ def resume_state(resume: str | Path, overrides: Sequence[str] = ()) -> tuple[Any
     """The saved config of run directory ``resume`` (plus overrides) and its last checkpoint, if any."""
     from swinssl.engine.checkpoint import load_checkpoint
 
-    run_dir = Path(resume)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml", overrides)
-    for stale in run_dir.glob("checkpoints/.*.tmp*"):  # a write cut short by a kill (never renamed in)
+    run = RunDir(resume)
+    if not run.config.is_file():
+        raise ConfigError(f"{run.path}: not a run directory (no config.yaml)")
+    cfg = load_config(run.config, overrides)
+    for stale in run.stale_checkpoints():
         stale.unlink(missing_ok=True)
-    last = run_dir / "checkpoints" / "last.pt"
-    return cfg, load_checkpoint(last) if last.is_file() else None
+    return cfg, load_checkpoint(run.last) if run.last.is_file() else None
 
 
 def open_run_dir(fabric, cfg, kind: str, resume: str | Path | None, state: dict | None,

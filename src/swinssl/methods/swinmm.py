@@ -1,67 +1,101 @@
-"""SwinMM masked multi-view pre-training (Wang et al., MICCAI 2023, sec. 2.1).
+"""SwinMM (Wang et al., MICCAI 2023): masked multi-view pre-training, multi-view fine-tuning
+with cross-view attention and consistency, semi-supervised pseudo-labels, fused inference.
 
-Views: the crop and one axis-swapped copy of it (``swap_xy`` or ``swap_xz``), each turned
-by random quarter turns and masked: half of the 16^3 cubes (``method.mask_ratio`` is the
-masked fraction) set to 0, the same cubes in both views. The encoder and heads are those
-of Swin UNETR SSL (``swin_unetr.SSLModel``). Tasks:
+Pre-training (sec. 2.1), views ``masked``: the crop and one axis-swapped copy of it
+(``swap_xy`` or ``swap_xz``), each turned by random quarter turns and masked: half of the
+16^3 cubes (``method.mask_ratio`` is the masked fraction) set to 0, the same cubes in both
+views. Tasks: ``inpaint`` (MSE on the masked voxels, target optionally z-scored), ``rotate``,
+``contrast`` and ``mutual`` (the swapped view's reconstruction, mapped back to the common
+frame, agrees on the masked voxels with the un-permuted view's, held as the reference).
 
-* ``inpaint``: MSE on the masked voxels against the unmasked view (per-sample z-scored
-  with ``method.zscore_target``);
-* ``rotate``: 4-way cross-entropy; ``contrast``: NT-Xent between the two views;
-* ``mutual``: the swapped view's reconstruction, mapped back to the common frame, agrees on
-  the masked voxels with the un-permuted view's, held as the reference (mutual learning).
+Fine-tuning (sec. 2.2), for networks with ``model.multiview`` (``nn.multiview``): each crop
+is seen in two axis orders drawn per step, joined by the network's cross-view block; the
+loss is the mean DiceCE of the two views plus ``finetune.consistency_weight`` x their
+symmetric KL. With ``finetune.unlabeled``, random crops of unlabelled volumes add the same
+loss against the detached argmax of the two views' mean softmax (pseudo-labels).
+
+Inference: ``fused`` (the softmax of the three axis orders averaged; the default for
+multi-view networks), ``single`` or one axis order (``identity``, ``swap_xy``, ``swap_xz``).
+For a plain SwinUNETR, ``fused`` is an ensemble of permuted inputs (the tables' "Fuse" row).
 
 Where the published code differs, the paper wins (see docs/methods.md).
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable, Mapping
+
+import numpy as np
 import torch
 from torch import nn
 
-from swinssl.config import Config, MethodConfig
-from swinssl.errors import ConfigError
-from swinssl.methods.swin_unetr import SSLModel, check_tasks, rotate_contrast_losses
-from swinssl.ssl.losses import masked_mse, mutual_loss, weighted_sum, zscore
-from swinssl.ssl.views import multi_views, to_common_frame
-
-TASKS = ("inpaint", "rotate", "contrast", "mutual")
-
-__all__ = ["SSLModel", "TASKS", "check_config", "compute_losses"]
+from swinssl.config import Config
+from swinssl.methods.base import Method
+from swinssl.nn.axes import PERMUTATIONS, permute, unpermute
+from swinssl.nn.multiview import VIEW_ORDERS, MultiViewSwinUNETR, fused_log_probs
+from swinssl.ssl.losses import symmetric_kl
 
 
-def check_config(cfg: Config) -> None:
-    method, preprocess = cfg.method, cfg.preprocess
-    check_tasks(method, TASKS)
-    roi = tuple(preprocess.roi_size)
-    if len(set(roi)) != 1 or roi[0] % 32:
-        raise ConfigError(f"preprocess.roi_size {roi}: SwinMM permutes the crop's axes, so crops are cubes "
-                          "with a side that is a multiple of 32")
-    if roi[0] % method.mask_patch:
-        raise ConfigError(f"method.mask_patch {method.mask_patch} must divide the crop side {roi[0]}")
-    if roi[0] < 64 and method.weights.get("contrast", 0):
-        raise ConfigError(f"preprocess.roi_size {roi}: the contrastive task needs a second bottleneck token, "
-                          "so a side of at least 64 voxels")
-    if not 0 < method.mask_ratio < 1:
-        raise ConfigError(f"method.mask_ratio must be in (0, 1) (the masked fraction), got {method.mask_ratio}")
+def draw_view_pair(seed: int) -> tuple:
+    """Two distinct axis orders of the three (identity, swap_xy, swap_xz), as SwinMM draws per batch."""
+    first, second = np.random.default_rng(seed).permutation(len(VIEW_ORDERS))[:2]
+    return VIEW_ORDERS[first], VIEW_ORDERS[second]
 
 
-def compute_losses(model: nn.Module, x: torch.Tensor, generator: torch.Generator, method: MethodConfig):
-    """One step's losses for cubic crops ``x`` (B, C, S, S, S) in [0, 1]; as ``swin_unetr.compute_losses``."""
-    views = multi_views(x, generator, ratio=method.mask_ratio, patch=method.mask_patch)
-    out = model(torch.cat(views["views"]))  # both views in one pass (every layer normalises per sample)
-    n = x.shape[0]
-    recon = out["reconstruction"].split(n)
-    losses = {}
-    if method.weights.get("inpaint", 0):
-        targets = [zscore(t) if method.zscore_target else t for t in views["targets"]]
-        losses["inpaint"] = sum(masked_mse(r, t, m) for r, t, m in zip(recon, targets, views["masks"])) / 2
-    losses.update(rotate_contrast_losses(out, views, n, method))
-    if method.weights.get("mutual", 0):
-        common = [to_common_frame(r, o, k) for r, o, k in zip(recon, views["orders"], views["rotations"])]
-        losses["mutual"] = mutual_loss(common, views["mask"])
-    total = weighted_sum(losses, {k: v for k, v in method.weights.items() if v})
-    shown = recon[0][0] if method.zscore_target else recon[0][0].clamp(0, 1)
-    previews = {"crop": x[0], "masked view": views["views"][0][0], "reconstruction": shown,
-                "target": views["targets"][0][0]}
-    return total, losses, previews
+def multiview_loss(model, x: torch.Tensor, y: torch.Tensor | None, orders, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean DiceCE of the two views, their symmetric KL) for crops ``x``.
+
+    ``y=None`` (unlabelled crops): the target is the detached argmax of the two views' mean softmax.
+    """
+    outs = model(x, orders=orders)
+    if y is None:
+        with torch.no_grad():
+            y = sum(torch.softmax(o.float(), 1) for o in outs).argmax(1, keepdim=True)
+    return sum(loss_fn(o, y) for o in outs) / len(outs), symmetric_kl(*outs)
+
+
+class SwinMM(Method):
+    views = ("single", "fused", *PERMUTATIONS)
+
+    def owns(self, network: Mapping[str, Any]) -> bool:
+        return bool(network.get("multiview"))
+
+    def check_finetune(self, cfg: Config) -> None:
+        pass  # unlabelled volumes are welcome: the views' mean gives their pseudo-labels
+
+    def finetune_losses(self, model, x, y, unlabeled, seed, cfg, segmentation_loss):
+        ft = cfg.finetune
+        orders = draw_view_pair(seed)
+        seg, consistency = multiview_loss(model, x, y, orders, segmentation_loss)
+        total = seg + ft.consistency_weight * consistency
+        parts = {"dice_ce": seg, "consistency": consistency}
+        if unlabeled is not None:
+            parts["unlabeled_dice_ce"], parts["unlabeled_consistency"] = multiview_loss(
+                model, unlabeled, None, orders, segmentation_loss)
+            total = total + ft.unlabeled_weight * (parts["unlabeled_dice_ce"]
+                                                   + ft.consistency_weight * parts["unlabeled_consistency"])
+        return total, parts
+
+    def default_views(self, network: Mapping[str, Any]) -> str:
+        return "fused"
+
+    def window_predictor(self, model: nn.Module, views: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``fused``: the three axis orders' softmax averaged -- through the cross-view pairs for a
+        ``MultiViewSwinUNETR``, as an ensemble of permuted inputs for a plain SwinUNETR. Otherwise
+        the single axis order ``views`` (``single`` = ``identity``); a multi-view model pairs it
+        with the next order."""
+        if isinstance(model, MultiViewSwinUNETR):
+            if views == "fused":
+                return model
+            order = PERMUTATIONS[views if views in PERMUTATIONS else "identity"]
+            pair = (order, VIEW_ORDERS[(VIEW_ORDERS.index(order) + 1) % 3])
+            return lambda w: model(w, orders=pair)[0]
+        if views == "fused":
+            return lambda w: fused_log_probs([unpermute(model(permute(w, o)), o) for o in VIEW_ORDERS])
+        if views in ("single", "identity"):
+            return model
+        order = PERMUTATIONS[views]
+        return lambda w: unpermute(model(permute(w, order)), order)
+
+
+METHOD = SwinMM("swinmm", view_maker="masked", doc=__doc__)

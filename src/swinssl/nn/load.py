@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from swinssl.errors import CheckpointError
+from swinssl.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -257,10 +258,10 @@ def _width_hint(state: Mapping[str, torch.Tensor], model: nn.Module) -> str:
 
 def _check_plan(ckpt: Mapping, model: nn.Module, name: str) -> None:
     """Our checkpoints say which patch-merging order they used; loading into the other is wrong silently."""
-    network = (ckpt.get("plan") or {}).get("network") if isinstance(ckpt.get("plan"), Mapping) else None
     config = getattr(model, "config", None)
-    if not network or not isinstance(config, dict):
+    if not isinstance(ckpt.get("plan"), Mapping) or not isinstance(config, dict):
         return
-    theirs, ours = network.get("downsample"), config.get("downsample")
+    theirs = Plan.network_of(ckpt["plan"], name).downsample
+    ours = config.get("downsample")
     if theirs and ours and theirs != ours:
         raise CheckpointError(f"{name}: weights use patch merging '{theirs}' but the model uses '{ours}'; build the model with downsample='{theirs}'")

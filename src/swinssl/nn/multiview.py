@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from swinssl.nn.axes import PERMUTATIONS, permute, unpermute
 from swinssl.nn.swin_unetr import SwinUNETR
-from swinssl.ssl.views import PERMUTATIONS, permute, unpermute
 
 Order = tuple[int, int, int]
 VIEW_ORDERS: list[Order] = list(PERMUTATIONS.values())  # identity, swap_xy, swap_xz
@@ -88,26 +88,3 @@ def fused_log_probs(logits: Sequence[torch.Tensor]) -> torch.Tensor:
     prediction (its argmax is that of the summed softmax), still usable as logits."""
     probs = sum(torch.softmax(x.float(), 1) for x in logits) / len(logits)
     return torch.log(probs.clamp_min(1e-12))
-
-
-def window_predictor(model: nn.Module, fuse: bool, view: str = "identity"):
-    """The function sliding windows call: logits (or log-probabilities) of a window in its frame.
-
-    ``fuse``: the three axis orders' softmax averaged -- through the cross-view pairs for a
-    ``MultiViewSwinUNETR``, as an ensemble of permuted inputs for a plain SwinUNETR (the
-    "Fuse" row of SwinMM's tables). Without: the single axis order ``view`` (``identity``,
-    ``swap_xy`` or ``swap_xz``); a multi-view model pairs it with the next order.
-    """
-    if view not in PERMUTATIONS:
-        raise ValueError(f"view {view!r}: choose one of {', '.join(PERMUTATIONS)}")
-    order = PERMUTATIONS[view]
-    if isinstance(model, MultiViewSwinUNETR):
-        if fuse:
-            return model
-        pair = (order, VIEW_ORDERS[(VIEW_ORDERS.index(order) + 1) % 3])
-        return lambda w: model(w, orders=pair)[0]
-    if fuse:
-        return lambda w: fused_log_probs([unpermute(model(permute(w, o)), o) for o in VIEW_ORDERS])
-    if view == "identity":
-        return model
-    return lambda w: unpermute(model(permute(w, order)), order)

@@ -11,8 +11,7 @@ Sizes (``feature_size``): tiny 12, small 24, base 48, large 96; see ``swin_unetr
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -125,17 +124,3 @@ def swin_unetr(size: str = "base", **kwargs) -> SwinUNETR:
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
     return SwinUNETR(feature_size=SIZES[size], **kwargs)
-
-
-def build_network(model: Any, out_channels: int | None = None) -> SwinUNETR:
-    """SwinUNETR (``MultiViewSwinUNETR`` when ``multiview``) from a ``swinssl.config.ModelConfig``
-    (or a dict with the same keys)."""
-    from swinssl.nn.multiview import MultiViewSwinUNETR
-
-    fields = model if isinstance(model, dict) else asdict(model)
-    kwargs = {k: v for k, v in fields.items() if k in SwinUNETR.__init__.__code__.co_varnames}
-    if out_channels is not None:
-        kwargs["out_channels"] = out_channels
-    if fields.get("multiview"):
-        return MultiViewSwinUNETR(cross_residual=bool(fields.get("cross_residual")), **kwargs)
-    return SwinUNETR(**kwargs)

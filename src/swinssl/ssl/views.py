@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from swinssl.nn.axes import PERMUTATIONS, permute, unpermute  # noqa: F401 (the views' axis orders)
+
 # Slack for sides such as 0.05 * 96 = 4.800000000000001, so that ceil/floor of a
 # product that is an integer up to rounding give that integer.
 _EPS = 1e-9
@@ -216,22 +218,7 @@ def two_views(x: torch.Tensor, generator: torch.Generator, max_fraction: float =
 
 # --- SwinMM (Wang et al., MICCAI 2023): axis permutations and patch masking ------------------------
 
-# The views of SwinMM: spatial axis orders of a (B, C, X, Y, Z) crop. Each is a transposition
-# (or none), so each is its own inverse; ``unpermute`` works for any order all the same.
-PERMUTATIONS: dict[str, tuple[int, int, int]] = {"identity": (0, 1, 2), "swap_xy": (1, 0, 2), "swap_xz": (2, 1, 0)}
-
-
-def permute(x: torch.Tensor, order: tuple[int, int, int]) -> torch.Tensor:
-    """Spatial axes of ``(B, C, X, Y, Z)`` in ``order``: view axis i is input axis ``order[i]``."""
-    _check_volume(x)
-    return x.permute(0, 1, *(2 + a for a in order))
-
-
-def unpermute(x: torch.Tensor, order: tuple[int, int, int]) -> torch.Tensor:
-    """The inverse of ``permute(., order)``: back to the common frame."""
-    _check_volume(x)
-    inverse = sorted(range(3), key=lambda i: order[i])
-    return x.permute(0, 1, *(2 + a for a in inverse))
+# The views of SwinMM are axis orders (``PERMUTATIONS``); the network needs them too, so they live in nn.
 
 
 def rotate_by(x: torch.Tensor, k: torch.Tensor, inverse: bool = False) -> torch.Tensor:

@@ -1,0 +1,44 @@
+"""Prediction: masks for new volumes, written in each input's own geometry.
+
+``predict(model_source, inputs, out_dir)`` is what ``swinssl predict`` runs. Per case:
+
+1. ``inference_transforms`` of the checkpoint's plan (reorient, resample, normalise by
+   modality, crop the foreground) -- the same preprocessing the network was trained on --
+   read from the preprocessing cache when the volume is in it (by default the cache the
+   model was trained with; see ``prediction_cache``);
+2. ``predict_volume``: sliding windows over the preprocessed volume (ROI = the training
+   crop, overlap 0.5, Gaussian blending), optionally averaged over the 8 flips of the
+   three spatial axes (test-time augmentation);
+3. argmax, then ``invert`` (nearest-neighbour) back through the crop, the resampling and
+   the reorientation, so the mask has the input file's shape and affine;
+4. written atomically as ``<out_dir>/<case_id>.nii.gz`` (or ``.nrrd`` for NRRD inputs with
+   ``output_format="same"``), uint8 (uint16 beyond 256 classes), by MONAI's writers.
+
+Modules: ``model`` (loading), ``volume`` (windows, flips, views), ``write`` (files),
+``predict`` (options, one case, many cases).
+
+A bad input (unreadable, truncated, NaN voxels...) is reported on one line and skipped;
+``DataError`` is raised only when no mask at all could be written. ``predictions.json``
+in ``out_dir`` records input -> output, the model and the options.
+
+Checkpoints are the fine-tuning engine's: ``{"format": "swinssl", "kind": "finetune",
+"model": state dict, "plan": swinssl.plan.Plan}``; a run directory stands for its
+``checkpoints/best.pt`` (else ``last.pt``, ``swinssl.runs.resolve_checkpoint``).
+"""
+
+from swinssl.infer.model import load_model
+from swinssl.infer.predict import (
+    PredictOptions,
+    collect_cases,
+    inference_pipeline,
+    output_names,
+    predict,
+    predict_case,
+    prediction_cache,
+)
+from swinssl.infer.volume import flip_view, flip_views, predict_volume
+from swinssl.infer.write import output_suffix, write_mask
+
+__all__ = ["PredictOptions", "collect_cases", "flip_view", "flip_views", "inference_pipeline", "load_model",
+           "output_names", "output_suffix", "predict", "predict_case", "predict_volume", "prediction_cache",
+           "write_mask"]

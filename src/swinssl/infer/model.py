@@ -1,0 +1,63 @@
+"""Loading a fine-tuned model and its plan for prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from swinssl.errors import CheckpointError
+from swinssl.nn.build import build_network
+from swinssl.nn.load import filter_swinssl, read_checkpoint
+from swinssl.nn.swin_unetr import SwinUNETR
+from swinssl.plan import Plan
+from swinssl.runs import resolve_checkpoint
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[SwinUNETR, Plan]:
+    """A fine-tuned SwinUNETR (eval mode, on ``device``) and its plan, from a checkpoint or run directory.
+
+    Raises ``CheckpointError`` (one line naming the file) for a missing or unreadable file, a
+    checkpoint that is not a fine-tuned swinssl one (e.g. pre-training: no segmentation head),
+    a plan without network or preprocessing, or weights that do not fit the planned network.
+    """
+    path = resolve_checkpoint(source)
+    ckpt = read_checkpoint(path)
+    plan = _finetune_plan(ckpt, path)
+    model = build_network(plan.network_fields())
+    _load_weights(model, ckpt.get("model"), path)
+    return model.to(device).eval(), plan
+
+
+def _finetune_plan(ckpt: Any, path: Path) -> Plan:
+    if not isinstance(ckpt, Mapping) or ckpt.get("format") != "swinssl":
+        raise CheckpointError(
+            f"{path}: not a swinssl checkpoint; predict needs a fine-tuned checkpoint or run directory (swinssl finetune)"
+        )
+    kind = ckpt.get("kind")
+    if kind != "finetune":
+        raise CheckpointError(
+            f"{path}: a {kind!r} checkpoint holds no segmentation head; fine-tune it first (swinssl finetune) "
+            "and predict with that run"
+        )
+    return Plan.from_dict(ckpt.get("plan"), source=str(path))
+
+
+def _load_weights(model: nn.Module, state: Any, path: Path) -> None:
+    """Strict load: a prediction from half-loaded weights would look plausible and be wrong."""
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: the checkpoint's 'model' is not a state dict of tensors")
+    state = {filter_swinssl(k): v for k, v in state.items()}  # DDP / torch.compile prefixes
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    mismatched = sorted(k for k in set(state) & set(target) if state[k].shape != target[k].shape)
+    if missing or unexpected or mismatched:
+        example = (mismatched or missing or unexpected)[0]
+        raise CheckpointError(
+            f"{path}: weights do not fit the network of its plan ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(mismatched)} shape-mismatched tensors, e.g. {example})"
+        )
+    model.load_state_dict(state)

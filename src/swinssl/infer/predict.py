@@ -1,0 +1,249 @@
+"""Predicting cases and folders: options, one case in its input's geometry, many cases to files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from torch import nn
+from tqdm import tqdm
+
+from swinssl.data.discover import Case, find_dataset
+from swinssl.data.transforms import Pipeline, case_item, inference_transforms, invert
+from swinssl.errors import ConfigError, DataError, SwinsslError
+from swinssl.infer.model import load_model
+from swinssl.infer.volume import predict_volume
+from swinssl.infer.write import OutputFormat, output_suffix, write_mask
+from swinssl.methods import view_choices, window_predictor
+from swinssl.plan import Plan
+from swinssl.runs import resolve_checkpoint
+from swinssl.runtime import release_freed_memory
+from swinssl.utils import atomic_write_text, writable_dir
+
+log = logging.getLogger(__name__)
+
+GEOMETRY_TOLERANCE_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How ``predict`` and ``predict_case`` predict.
+
+    ``roi_size``: the sliding window (an int is a cube; None: the plan's training crop);
+    ``overlap`` and ``mode`` (``gaussian`` weights window centres, ``constant`` averages);
+    ``sw_batch_size``: windows per forward pass; ``flips``: average over the 8 axis flips;
+    ``views``: a choice of ``swinssl.methods.view_choices()`` (``auto``: the network's method
+    decides); ``output_format``: ``nifti``, or ``same`` to keep NRRD for NRRD inputs;
+    ``device`` of the network; ``cache``: the preprocessing cache folder, ``auto`` (the one
+    the model was trained with, ``prediction_cache``) or ``off``/None.
+    """
+
+    roi_size: Sequence[int] | int | None = None
+    overlap: float = 0.5
+    sw_batch_size: int = 1
+    mode: str = "gaussian"
+    flips: bool = False
+    views: str = "auto"
+    output_format: OutputFormat = "nifti"
+    device: str = "cpu"
+    cache: str | Path | None = "auto"
+
+
+def predict_case(model: nn.Module, plan: Plan, case_or_path: Case | str | Path,
+                 options: PredictOptions = PredictOptions(), pipeline: Pipeline | None = None) -> MetaTensor:
+    """Integer mask ``(1, X, Y, Z)`` for one case, in the input file's geometry.
+
+    The result has the input's spatial shape and ``.affine`` (orientation included); its dtype
+    is uint8 (int32 beyond 256 classes). ``options``: the window size (default: the plan's
+    training crop), overlap, window batch, blending, flips and views (``predict_volume``);
+    ``output_format``, ``device`` and ``cache`` are ``predict``'s. ``pipeline``: the plan's
+    ``inference_pipeline`` (with a cache folder to read the preprocessed volume from); None
+    builds one without a cache. Raises ``DataError`` naming the file for unreadable or invalid inputs.
+    """
+    case = _as_case(case_or_path, plan)
+    pipeline = inference_pipeline(plan) if pipeline is None else pipeline
+    data = pipeline({**case_item(case), "label": None})  # a case's label plays no part in predicting it
+    image = data["image"]
+    num_classes = plan.out_channels or 2
+    if min(image.shape[1:]) == 0:
+        # Nothing above the foreground threshold: the crop is empty and the whole volume is background.
+        labels = torch.zeros((1, *image.shape[1:]))
+    else:
+        o = options
+        probs = predict_volume(model, image, _roi(o.roi_size, plan), o.overlap, o.sw_batch_size, o.mode, o.flips,
+                               o.views)
+        num_classes = probs.shape[0]
+        labels = probs.argmax(dim=0, keepdim=True).float()
+        # Inverting resamples onto the file's grid, the memory peak of a prediction: free what we can first.
+        del probs
+        release_freed_memory()
+    mask = invert(pipeline, data, labels, nearest=True)
+    _check_geometry(mask, case.images[0])
+    return mask.round().to(torch.uint8 if num_classes <= 256 else torch.int32)
+
+
+def _as_case(case_or_path: Case | str | Path, plan: Plan) -> Case:
+    """A ``Case`` for a path; the plan's modality fills in where the case does not say."""
+    if isinstance(case_or_path, Case):
+        case = case_or_path
+    else:
+        cases = find_dataset(case_or_path).cases
+        if len(cases) != 1:
+            raise DataError(f"{case_or_path}: holds {len(cases)} volumes; predict_case takes one (use predict)")
+        case = cases[0]
+    if case.modality is None and plan.modality in ("CT", "MRI"):
+        # A model trained on one modality normalises like that modality; guessing from intensities could differ.
+        case = dataclasses.replace(case, modality=plan.modality)
+    return case
+
+
+def _check_geometry(mask: MetaTensor, source: Path) -> None:
+    """The inverse must land on the grid the file was read on; a misaligned mask is never written."""
+    shape, affine = mask.meta.get("spatial_shape"), mask.meta.get("original_affine")
+    if shape is not None and tuple(int(s) for s in np.asarray(shape)) != tuple(mask.shape[1:]):
+        raise RuntimeError(f"{source}: mask shape {tuple(mask.shape[1:])} differs from the input's {tuple(np.asarray(shape))}")
+    found = np.asarray(mask.affine, np.float64)
+    if affine is not None and not np.allclose(found, np.asarray(affine, np.float64), atol=GEOMETRY_TOLERANCE_MM):
+        raise RuntimeError(f"{source}: mask affine differs from the input's after inverting the preprocessing")
+
+
+def collect_cases(inputs: str | Path | Iterable[str | Path]) -> tuple[list[Case], dict[str, str]]:
+    """Every case under ``inputs`` (files, folders, dataset.json / nnU-Net folders; all splits).
+
+    Returns the cases (each image set once) and, for inputs that could not be read as a
+    dataset, input -> reason.
+    """
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    cases: list[Case] = []
+    failed: dict[str, str] = {}
+    seen: set[tuple[Path, ...]] = set()
+    for item in items:
+        try:
+            found = find_dataset(item).cases
+        except DataError as err:
+            failed[str(item)] = str(err)
+            continue
+        for case in found:
+            key = tuple(p.resolve() for p in case.images)
+            if key not in seen:
+                seen.add(key)
+                cases.append(case)
+    return cases, failed
+
+
+def output_names(cases: Sequence[Case]) -> list[str]:
+    """One file stem per case: its case id, made unique (``<folder>_<id>``, then ``_2``...) when ids repeat.
+
+    Patient folders each holding ``ct.nii.gz`` would otherwise overwrite one another.
+    """
+    counts = Counter(c.case_id for c in cases)
+    names = [c.case_id if counts[c.case_id] == 1 else f"{c.images[0].parent.name}_{c.case_id}" for c in cases]
+    used: Counter[str] = Counter()
+    unique = []
+    for name in names:
+        used[name] += 1
+        unique.append(name if used[name] == 1 else f"{name}_{used[name]}")
+    return unique
+
+
+def predict(model_source: str | Path, inputs: str | Path | Sequence[str | Path], out_dir: str | Path,
+            options: PredictOptions = PredictOptions(), progress: bool = True) -> list[Path]:
+    """Predict a mask for every case in ``inputs`` and write it to ``out_dir``; returns the written files.
+
+    ``model_source``: a fine-tuned checkpoint or its run directory. ``inputs``: a volume file, a
+    folder of volumes, an MSD ``dataset.json`` or nnU-Net raw folder (all cases, test ones
+    included), or a list of these. Each mask is ``<out_dir>/<case_id>.nii.gz`` (``.nrrd`` for an
+    NRRD input with ``output_format="same"``) in its input's geometry. Inputs that cannot be
+    read are reported (one warning line each) and skipped; ``DataError`` if no mask was written.
+    ``out_dir/predictions.json`` lists input -> output, the checkpoint and the options (with
+    the views actually used). See ``PredictOptions`` for the options.
+    """
+    if options.output_format not in ("nifti", "same"):
+        raise ConfigError(f"output_format must be one of nifti, same, got {options.output_format!r}")
+    if options.views not in view_choices():
+        raise ConfigError(f"views {options.views!r}: choose one of {', '.join(view_choices())}")
+    out_dir = writable_dir(out_dir)
+    checkpoint = resolve_checkpoint(model_source)
+    model, plan = load_model(checkpoint, options.device)
+    _, views = window_predictor(model, plan.network_fields(), options.views)  # auto resolved, so the record says which
+    options = dataclasses.replace(options, roi_size=_roi(options.roi_size, plan), views=views)
+    cache = prediction_cache(options.cache, plan.cache)
+    pipeline = inference_pipeline(plan, cache)  # one for all cases: an unusable cache is found (and said) once
+    cases, failed = collect_cases(inputs)
+    for source, reason in failed.items():
+        log.warning("skipped %s", reason if reason.startswith(source) else f"{source}: {reason}")
+    written: dict[str, str] = {}
+    for case, name in tqdm(list(zip(cases, output_names(cases))), desc="predict", unit="case", disable=not progress):
+        source = case.images[0]
+        try:
+            mask = predict_case(model, plan, case, options, pipeline=pipeline)
+        except SwinsslError as err:
+            failed[str(source)] = str(err)
+            log.warning("skipped %s", err)
+            continue
+        target = write_mask(mask, out_dir / f"{name}{output_suffix(source, options.output_format)}")
+        written[str(source)] = str(target)
+    if not written:
+        reasons = "; ".join(list(failed.values())[:3]) or "no cases found"
+        raise DataError(f"{_describe(inputs)}: no mask written ({len(failed)} input(s) failed: {reasons})")
+    record = {**dataclasses.asdict(options), "roi_size": list(options.roi_size), "device": str(options.device),
+              "cache": str(cache) if cache else None}
+    _write_record(out_dir, model_source, checkpoint, plan, record, written, failed)
+    log.info("wrote %d mask(s) to %s; %d input(s) skipped", len(written), out_dir, len(failed))
+    return [Path(p) for p in written.values()]
+
+
+def inference_pipeline(plan: Plan, cache: str | Path | None = None) -> Pipeline:
+    """The plan's preprocessing (``inference_transforms``), reading from and adding to the cache
+    folder ``cache`` (None: no cache)."""
+    return inference_transforms(plan.preprocess, channels=plan.network.in_channels, cache=cache)
+
+
+def prediction_cache(cache: str | Path | None, trained: str | None) -> Path | None:
+    """The cache folder ``predict`` reads preprocessed volumes from, or None.
+
+    ``"auto"``: the folder the model's fine-tuning used (``trained``, the plan's ``cache``) if it still
+    exists. Predicting the same volumes again (other checkpoints, options) then skips
+    decoding and resampling, and volumes seen in training are not preprocessed again.
+    Where that folder is gone (a checkpoint from elsewhere), none: predicting once gains
+    nothing from a cache. ``"off"`` or None: none; anything else: that folder.
+    """
+    if cache is None or str(cache) in ("off", ""):
+        return None
+    if str(cache) == "auto":
+        return Path(trained) if trained and Path(trained).is_dir() else None
+    return Path(cache)
+
+
+def _roi(roi_size: Sequence[int] | int | None, plan: Plan) -> tuple[int, ...]:
+    """The window size: as given (an int means a cube), else the plan's training crop."""
+    if roi_size is None:
+        return tuple(plan.preprocess.roi_size)
+    return tuple(int(s) for s in roi_size) if isinstance(roi_size, Sequence) else (int(roi_size),) * 3
+
+
+def _describe(inputs: str | Path | Iterable[str | Path]) -> str:
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    return str(items[0]) if len(items) == 1 else f"{items[0]} (+{len(items) - 1} more)" if items else "inputs"
+
+
+def _write_record(out_dir: Path, model_source: str | Path, checkpoint: Path, plan: Plan, options: dict,
+                  written: dict[str, str], failed: dict[str, str]) -> None:
+    """``predictions.json``: enough to know later which model and options made which file."""
+    record = {
+        "model": str(model_source),
+        "checkpoint": str(checkpoint.resolve()),
+        "labels": plan.labels,
+        "options": options,
+        "predictions": written,
+        "failed": failed,
+    }
+    atomic_write_text(out_dir / "predictions.json", json.dumps(record, indent=2) + "\n")

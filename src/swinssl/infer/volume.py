@@ -1,0 +1,94 @@
+"""One preprocessed volume: sliding windows, test-time flips and the methods' views."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from swinssl.methods import window_predictor
+
+
+@dataclass(frozen=True)
+class View:
+    """One flip of the whole volume for test-time augmentation.
+
+    ``forward`` maps a batch ``(B, C, X, Y, Z)`` into the view, ``inverse`` maps the network's
+    output for it back. (Multi-view fusion permutes each window instead: ``window_predictor``.)
+    """
+
+    name: str
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    inverse: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def flip_view(axes: tuple[int, ...]) -> View:
+    """Flip the given spatial axes (0, 1, 2 of X, Y, Z); a flip is its own inverse."""
+    dims = tuple(2 + a for a in axes)
+    if not dims:
+        return View("identity", _identity, _identity)
+
+    def flip(x: torch.Tensor) -> torch.Tensor:
+        return torch.flip(x, dims)
+
+    return View("flip" + "".join("xyz"[a] for a in axes), flip, flip)
+
+
+def flip_views() -> list[View]:
+    """The 8 combinations of flipping X, Y and Z (the identity first)."""
+    return [flip_view(axes) for n in range(4) for axes in itertools.combinations(range(3), n)]
+
+
+def predict_volume(
+    model: nn.Module,
+    image: torch.Tensor,
+    roi_size: Sequence[int] | int,
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+    mode: str = "gaussian",
+    flips: bool = False,
+    views: str = "auto",
+) -> torch.Tensor:
+    """Softmax probabilities ``(C, X, Y, Z)`` (float32, CPU) for one preprocessed image ``(C_in, X, Y, Z)``.
+
+    Sliding windows of ``roi_size`` with ``overlap``, blended with ``mode`` (``gaussian``
+    weights window centres, ``constant`` averages); an image smaller than the ROI is padded.
+    Windows run on the model's device and are stitched on the image's device (CPU for the
+    pipeline's output), so a large volume does not have to fit in GPU memory at once.
+    ``flips``: average the softmax over the 8 flips of the spatial axes (flip, predict, flip back).
+    ``views``: what each window is predicted through, a choice of the methods' inference hooks
+    (``swinssl.methods.window_predictor``): ``auto`` (the network's method decides: fused for
+    SwinMM multi-view networks, else single), ``single``, ``fused`` (the softmax of the three
+    axis orders averaged) or one axis order (``identity``, ``swap_xy``, ``swap_xz``).
+    """
+    if image.ndim != 4:
+        raise ValueError(f"expected one image (C, X, Y, Z), got shape {tuple(image.shape)}")
+    chosen = flip_views() if flips else [flip_view(())]
+    x = (image.as_tensor() if isinstance(image, MetaTensor) else image).float().unsqueeze(0)
+    device = _device_of(model)
+    predictor, _ = window_predictor(model, getattr(model, "config", {}), views)
+    total: torch.Tensor | None = None
+    with torch.no_grad():
+        for view in chosen:
+            logits = sliding_window_inference(
+                view.forward(x), roi_size, sw_batch_size, predictor, overlap=overlap, mode=mode, sw_device=device, device=x.device
+            )
+            # Averaged as probabilities, not logits: one confident view must not outvote the others.
+            probs = view.inverse(torch.softmax(logits.float(), dim=1))
+            total = probs if total is None else total.add_(probs)
+    assert total is not None
+    return (total / len(chosen))[0].cpu()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")

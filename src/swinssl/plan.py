@@ -1,0 +1,111 @@
+"""The plan a checkpoint carries: everything needed to use its weights again.
+
+Written by the training stages, read by fine-tuning (adopting a pre-trained network),
+prediction and weight loading; this module is the only one that knows its layout. In a
+checkpoint it is plain data (``Plan.to_dict``)::
+
+    {"network": {<ModelConfig fields>, "out_channels": K, "patch_size": 2},
+     "preprocess": {<PreprocessConfig fields>},
+     "method": {<MethodConfig fields>} (pre-training),
+     "labels": {"0": "background", "1": "liver", ...} (fine-tuning),
+     "channel_names": [...], "modality": "CT" | "MRI" | None,
+     "cache": str | None, "pretrained": str | None,
+     "manifest_sha256": str | None, "package_version": str}
+
+``Plan.from_dict`` validates every section (``CheckpointError`` naming the file and key) and
+reads the plans of older checkpoints: missing sections get their defaults, retired network
+keys are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import swinssl
+from swinssl.config import MethodConfig, ModelConfig, PreprocessConfig, from_dict, to_dict
+from swinssl.errors import CheckpointError, ConfigError
+
+# Architecture fields a pre-trained plan fixes: the encoder's weights only fit this shape. Not the
+# input channels: those are the data's, and load_pretrained adapts a pre-trained stem to them.
+ARCHITECTURE = ("feature_size", "depths", "num_heads", "window_size", "use_v2", "downsample",
+                "domain_invariance", "dim_heads", "dim_pool")
+
+
+@dataclass
+class Plan:
+    """A checkpoint's plan; see the module docstring for its sections."""
+
+    network: ModelConfig
+    preprocess: PreprocessConfig
+    out_channels: int | None = None  # classes incl. background of a fine-tuned network
+    patch_size: int = 2
+    method: MethodConfig | None = None  # the pre-training method
+    labels: dict[str, str] = field(default_factory=dict)  # class index (as text) -> name
+    channel_names: list[str] = field(default_factory=list)
+    modality: str | None = None  # the one modality fine-tuned on, else None
+    cache: str | None = None  # the preprocessing cache folder of the training
+    pretrained: str | None = None  # where a fine-tuning's start weights came from
+    manifest_sha256: str | None = None  # of the run's data manifest
+    package_version: str = swinssl.__version__
+
+    def network_fields(self) -> dict[str, Any]:
+        """The network's constructor fields (``nn.build_network``; method hooks read ``multiview``)."""
+        fields = {**to_dict(self.network), "patch_size": self.patch_size}
+        if self.out_channels is not None:
+            fields["out_channels"] = self.out_channels
+        return fields
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"network": self.network_fields(), "preprocess": to_dict(self.preprocess)}
+        if self.method is not None:
+            out["method"] = to_dict(self.method)
+        out.update(labels=dict(self.labels), channel_names=list(self.channel_names), modality=self.modality,
+                   cache=self.cache, pretrained=self.pretrained, manifest_sha256=self.manifest_sha256,
+                   package_version=self.package_version)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "checkpoint", needs: tuple[str, ...] = ("network", "preprocess")) -> Plan:
+        """A validated plan from a checkpoint's ``plan`` (``CheckpointError`` naming ``source``).
+
+        ``needs``: the sections that must be there (adopting a pre-trained network needs only
+        ``network``; missing sections get their defaults)."""
+        if not isinstance(raw, Mapping) or not all(isinstance(raw.get(k), Mapping) for k in needs):
+            raise CheckpointError(f"{source}: the checkpoint's plan lacks its {' or '.join(map(repr, needs))} section")
+        network = dict(raw.get("network") or {})
+        out_channels, patch_size = network.pop("out_channels", None), network.pop("patch_size", 2)
+        try:
+            model = from_dict(ModelConfig, network, source=source, prefix="plan.network.")
+            preprocess = from_dict(PreprocessConfig, dict(raw.get("preprocess") or {}), source=source,
+                                   prefix="plan.preprocess.")
+            method = (from_dict(MethodConfig, dict(raw["method"]), source=source, prefix="plan.method.")
+                      if isinstance(raw.get("method"), Mapping) else None)
+        except ConfigError as err:
+            raise CheckpointError(str(err)) from None
+        known = {f.name for f in dataclasses.fields(cls)} - {"network", "preprocess", "method", "out_channels",
+                                                             "patch_size"}
+        extra = {k: raw[k] for k in known if raw.get(k) is not None}
+        for key, kind in (("labels", dict), ("channel_names", list)):
+            if key in extra and not isinstance(extra[key], kind):
+                raise CheckpointError(f"{source}: plan.{key} must be a {kind.__name__}, got {extra[key]!r}")
+        if "labels" in extra:
+            extra["labels"] = {str(k): str(v) for k, v in extra["labels"].items()}
+        return cls(network=model, preprocess=preprocess, out_channels=None if out_channels is None else int(out_channels),
+                   patch_size=int(patch_size), method=method, **extra)
+
+    @classmethod
+    def network_of(cls, raw: Any, source: str = "checkpoint") -> ModelConfig:
+        """The network of a checkpoint's ``plan`` that may hold nothing else (a pre-trained plan
+        read for its architecture)."""
+        return cls.from_dict(raw, source, needs=("network",)).network
+
+
+def adopt_architecture(model: ModelConfig, pretrained: ModelConfig, source: str) -> ModelConfig:
+    """``model`` with the architecture fields of a pre-trained network, saying what changed."""
+    changes = {k: getattr(pretrained, k) for k in ARCHITECTURE if getattr(pretrained, k) != getattr(model, k)}
+    if changes:
+        said = ", ".join(f"{k} {getattr(model, k)} -> {v}" for k, v in changes.items())
+        print(f"adopting the network of the pre-trained plan {source}: {said}")
+    return dataclasses.replace(model, **changes)

@@ -1,0 +1,225 @@
+"""A method is data: registered tasks and view makers, heads only for weighted tasks, tasks
+combined across methods by config alone (refused in one line where they cannot work), the
+DIM always fed two streams, and a new task added by one function plus one preset line."""
+
+import io
+import math
+import tokenize
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED_DATA, TINY_PRETRAIN
+
+import swinssl
+from swinssl.config import Config, MethodConfig, ModelConfig, PreprocessConfig, load_config
+from swinssl.engine.logging import read_metrics
+from swinssl.engine.pretrain import pretrain
+from swinssl.errors import ConfigError
+from swinssl.methods import TASKS, TaskInput, get_method, network_method, register_task, view_choices, window_predictor
+
+TINY_MODEL = ModelConfig(feature_size=12, depths=(1, 1, 1, 1))
+ROI64 = PreprocessConfig(roi_size=(64, 64, 64))
+
+
+def config(model=TINY_MODEL, **method) -> Config:
+    return Config(preprocess=ROI64, model=model, method=MethodConfig(**method))
+
+
+# --- heads and the registry ----------------------------------------------------------------------
+
+
+def test_heads_are_built_only_for_weighted_tasks_and_all_get_gradients():
+    cfg = config(weights={"inpaint": 1.0, "rotate": 0.0, "contrast": 1.0})
+    method = get_method("swin_unetr")
+    model = method.build_model(cfg)
+    assert not hasattr(model, "rotation_head")
+    assert hasattr(model, "reconstruction_head") and hasattr(model, "contrastive_head")
+    total, parts, _ = method.compute_losses(model, torch.rand(2, 1, 64, 64, 64), torch.Generator().manual_seed(0),
+                                            cfg.method)
+    assert set(parts) == {"inpaint", "contrast", "embed_spread"}  # the task weighted 0 is not computed
+    total.backward()
+    # DDP refuses parameters without gradient: every built parameter takes part in the loss.
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_total_is_the_weighted_sum_of_the_tasks():
+    cfg = config(weights={"inpaint": 2.0, "rotate": 0.5, "contrast": 1.0})
+    method = get_method("swin_unetr")
+    torch.manual_seed(0)
+    model = method.build_model(cfg)
+    total, parts, _ = method.compute_losses(model, torch.rand(2, 1, 64, 64, 64), torch.Generator().manual_seed(0),
+                                            cfg.method)
+    torch.testing.assert_close(total, 2 * parts["inpaint"] + 0.5 * parts["rotate"] + parts["contrast"])
+
+
+def test_every_registered_task_names_an_existing_head_and_view_fields_some_maker_gives():
+    from swinssl.methods import VIEW_MAKERS
+
+    assert set(TASKS) >= {"inpaint", "rotate", "contrast", "mutual", "density"}
+    for task in TASKS.values():
+        assert any(task.needs <= maker.provides for maker in VIEW_MAKERS.values()), task.name
+    with pytest.raises(ValueError, match="registered twice"):
+        register_task("inpaint")(lambda s: s.x.sum())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method.weights={mutual: 1.0}"], r"task 'mutual' needs view fields \['mask', 'orders'\].*method.views=masked"),
+    (["method.weights={density: 1.0}"], r"task 'density' .*model.domain_invariance=true"),
+    (["method.weights={inpaint: 0.0}"], "no task has a non-zero weight"),
+    (["method.views=sideways"], "method.views 'sideways': unknown view maker"),
+    (["method.name=nope"], "method.name 'nope': unknown method"),
+])
+def test_combinations_that_cannot_work_are_refused_in_one_line(overrides, message):
+    cfg = load_config("pretrain/swin_unetr_tiny", overrides)
+    with pytest.raises(ConfigError, match=message) as err:
+        get_method(cfg.method.name).check(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_swin_unetr_with_masked_views_takes_the_mutual_task():
+    cfg = load_config("pretrain/swin_unetr_tiny", ["method.views=masked", "method.weights={inpaint: 1, mutual: 1}",
+                                                   "model.depths=[1,1,1,1]"])
+    method = get_method(cfg.method.name)
+    method.check(cfg)
+    _, parts, _ = method.compute_losses(method.build_model(cfg), torch.rand(2, 1, 64, 64, 64),
+                                        torch.Generator().manual_seed(0), cfg.method)
+    assert set(parts) == {"inpaint", "mutual"} and all(torch.isfinite(v) for v in parts.values())
+
+
+# --- the domain-invariance module always gets two streams ---------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["pretrain/swinmm_tiny", "pretrain/swin_unetr_tiny", "pretrain/swinfuse_tiny"])
+def test_dim_output_of_a_sample_changes_when_only_its_partner_view_changes(preset):
+    cfg = load_config(preset, ["model.domain_invariance=true", "model.dim_heads=3", "model.depths=[1,1,1,1]"])
+    torch.manual_seed(0)
+    model = get_method(cfg.method.name).build_model(cfg).eval()
+    views, partner = torch.rand(2, 1, 64, 64, 64), torch.rand(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        before = model(views)
+        after = model(torch.cat([views[:1], partner]))  # sample 0's first view kept, its partner replaced
+    assert (before["streams"][0] - after["streams"][0]).abs().max() > 1e-4
+    assert (before["reconstruction"][0] - after["reconstruction"][0]).abs().max() > 1e-6
+    # Without the module, a view's output is its own alone.
+    plain = get_method(cfg.method.name).build_model(replace(cfg, model=replace(cfg.model, domain_invariance=False)))
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(views)["reconstruction"][0],
+                                   plain(torch.cat([views[:1], partner]))["reconstruction"][0])
+
+
+# --- a new task: one function and one preset line -------------------------------------------------
+
+
+@pytest.fixture
+def toy_task():
+    @register_task("toy", head="reconstruction", needs=("targets",))
+    def toy(s: TaskInput) -> torch.Tensor:
+        """The reconstruction's mean intensity matches the target's."""
+        return (s.out["reconstruction"].mean() - torch.cat(s.views["targets"]).mean()).abs()
+
+    yield toy
+    del TASKS["toy"]
+
+
+def test_a_new_task_is_one_function_and_one_preset_line(toy_task, phantoms, tmp_path):
+    preset = tmp_path / "toy.yaml"
+    preset.write_text((Path(swinssl.__file__).parent / "configs/pretrain/swin_unetr_tiny.yaml").read_text()
+                      .replace("  weights: {inpaint: 1.0, rotate: 1.0, contrast: 1.0}",
+                               "  weights: {inpaint: 1.0, rotate: 1.0, contrast: 1.0, toy: 0.5}"))
+    cfg = load_config(preset, [f"data={phantoms}", f"train.out={tmp_path}", "train.name=toy", *TINY_PRETRAIN,
+                               "train.steps=2", "train.batch_size=2", "train.val_every=2", "train.preview_every=0"])
+    assert cfg.method.weights["toy"] == 0.5
+    run = pretrain(cfg, progress=False)
+    logged = {(r["split"], r["name"]): r["value"] for r in read_metrics(run)}
+    assert math.isfinite(logged[("train", "toy")]) and math.isfinite(logged[("val", "toy")])
+    method = get_method(cfg.method.name)
+    total, parts, _ = method.compute_losses(method.build_model(cfg), torch.rand(2, 1, 64, 64, 64),
+                                            torch.Generator().manual_seed(0), cfg.method)
+    torch.testing.assert_close(total, parts["inpaint"] + parts["rotate"] + parts["contrast"] + 0.5 * parts["toy"])
+
+
+# --- the combined preset ------------------------------------------------------------------------
+
+
+def test_combined_preset_trains_every_term_of_both_methods(phantoms, tmp_path):
+    cfg = load_config("pretrain/swinmm_fuse_tiny", [f"data={phantoms}", f"train.out={tmp_path}", "train.name=mix",
+                                                    *TINY_PRETRAIN, "train.steps=2", "train.batch_size=2",
+                                                    "train.val_every=2", "train.preview_every=2"])
+    assert cfg.model.domain_invariance and cfg.method.views == "masked"
+    run = pretrain(cfg, progress=False)
+    logged = {(r["split"], r["name"]): r["value"] for r in read_metrics(run)}
+    for term in ("inpaint", "rotate", "contrast", "mutual", "density", "jsd", "loss"):
+        assert math.isfinite(logged[("train", term)]), term
+        assert math.isfinite(logged[("val", term)]), term
+    assert logged[("train", "density")] == pytest.approx(-logged[("train", "jsd")], abs=1e-5)
+    assert (run / "previews" / "step_0000002.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "ct").is_dir(), reason="real volumes (../shared/data) are not here")
+def test_combined_preset_on_real_ct_and_mri_for_a_few_dozen_steps(tmp_path):
+    data = tmp_path / "volumes"
+    data.mkdir()
+    for name in ("ct/lung1_image.nrrd", "ct/head_ct_template_1mm.nii.gz", "mri/itk_t1.nii.gz",
+                 "mri/brain1_t1c_image.nrrd", "mri/mni152_t1.nii.gz"):
+        (data / name.replace("/", "_")).symlink_to(SHARED_DATA / name)
+    cfg = load_config("pretrain/swinmm_fuse_tiny", [f"data={data}", f"train.out={tmp_path}", "train.name=real",
+                                                    "train.steps=30", "train.num_workers=0", "train.log_every=5",
+                                                    "train.val_every=30", "train.checkpoint_every=30"])
+    run = pretrain(cfg, progress=False)
+    rows = [r for r in read_metrics(run) if r["split"] == "train"]
+    for term in ("inpaint", "rotate", "contrast", "mutual", "density", "jsd"):
+        values = [r["value"] for r in rows if r["name"] == term]
+        assert len(values) == 6 and all(math.isfinite(v) for v in values), term
+
+
+# --- the engine, inference and the CLI know no method by name -----------------------------------
+
+
+def test_fine_tuning_and_inference_hooks_follow_the_network():
+    assert network_method({"multiview": True}).name == "swinmm"
+    assert network_method({"multiview": False}).name == MethodConfig().name
+    assert set(view_choices()) == {"auto", "single", "fused", "identity", "swap_xy", "swap_xz"}
+    plain = lambda w: w * 2  # noqa: E731
+    predictor, chosen = window_predictor(plain, {}, "auto")
+    assert chosen == "single" and predictor is plain
+    with pytest.raises(ConfigError, match="views 'diagonal'"):
+        window_predictor(plain, {}, "diagonal")
+    with pytest.raises(ConfigError, match="finetune.unlabeled needs model.multiview"):
+        network_method({}).check_finetune(load_config("finetune/tiny", ["finetune.unlabeled=somewhere"]))
+
+
+def _code_tokens(path: Path) -> list[str]:
+    """Names and strings of a module, without comments, docstrings and import statements."""
+    tokens, previous, in_import = [], tokenize.NEWLINE, False
+    for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+        if tok.type == tokenize.NAME and tok.string in ("import", "from") and previous in (
+                tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
+            in_import = True
+        if tok.type == tokenize.NEWLINE:
+            in_import = False
+        if tok.type == tokenize.STRING and previous in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
+            previous = tok.type
+            continue  # a docstring (an expression statement of its own)
+        if tok.type in (tokenize.NAME, tokenize.STRING) and not in_import:
+            tokens.append(tok.string.lower())
+        if tok.type not in (tokenize.COMMENT, tokenize.NL):
+            previous = tok.type
+    return tokens
+
+
+def test_engine_inference_and_cli_name_no_method():
+    import ast
+
+    package = Path(swinssl.__file__).parent
+    names = ("swin_unetr", "swinmm", "swinfuse", "multiview", "domain_invariance", "mutual", "density")
+    modules = [*sorted((package / "engine").glob("*.py")), *sorted((package / "infer").glob("*.py")), package / "cli.py"]
+    for path in modules:
+        imported = [node.module for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) and node.module]
+        assert not [m for m in imported if m.startswith("swinssl.methods.")], f"{path.name} imports a method module"
+        if path.name != "cli.py":  # the CLI's help names preset files, which are data
+            found = [t for t in _code_tokens(path) if any(n in t for n in names)]
+            assert not found, f"{path.name} names a method or its parts: {found}"
