@@ -273,7 +273,8 @@ def pretrain_worker(spec: dict) -> dict:
     import torch
 
     from swinssl.config import MethodConfig
-    from swinssl.methods.swin_unetr import task_losses
+    from swinssl.methods import TaskInput
+    from swinssl.methods.base import task_losses, weighted_tasks
     from swinssl.ssl.losses import weighted_sum
     from swinssl.ssl.views import two_views
 
@@ -292,7 +293,8 @@ def pretrain_worker(spec: dict) -> dict:
     def loss_of(x, _):
         views = (reference_views if reference else two_views)(x, generator)
         out = model(torch.cat(views["views"]))
-        return weighted_sum(task_losses(out, views, x, method)[0], method.weights)
+        weights = weighted_tasks(method)
+        return weighted_sum(task_losses(TaskInput(x, views, out, method, generator), weights), weights)
 
     times = timed_steps(spec["steps"], cfg, items, pipeline, loss_of, optimizer)
     return {"step_s": statistics.median(times), "times": times, "peak_rss_gib": _peak_rss_gib()}

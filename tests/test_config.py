@@ -126,7 +126,7 @@ def test_presets_lay_over_one_another_key_by_key(tmp_path):
     overlay.write_text("train: {steps: 7}\nmethod: {weights: {inpaint: 2.0}}\n")
     cfg = load_config(["pretrain/swin_unetr_tiny", overlay], ["train.lr=1e-3"])
     assert cfg.train.steps == 7 and cfg.train.lr == 1e-3
-    assert cfg.train.batch_size == 2 and cfg.model.feature_size == 12  # the base preset's other keys stay
+    assert cfg.train.warmup_steps == 20 and cfg.model.feature_size == 12  # the base preset's other keys stay (default 50)
     assert cfg.method.weights == {"inpaint": 2.0}  # a value that is a mapping is replaced, as an override does
     assert load_config([overlay, "pretrain/swin_unetr_tiny"]).train.steps == 300  # the later preset wins
 

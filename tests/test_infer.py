@@ -392,3 +392,29 @@ def test_weights_that_do_not_fit_the_plan_are_refused(tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match="do not fit the network of its plan .*2 shape-mismatched"):
         load_model(path)
+
+
+def test_every_prediction_option_reaches_the_sliding_window_and_the_record(tmp_path, threshold_checkpoint, monkeypatch):
+    from swinssl.infer import cases as predict_module
+
+    image, _ = box_volume(SHAPE, BOX)
+    path = write_nifti(tmp_path / "ct.nii.gz", image, LPS_ANISO)
+    seen = {}
+    real = predict_module.predict_volume
+
+    def spy(model, image, roi_size, overlap, sw_batch_size, mode, flips, views):
+        seen.update(roi_size=tuple(roi_size), overlap=overlap, sw_batch_size=sw_batch_size, mode=mode, flips=flips,
+                    views=views)
+        return real(model, image, roi_size, overlap, sw_batch_size, mode, flips, views)
+
+    monkeypatch.setattr(predict_module, "predict_volume", spy)
+    options = PredictOptions(roi_size=24, overlap=0.25, sw_batch_size=3, mode="constant", flips=True, views="swap_xy",
+                             cache="off")
+    predict(threshold_checkpoint, path, tmp_path / "out", options, progress=False)
+    assert seen == {"roi_size": (24, 24, 24), "overlap": 0.25, "sw_batch_size": 3, "mode": "constant", "flips": True,
+                    "views": "swap_xy"}
+    record = json.loads((tmp_path / "out" / "predictions.json").read_text())["options"]
+    assert record == {"roi_size": [24, 24, 24], "overlap": 0.25, "sw_batch_size": 3, "mode": "constant", "flips": True,
+                      "views": "swap_xy", "output_format": "nifti", "device": "cpu", "cache": None}
+    predict(threshold_checkpoint, path, tmp_path / "default", progress=False)
+    assert seen["roi_size"] == (16, 16, 16) and seen["views"] == "single"  # the plan's crop; auto -> plain: single

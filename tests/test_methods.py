@@ -68,6 +68,7 @@ def test_every_registered_task_names_an_existing_head_and_view_fields_some_maker
     (["method.weights={mutual: 1.0}"], r"task 'mutual' needs view fields \['mask', 'orders'\].*method.views=masked"),
     (["method.weights={density: 1.0}"], r"task 'density' .*model.domain_invariance=true"),
     (["method.weights={inpaint: 0.0}"], "no task has a non-zero weight"),
+    (["method.weights={inpaint: 1.0, nope: 0.0}"], "unknown task 'nope'; registered tasks: inpaint, rotate"),
     (["method.views=sideways"], "method.views 'sideways': unknown view maker"),
     (["method.name=nope"], "method.name 'nope': unknown method"),
 ])
@@ -223,3 +224,56 @@ def test_engine_inference_and_cli_name_no_method():
         if path.name != "cli.py":  # the CLI's help names preset files, which are data
             found = [t for t in _code_tokens(path) if any(n in t for n in names)]
             assert not found, f"{path.name} names a method or its parts: {found}"
+
+
+# --- each task's loss against a reference written out here ---------------------------------------
+
+
+def _step(views: dict, out: dict, **method) -> TaskInput:
+    x = views["targets"][0]
+    return TaskInput(x=x, views=views, out=out, method=MethodConfig(**method), generator=torch.Generator().manual_seed(0))
+
+
+def test_inpaint_is_l1_on_cutout_views_and_masked_mse_on_masked_views():
+    from swinssl.ssl.views import multi_views, two_views
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 32, 32, 32, generator=g)
+    recon = torch.rand(4, 1, 32, 32, 32, generator=g)
+    cut = two_views(x, torch.Generator().manual_seed(1))
+    expected = (recon - torch.cat(cut["targets"])).abs().mean()
+    torch.testing.assert_close(TASKS["inpaint"].loss(_step(cut, {"reconstruction": recon})), expected)
+
+    masked = multi_views(x, torch.Generator().manual_seed(1), ratio=0.5, patch=16)
+    per_view = []
+    for r, t, m in zip(recon.split(2), masked["targets"], masked["masks"]):
+        per_view.append(((r - t) ** 2)[m.expand_as(t)].mean())
+    torch.testing.assert_close(TASKS["inpaint"].loss(_step(masked, {"reconstruction": recon})), sum(per_view) / 2)
+    # zscore_target: the target of each sample is normalised to mean 0, std 1 first.
+    z = [(t - t.mean((1, 2, 3, 4), keepdim=True)) / (t.std((1, 2, 3, 4), keepdim=True) + 1e-6) for t in masked["targets"]]
+    zscored = sum(((r - t) ** 2)[m.expand_as(t)].mean() for r, t, m in zip(recon.split(2), z, masked["masks"])) / 2
+    torch.testing.assert_close(TASKS["inpaint"].loss(_step(masked, {"reconstruction": recon}, zscore_target=True)),
+                               zscored)
+
+
+def test_rotate_contrast_mutual_and_density_read_what_they_should():
+    from swinssl.ssl.losses import kde_jsd, mutual_loss, ntxent, sample_tokens
+    from swinssl.ssl.views import multi_views, to_common_frame
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 32, 32, 32, generator=g)
+    views = multi_views(x, torch.Generator().manual_seed(1))
+    logits, z = torch.randn(4, 4, generator=g), torch.randn(4, 8, generator=g)
+    recon = torch.rand(4, 1, 32, 32, 32, generator=g)
+    streams = (torch.randn(2, 6, 4, 4, 4, generator=g), torch.randn(2, 6, 4, 4, 4, generator=g))
+    out = {"rotation": logits, "contrastive": z, "reconstruction": recon, "streams": streams}
+    step = _step(views, out, temperature=0.2, density_points=16)
+    torch.testing.assert_close(TASKS["rotate"].loss(step),
+                               torch.nn.functional.cross_entropy(logits, torch.cat(views["rotations"])))
+    torch.testing.assert_close(TASKS["contrast"].loss(step)["contrast"], ntxent(z[:2], z[2:], temperature=0.2))
+    common = [to_common_frame(r, o, k) for r, o, k in zip(recon.split(2), views["orders"], views["rotations"])]
+    torch.testing.assert_close(TASKS["mutual"].loss(step), mutual_loss(common, views["mask"]))
+    density = TASKS["density"].loss(step)
+    points = sample_tokens(list(streams), 16, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(density["jsd"], kde_jsd(*points))
+    torch.testing.assert_close(density["density"], -kde_jsd(*points))

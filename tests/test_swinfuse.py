@@ -129,9 +129,19 @@ def test_swinfuse_needs_the_module():
     from swinssl.config import load_config
     from swinssl.errors import ConfigError
 
+    # Without its module, swinfuse is refused even with the density term weighted 0 (it would be Swin UNETR SSL).
+    with pytest.raises(ConfigError, match="method swinfuse needs model.domain_invariance=true"):
+        SWINFUSE.check(Config(preprocess=PreprocessConfig(roi_size=(64, 64, 64)),
+                              model=replace(TINY, domain_invariance=False),
+                              method=replace(METHOD, weights={**METHOD.weights, "density": 0.0})))
     with pytest.raises(ConfigError, match="domain_invariance"):
         SWINFUSE.check(Config(preprocess=PreprocessConfig(roi_size=(64, 64, 64)),
                               model=replace(TINY, domain_invariance=False), method=METHOD))
+    # Without its module, swinfuse is refused even with the density term weighted 0 (it would be Swin UNETR SSL).
+    with pytest.raises(ConfigError, match="method swinfuse needs model.domain_invariance=true"):
+        SWINFUSE.check(Config(preprocess=PreprocessConfig(roi_size=(64, 64, 64)),
+                              model=replace(TINY, domain_invariance=False),
+                              method=replace(METHOD, weights={**METHOD.weights, "density": 0.0})))
     with pytest.raises(ConfigError, match="domain_invariance"):
         SWINFUSE.check(load_config("pretrain/swinfuse_tiny", ["model.domain_invariance=false"]))
 

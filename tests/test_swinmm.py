@@ -214,6 +214,36 @@ def test_window_predictor_fuses_the_multiview_pairs_or_takes_the_identity_view()
         torch.testing.assert_close(swinmm.METHOD.window_predictor(net, "fused")(x), fused_log_probs(outs))
 
 
+def test_multiview_finetuning_objective_weighs_every_term_as_documented():
+    """total = mean DiceCE of the two views + c * symKL, plus u * (the same on unlabelled crops against
+    the detached argmax of the views' mean softmax), for the view pair the step's seed draws."""
+    from monai.losses import DiceCELoss
+
+    from swinssl.config import FinetuneConfig
+
+    torch.manual_seed(0)
+    net = MultiViewSwinUNETR(**TINY_NET)
+    x, xu = torch.rand(2, 1, 32, 32, 32), torch.rand(2, 1, 32, 32, 32)
+    y = torch.randint(0, 3, (2, 1, 32, 32, 32))
+    seg = DiceCELoss(to_onehot_y=True, softmax=True)
+    cfg = Config(finetune=FinetuneConfig(consistency_weight=0.3, unlabeled_weight=0.7))
+    total, parts = swinmm.METHOD.finetune_losses(net, x, y, xu, seed=5, cfg=cfg, segmentation_loss=seg)
+
+    orders = swinmm.draw_view_pair(5)
+    assert orders[0] != orders[1]
+    a, b = net(x, orders=orders)
+    ua, ub = net(xu, orders=orders)
+    pseudo = (torch.softmax(ua, 1) + torch.softmax(ub, 1)).argmax(1, keepdim=True)
+    expected = {"dice_ce": (seg(a, y) + seg(b, y)) / 2, "consistency": symmetric_kl(a, b),
+                "unlabeled_dice_ce": (seg(ua, pseudo) + seg(ub, pseudo)) / 2, "unlabeled_consistency": symmetric_kl(ua, ub)}
+    for name, value in expected.items():
+        torch.testing.assert_close(parts[name], value, msg=name)
+    torch.testing.assert_close(total, expected["dice_ce"] + 0.3 * expected["consistency"]
+                               + 0.7 * (expected["unlabeled_dice_ce"] + 0.3 * expected["unlabeled_consistency"]))
+    # The pseudo-labels carry no gradient: only the unlabelled outputs' own terms reach the network.
+    assert not pseudo.requires_grad
+
+
 # --- end to end on phantoms ----------------------------------------------------------------------
 
 FINETUNE_TINY = [

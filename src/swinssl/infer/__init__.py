@@ -15,7 +15,7 @@
    ``output_format="same"``), uint8 (uint16 beyond 256 classes), by MONAI's writers.
 
 Modules: ``model`` (loading), ``volume`` (windows, flips, views), ``write`` (files),
-``predict`` (options, one case, many cases).
+``cases`` (options, one case, many cases).
 
 A bad input (unreadable, truncated, NaN voxels...) is reported on one line and skipped;
 ``DataError`` is raised only when no mask at all could be written. ``predictions.json``
@@ -27,7 +27,7 @@ Checkpoints are the fine-tuning engine's: ``{"format": "swinssl", "kind": "finet
 """
 
 from swinssl.infer.model import load_model
-from swinssl.infer.predict import (
+from swinssl.infer.cases import (
     PredictOptions,
     collect_cases,
     inference_pipeline,

@@ -195,12 +195,8 @@ class Method:
         maker = self.view_maker_of(method)
         views = maker.make(x, generator, method)
         out = model(torch.cat(list(views["views"])))
-        step = TaskInput(x, views, out, method, generator)
         weights = weighted_tasks(method)
-        losses: dict[str, torch.Tensor] = {}
-        for name in weights:
-            value = TASKS[name].loss(step)
-            losses.update(value if isinstance(value, dict) else {name: value})
+        losses = task_losses(TaskInput(x, views, out, method, generator), weights)
         total = weighted_sum(losses, weights)
         return total, losses, previews(x, views, out, maker, method)
 
@@ -226,6 +222,15 @@ class Method:
     def window_predictor(self, model: nn.Module, views: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """The function sliding windows call: a window's logits (or log-probabilities) in its frame."""
         return model
+
+
+def task_losses(step: TaskInput, weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """The losses of the tasks in ``weights`` (with the values they only log) for one step."""
+    losses: dict[str, torch.Tensor] = {}
+    for name in weights:
+        value = TASKS[name].loss(step)
+        losses.update(value if isinstance(value, dict) else {name: value})
+    return losses
 
 
 def previews(x: torch.Tensor, views: dict, out: dict, maker: ViewMaker, method: MethodConfig) -> dict:
