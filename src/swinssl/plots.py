@@ -54,18 +54,12 @@ def save_overlay(path: Path, image: torch.Tensor, masks: Mapping[str, torch.Tens
     first = next(iter(masks.values()))
     z = int(np.argmax((first > 0).sum(axis=(0, 1)))) if first.any() else image.shape[2] // 2
     top = max(max(int(m.max()) for m in masks.values()), 1)
-    panels = [("image", None), *masks.items()]
-    fig, axes = figure(len(panels))
-    for ax, (name, mask) in zip(axes, panels):
-        ax.imshow(image[:, :, z].T, cmap="gray", origin="lower", vmin=0.0, vmax=1.0)
-        if mask is not None:
-            shown = np.ma.masked_equal(mask[:, :, z].T, 0)
-            ax.imshow(shown, cmap="tab10", vmin=1, vmax=max(top, 10), origin="lower", alpha=0.5, interpolation="nearest")
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return save_figure(path, fig)
+
+    def draw(ax, mask):
+        shown = np.ma.masked_equal(mask[:, :, z].T, 0)
+        ax.imshow(shown, cmap="tab10", vmin=1, vmax=max(top, 10), origin="lower", alpha=0.5, interpolation="nearest")
+
+    return _layers_on_slice(path, image[:, :, z], masks, draw, title)
 
 
 def save_heatmap_overlay(path: Path, image: torch.Tensor, maps: Mapping[str, torch.Tensor], title: str = "") -> Path:
@@ -73,14 +67,23 @@ def save_heatmap_overlay(path: Path, image: torch.Tensor, maps: Mapping[str, tor
     slice (last axis). ``image`` (X, Y, Z) in [0, 1]; maps the same shape, scaled to [0, 1] each."""
     image = image.detach().float().cpu()
     z = image.shape[2] // 2
-    panels = [("image", None), *maps.items()]
+
+    def draw(ax, heat):
+        heat = heat.detach().float().cpu()
+        heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+        ax.imshow(heat[:, :, z].T, cmap="jet", origin="lower", vmin=0.0, vmax=1.0, alpha=0.5)
+
+    return _layers_on_slice(path, image[:, :, z], maps, draw, title)
+
+
+def _layers_on_slice(path: Path, image_slice, layers: Mapping, draw, title: str) -> Path:
+    """The image slice alone, then under each layer (``draw(axes, layer)``), in one row."""
+    panels = [("image", None), *layers.items()]
     fig, axes = figure(len(panels))
-    for ax, (name, heat) in zip(axes, panels):
-        ax.imshow(image[:, :, z].T, cmap="gray", origin="lower", vmin=0.0, vmax=1.0)
-        if heat is not None:
-            heat = heat.detach().float().cpu()
-            heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
-            ax.imshow(heat[:, :, z].T, cmap="jet", origin="lower", vmin=0.0, vmax=1.0, alpha=0.5)
+    for ax, (name, layer) in zip(axes, panels):
+        ax.imshow(image_slice.T, cmap="gray", origin="lower", vmin=0.0, vmax=1.0)
+        if layer is not None:
+            draw(ax, layer)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     if title:

@@ -258,7 +258,8 @@ def validate(model, cfg: Config, cases: list[Case], classes: list[int], names: d
     per_class = torch.zeros(k - 1, dtype=torch.float64)
     for index, case in enumerate(cases):
         item = pipeline(case_item(case))
-        x = item["image"].as_tensor()[None].to(fabric.device)
+        # The unwrapped model gets no input conversion from Fabric: match its weights' dtype (64-true).
+        x = item["image"].as_tensor()[None].to(fabric.device, next(model.parameters()).dtype)
         logits = sliding_window_inference(x, cfg.preprocess.roi_size, cfg.finetune.sw_batch_size, model,
                                           overlap=cfg.finetune.overlap, mode="gaussian")
         pred = logits.argmax(1).cpu()

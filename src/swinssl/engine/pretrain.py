@@ -108,7 +108,8 @@ class PretrainStage:
         for first in starts:
             indices = range(first, min(first + cfg.train.batch_size, len(cases)))
             crops = [dataset[(i, sample_seed(cfg.seed, VALIDATION_STEP + i, 0, 0))] for i in indices]
-            x = images_of(list_data_collate(crops)).to(fabric.device)
+            # The unwrapped model gets no input conversion from Fabric: match its weights' dtype (64-true).
+            x = images_of(list_data_collate(crops)).to(fabric.device, next(model.parameters()).dtype)
             generator.manual_seed(sample_seed(cfg.seed, VALIDATION_STEP + first, 0, 99))
             total, parts, _ = self.method.compute_losses(model, x, generator, cfg.method)
             for k, v in {"loss": total, **parts}.items():
