@@ -35,6 +35,10 @@ def test_heads_are_built_only_for_weighted_tasks_and_all_get_gradients():
     method = get_method("swin_unetr")
     model = method.build_model(cfg)
     assert not hasattr(model, "rotation_head")
+    # Built in the registry's order (initialised in it: a seed gives the weights earlier versions gave).
+    everything = method.build_model(config(weights={"inpaint": 1.0, "rotate": 1.0, "contrast": 1.0}))
+    assert list(dict.fromkeys(k.split(".")[0] for k in everything.state_dict())) == [
+        "swinViT", "rotation_head", "contrastive_head", "reconstruction_head"]
     assert hasattr(model, "reconstruction_head") and hasattr(model, "contrastive_head")
     total, parts, _ = method.compute_losses(model, torch.rand(2, 1, 64, 64, 64), torch.Generator().manual_seed(0),
                                             cfg.method)

@@ -182,8 +182,9 @@ class Method:
 
     def build_model(self, cfg: Config) -> nn.Module:
         """The pre-training model: the Swin encoder and the heads of the weighted tasks."""
-        heads = sorted({TASKS[name].head for name in weighted_tasks(cfg.method) if TASKS[name].head})
-        return SSLModel(cfg.model, cfg.method, heads)
+        needed = {TASKS[name].head for name in weighted_tasks(cfg.method)}
+        # In the registry's order: the heads are initialised in it, so a seed gives the same weights.
+        return SSLModel(cfg.model, cfg.method, [head for head in HEADS if head in needed])
 
     def compute_losses(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator, method: MethodConfig):
         """One step's losses for crops ``x`` (B, C, D, H, W) in [0, 1].
