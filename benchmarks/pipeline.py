@@ -356,12 +356,13 @@ def predict_worker(spec: dict) -> dict:
             T.Invertd(keys="pred", transform=pipeline, orig_keys="image", nearest_interp=True)(data)
             times.append(time.perf_counter() - start)
     else:
-        from swinssl.config import to_dict
+        from swinssl.config import ModelConfig
         from swinssl.data.discover import find_dataset
         from swinssl.infer import inference_pipeline, predict_case
+        from swinssl.plan import Plan
 
-        plan = {"network": {"feature_size": cfg["feature"], "out_channels": 2}, "preprocess": to_dict(preprocess_cfg(cfg)),
-                "modality": "CT"}
+        plan = Plan(network=ModelConfig(feature_size=cfg["feature"]), preprocess=preprocess_cfg(cfg), out_channels=2,
+                    modality="CT")
         pipeline = inference_pipeline(plan, spec["cache"] if spec["side"] == "ours cached" else None)
         cases = [dataclasses.replace(find_dataset(image).cases[0], modality="CT") for image in spec["images"]]
         if spec["side"] == "ours cached":  # a first pass fills the cache, as a first prediction (or training) would

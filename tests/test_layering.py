@@ -54,6 +54,10 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "engine": frozenset({"infer", "cli", "study", "demo"}),
     "metrics": frozenset({"engine", "nn", "ssl", "methods", "infer", "cli"}),
     "infer": frozenset({"engine", "cli", "study", "demo"}),
+    # Leaves that every layer may use: the checkpoint plan, the run folder's names, the figures.
+    "plan": frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "study", "demo"}),
+    "runs": frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "study", "demo"}),
+    "plots": frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "study", "demo"}),
 }
 
 PACKAGE = "swinssl"

@@ -103,6 +103,9 @@ def test_own_checkpoint_refuses_other_patch_merging(tmp_path, monai_net):
     torch.save({"format": "swinssl", "model": monai_net.state_dict(), "plan": {"network": {"downsample": "merging"}}}, path)
     with pytest.raises(CheckpointError, match="patch merging 'merging' but the model uses 'mergingv2'"):
         load_pretrained(SwinUNETR(out_channels=3, feature_size=12, downsample="mergingv2"), path)
+    # A plan that does not say which merging it used (older or hand-made) is not assumed to use the default.
+    torch.save({"format": "swinssl", "model": monai_net.state_dict(), "plan": {"network": {"feature_size": 12}}}, path)
+    assert load_pretrained(SwinUNETR(out_channels=3, feature_size=12, downsample="mergingv2"), path).loaded
 
 
 def test_one_channel_weights_adapt_to_four_channels(monai_net):

@@ -159,5 +159,5 @@ def test_two_nodes_train_as_one_process_on_the_concatenated_batch(phantoms, tmp_
     assert a["step"] == b["step"] == STEPS
     assert a["model"].keys() == b["model"].keys()
     for key, value in b["model"].items():
-        assert value.dtype == torch.float64 or not value.is_floating_point(), key  # the wrapper's precision took effect
+        assert value.dtype == torch.float64 or not value.is_floating_point(), key  # train.precision=64-true took effect
         torch.testing.assert_close(a["model"][key], value, rtol=WEIGHTS_RTOL, atol=WEIGHTS_ATOL, msg=key)

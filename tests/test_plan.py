@@ -5,7 +5,7 @@ import pytest
 
 from swinssl.config import MethodConfig, ModelConfig, PreprocessConfig, to_dict
 from swinssl.errors import CheckpointError
-from swinssl.plan import Plan, adopt_architecture
+from swinssl.plan import Plan, adopt_architecture, architecture_of
 from swinssl.runs import RunDir, resolve_checkpoint
 
 PLAN = Plan(network=ModelConfig(feature_size=12, multiview=True), preprocess=PreprocessConfig(roi_size=(32, 32, 32)),
@@ -45,10 +45,15 @@ def test_bad_plans_are_refused_in_one_line_naming_the_key(raw, message):
 
 
 def test_adopting_a_pretrained_architecture_says_what_changed(capsys):
-    pretrained = Plan.network_of({"network": {"feature_size": 24, "use_v2": True}}, "pre.pt")
-    model = adopt_architecture(ModelConfig(feature_size=48, in_channels=4), pretrained, "pre.pt")
-    assert (model.feature_size, model.use_v2, model.in_channels) == (24, True, 4)  # channels stay the data's
+    pretrained = architecture_of({"network": {"feature_size": 24, "use_v2": True, "in_channels": 1, "future": 0}},
+                                 "pre.pt")
+    assert pretrained == {"feature_size": 24, "use_v2": True}  # what the plan holds of the architecture only
+    model = adopt_architecture(ModelConfig(feature_size=48, in_channels=4, downsample="mergingv2"), pretrained, "pre.pt")
+    # Channels stay the data's; a field the plan does not hold (downsample) stays the config's.
+    assert (model.feature_size, model.use_v2, model.in_channels, model.downsample) == (24, True, 4, "mergingv2")
     assert "feature_size 48 -> 24" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="pre.pt: plan.network.feature_size must be an integer"):
+        architecture_of({"network": {"feature_size": "big"}}, "pre.pt")
 
 
 def test_run_dir_names_the_files_and_checkpoints_resolve(tmp_path):

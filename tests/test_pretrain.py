@@ -154,3 +154,14 @@ def test_compiled_model_computes_the_eager_losses(phantoms, tmp_path):
         assert compiled[(key, "train")] == pytest.approx(eager[(key, "train")], rel=1e-4), key
     state = load_checkpoint(runs[1] / "checkpoints" / "last.pt")["model"]
     assert not any(k.startswith("_orig_mod.") for k in state)  # in-place compile: plain keys in checkpoints
+
+
+def test_resume_with_weights_that_no_longer_fit_is_refused_in_one_line(phantoms, tmp_path):
+    from swinssl.errors import CheckpointError
+
+    run = engine.pretrain(tiny_config(phantoms, tmp_path, "w", "train.steps=1"), progress=False)
+    with pytest.raises(CheckpointError, match=r"last.pt: the weights do not fit .* \(0 missing, 2 unexpected tensors, "
+                                              r"e.g. rotation_head") as err:
+        engine.pretrain(resume=run, overrides=["train.steps=2", "method.weights={inpaint: 1, rotate: 0, contrast: 1}"],
+                        progress=False)
+    assert "\n" not in str(err.value)

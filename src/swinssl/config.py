@@ -80,18 +80,18 @@ class MethodConfig:
     """A pre-training method: proxy tasks with their loss weights, and the view maker's settings.
     Methods, tasks and view makers are registered in ``swinssl.methods`` (checked there)."""
 
-    name: str = "swin_unetr"  # swin_unetr, swinmm, swinfuse
+    name: str = "swin_unetr"  # swin_unetr, swinmm, swinfuse (checked against swinssl.methods.METHODS)
     views: str = ""  # view maker: cutout (Swin UNETR, SwinFUSE) or masked (SwinMM); "" = the method's own
     # Proxy-task weights (tasks weighted 0 are not trained and get no head): inpaint, rotate,
     # contrast, mutual (masked views), density (domain-invariance module).
     weights: dict[str, float] = field(default_factory=lambda: {"inpaint": 1.0, "rotate": 1.0, "contrast": 1.0})
     temperature: float = 0.5  # NT-Xent
     embed_dim: int = 512  # contrastive head output
-    max_cutout: float = 0.3  # swin_unetr: fraction of the crop cut out per view, drawn from U(0, max_cutout)
-    mask_ratio: float = 0.5  # swinmm: fraction of the mask_patch^3 cubes set to 0 (the masked fraction)
-    mask_patch: int = 16  # swinmm: side of the masked cubes in voxels
-    zscore_target: bool = False  # swinmm: reconstruct the per-sample z-scored crop instead of the crop
-    density_points: int = 256  # swinfuse: token features sampled per stream for the KDE / JSD density term
+    max_cutout: float = 0.3  # cutout views: fraction of the crop cut out per view, drawn from U(0, max_cutout)
+    mask_ratio: float = 0.5  # masked views: fraction of the mask_patch^3 cubes set to 0 (the masked fraction)
+    mask_patch: int = 16  # masked views: side of the masked cubes in voxels
+    zscore_target: bool = False  # inpaint on masked views: reconstruct the per-sample z-scored crop instead
+    density_points: int = 256  # density task: token features sampled per stream for the KDE / JSD term
 
 
 @dataclass
@@ -174,12 +174,13 @@ def load_config(preset: str | Path | Sequence[str | Path] | None = None, overrid
     """Build a validated config of type ``cls`` from defaults, a preset and overrides.
 
     ``preset`` may be a list: each later preset sets its keys over the earlier ones, section by
-    section (a preset that holds only ``train: {steps: 40}`` changes only that key), as
-    ``key=value`` overrides do.
+    section (a preset that holds only ``train: {steps: 40}`` changes only that key); a value that
+    is itself a mapping (``method.weights``) is replaced whole, as ``method.weights={...}`` is.
     """
     raw: dict[str, Any] = {}
     sources = []
     presets = [preset] if isinstance(preset, (str, Path)) else list(preset or [])
+    presets = [p for p in presets if str(p)]  # "" (no preset) means the defaults
     for item in presets:
         path = resolve_preset(item)
         sources.append(str(path))

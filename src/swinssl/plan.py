@@ -13,8 +13,9 @@ checkpoint it is plain data (``Plan.to_dict``)::
      "manifest_sha256": str | None, "package_version": str}
 
 ``Plan.from_dict`` validates every section (``CheckpointError`` naming the file and key) and
-reads the plans of older checkpoints: missing sections get their defaults, retired network
-keys are dropped.
+reads the plans of older checkpoints (missing fields get their defaults; their
+``network.out_channels`` is the plan's ``out_channels``). ``architecture_of`` reads only the
+architecture a pre-trained plan holds, for adopting it or checking weights against a model.
 """
 
 from __future__ import annotations
@@ -95,16 +96,24 @@ class Plan:
         return cls(network=model, preprocess=preprocess, out_channels=None if out_channels is None else int(out_channels),
                    patch_size=int(patch_size), method=method, **extra)
 
-    @classmethod
-    def network_of(cls, raw: Any, source: str = "checkpoint") -> ModelConfig:
-        """The network of a checkpoint's ``plan`` that may hold nothing else (a pre-trained plan
-        read for its architecture)."""
-        return cls.from_dict(raw, source, needs=("network",)).network
+
+def architecture_of(raw: Any, source: str = "checkpoint") -> dict[str, Any]:
+    """The architecture fields (``ARCHITECTURE``) that a checkpoint's ``plan`` holds, validated;
+    fields it does not hold are left out (older or hand-made plans), other keys are ignored."""
+    network = raw.get("network") if isinstance(raw, Mapping) else None
+    if not isinstance(network, Mapping):
+        return {}
+    held = {k: network[k] for k in ARCHITECTURE if k in network}
+    try:
+        model = from_dict(ModelConfig, held, source=source, prefix="plan.network.")
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    return {k: getattr(model, k) for k in held}
 
 
-def adopt_architecture(model: ModelConfig, pretrained: ModelConfig, source: str) -> ModelConfig:
-    """``model`` with the architecture fields of a pre-trained network, saying what changed."""
-    changes = {k: getattr(pretrained, k) for k in ARCHITECTURE if getattr(pretrained, k) != getattr(model, k)}
+def adopt_architecture(model: ModelConfig, pretrained: Mapping[str, Any], source: str) -> ModelConfig:
+    """``model`` with the architecture fields of a pre-trained plan (``architecture_of``), saying what changed."""
+    changes = {k: v for k, v in pretrained.items() if v != getattr(model, k)}
     if changes:
         said = ", ".join(f"{k} {getattr(model, k)} -> {v}" for k, v in changes.items())
         print(f"adopting the network of the pre-trained plan {source}: {said}")

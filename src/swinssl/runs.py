@@ -76,14 +76,15 @@ class RunDir:
 def resolve_checkpoint(source: str | Path, prefer_best: bool = True) -> Path:
     """The checkpoint file that ``source`` stands for.
 
-    A file is itself; a run directory (or its ``checkpoints/`` folder) gives ``best.pt`` if
-    present and ``prefer_best``, else ``last.pt``.
+    A file is itself; a run directory (or any folder holding the files, such as its
+    ``checkpoints/``) gives ``best.pt`` if present and ``prefer_best``, else ``last.pt``.
     """
     path = Path(source).expanduser()
     if not path.is_dir():
         return path
-    run = RunDir(path.parent if path.name == "checkpoints" and not (path / "checkpoints").is_dir() else path)
-    for candidate in ((run.best, run.last) if prefer_best else (run.last,)):
+    run = RunDir(path)
+    names = ("best.pt", "last.pt") if prefer_best else ("last.pt",)
+    for candidate in [run.checkpoints / n for n in names] + [path / n for n in names]:
         if candidate.is_file():
             return candidate
     wanted = "checkpoints/best.pt or checkpoints/last.pt" if prefer_best else "checkpoints/last.pt"

@@ -39,7 +39,7 @@ from swinssl.errors import ConfigError, DataError
 from swinssl.methods import network_method
 from swinssl.nn import build_network, load_pretrained
 from swinssl.nn.load import read_checkpoint
-from swinssl.plan import Plan, adopt_architecture
+from swinssl.plan import Plan, adopt_architecture, architecture_of
 from swinssl.plots import save_overlay
 from swinssl.runs import RunDir, resolve_checkpoint
 
@@ -67,7 +67,7 @@ class FinetuneStage:
         # A resumed run has its weights in its own checkpoint (and its saved config adopted the plan).
         self.pretrained = read_pretrained(ft.pretrained) if ft.pretrained and not resumed else None
         if self.pretrained is not None and isinstance(self.pretrained.get("plan"), dict):
-            cfg.model = adopt_architecture(cfg.model, Plan.network_of(self.pretrained["plan"], ft.pretrained),
+            cfg.model = adopt_architecture(cfg.model, architecture_of(self.pretrained["plan"], ft.pretrained),
                                            ft.pretrained)
         self.cfg = cfg
         self.dataset = find_dataset(cfg.data.path, cfg.data.modality)

@@ -12,7 +12,7 @@
 3. argmax, then ``invert`` (nearest-neighbour) back through the crop, the resampling and
    the reorientation, so the mask has the input file's shape and affine;
 4. written atomically as ``<out_dir>/<case_id>.nii.gz`` (or ``.nrrd`` for NRRD inputs with
-   ``output_format="same"``), uint8 (uint16 beyond 256 classes), by MONAI's writers.
+   ``output_format="same"``), uint8 (uint16 beyond 256 classes).
 
 Modules: ``model`` (loading), ``volume`` (windows, flips, views), ``write`` (files),
 ``cases`` (options, one case, many cases).

@@ -103,7 +103,6 @@ class Task:
     head: str | None
     needs: frozenset[str]
     check: Callable[[Config], None] | None = None
-    doc: str = ""
 
 
 TASKS: dict[str, Task] = {}
@@ -118,7 +117,7 @@ def register_task(name: str, head: str | None = None, needs: tuple[str, ...] = (
             raise ValueError(f"task {name!r} is registered twice")
         if head is not None and head not in HEADS:
             raise ValueError(f"task {name!r}: unknown head {head!r}; heads: {', '.join(HEADS)}")
-        TASKS[name] = Task(name, loss, head, frozenset(needs), check, (loss.__doc__ or "").strip())
+        TASKS[name] = Task(name, loss, head, frozenset(needs), check)
         return loss
 
     return register
@@ -143,8 +142,8 @@ class Method:
 
     views: tuple[str, ...] = ("single",)  # inference choices this method's predictor understands
 
-    def __init__(self, name: str, view_maker: str, needs_dim: bool = False, doc: str = ""):
-        self.name, self.view_maker, self.needs_dim, self.doc = name, view_maker, needs_dim, doc
+    def __init__(self, name: str, view_maker: str, needs_dim: bool = False):
+        self.name, self.view_maker, self.needs_dim = name, view_maker, needs_dim
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"

@@ -10,4 +10,4 @@ token 1, negatives gathered across processes); weights in the preset
 
 from swinssl.methods.base import Method
 
-METHOD = Method("swin_unetr", view_maker="cutout", doc=__doc__)
+METHOD = Method("swin_unetr", view_maker="cutout")

@@ -22,7 +22,7 @@ from torch import nn
 from swinssl.methods.base import Method
 from swinssl.plots import save_heatmap_overlay
 
-METHOD = Method("swinfuse", view_maker="cutout", needs_dim=True, doc=__doc__)
+METHOD = Method("swinfuse", view_maker="cutout", needs_dim=True)
 
 
 @torch.no_grad()

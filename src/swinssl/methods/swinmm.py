@@ -98,4 +98,4 @@ class SwinMM(Method):
         return lambda w: unpermute(model(permute(w, order)), order)
 
 
-METHOD = SwinMM("swinmm", view_maker="masked", doc=__doc__)
+METHOD = SwinMM("swinmm", view_maker="masked")

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from swinssl.errors import CheckpointError
-from swinssl.plan import Plan
+from swinssl.plan import architecture_of
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def _check_plan(ckpt: Mapping, model: nn.Module, name: str) -> None:
     config = getattr(model, "config", None)
     if not isinstance(ckpt.get("plan"), Mapping) or not isinstance(config, dict):
         return
-    theirs = Plan.network_of(ckpt["plan"], name).downsample
+    theirs = architecture_of(ckpt["plan"], name).get("downsample")
     ours = config.get("downsample")
     if theirs and ours and theirs != ours:
         raise CheckpointError(f"{name}: weights use patch merging '{theirs}' but the model uses '{ours}'; build the model with downsample='{theirs}'")

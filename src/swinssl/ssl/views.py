@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from swinssl.nn.axes import PERMUTATIONS, permute, unpermute  # noqa: F401 (the views' axis orders)
+from swinssl.nn.axes import PERMUTATIONS, check_volume, permute, unpermute  # noqa: F401 (the views' axis orders)
 
 # Slack for sides such as 0.05 * 96 = 4.800000000000001, so that ceil/floor of a
 # product that is an integer up to rounding give that integer.
@@ -37,11 +37,6 @@ _EPS = 1e-9
 def _check_generator(generator: torch.Generator) -> None:
     if generator.device.type != "cpu":
         raise ValueError(f"views draw random numbers on the CPU: expected a CPU generator, got {generator.device}")
-
-
-def _check_volume(x: torch.Tensor, name: str = "x") -> None:
-    if x.ndim != 5:
-        raise ValueError(f"expected {name} of shape (B, C, D, H, W), got shape {tuple(x.shape)}")
 
 
 def rotate(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +49,7 @@ def rotate(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, t
     Returns the rotated batch ``(B, C, D, H, W)`` (a new tensor) and the labels
     ``k`` as int64 ``(B,)`` on ``x.device``.
     """
-    _check_volume(x)
+    check_volume(x)
     _check_generator(generator)
     if x.shape[-2] != x.shape[-1]:
         raise ValueError(f"rotation in the (H, W) plane needs H == W, got shape {tuple(x.shape)}")
@@ -158,7 +153,7 @@ def cutout(x: torch.Tensor, generator: torch.Generator, max_fraction: float = 0.
     same box of ``source`` (same shape as x), i.e. ``out[b, :, box] = source[b, :, box]``.
     Boxes are painted in drawing order, a later box overwriting an earlier one.
     """
-    _check_volume(x)
+    check_volume(x)
     _check_generator(generator)
     if source is not None and source.shape != x.shape:
         raise ValueError(f"source shape {tuple(source.shape)} differs from x shape {tuple(x.shape)}")
@@ -187,7 +182,7 @@ def cutout_views(x: torch.Tensor, generator: torch.Generator, max_fraction: floa
     it gets boxes copied from sample ``j`` of the batch after the first pass, else it
     stays as after the first pass. With B = 1 nothing is copied.
     """
-    _check_volume(x)
+    check_volume(x)
     first = cutout(x, generator, max_fraction)
     b = x.shape[0]
     partner = torch.randint(0, b, (b,), generator=generator)
@@ -223,7 +218,7 @@ def two_views(x: torch.Tensor, generator: torch.Generator, max_fraction: float =
 
 def rotate_by(x: torch.Tensor, k: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Sample i turned by ``k[i]`` quarter turns in the (H, W) plane (``-k[i]`` with ``inverse``)."""
-    _check_volume(x)
+    check_volume(x)
     out = torch.empty_like(x)
     k = k.cpu()
     # One batched rot90 per angle instead of one call per sample.
@@ -273,7 +268,7 @@ def multi_views(x: torch.Tensor, generator: torch.Generator, ratio: float = 0.5,
       ``masks``: the two views' boolean masks ``(B, 1, ...)``; ``mask``: the common-frame mask;
       ``rotations``: the two int64 ``(B,)`` label tensors; ``orders``: the two axis orders.
     """
-    _check_volume(x)
+    check_volume(x)
     _check_generator(generator)
     if len(set(x.shape[2:])) != 1:
         raise ValueError(f"SwinMM views permute the axes of cubic crops, got shape {tuple(x.shape)}")
