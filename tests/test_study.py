@@ -42,7 +42,7 @@ def test_modality_study_runs_every_cell_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "finetune", refuse)
     monkeypatch.setattr(study, "predict", refuse)
     study.run_modality_study(tmp_path, preset="micro", progress=False)
-    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    assert json.loads((tmp_path / "results.json").read_text()) == results
 
 
 def test_unknown_study_preset_is_refused(tmp_path):
@@ -59,7 +59,8 @@ def test_data_efficiency_study_runs_every_cell_reports_and_resumes(tmp_path, mon
              "finetune": MICRO["finetune"]}
     monkeypatch.setitem(study.EFFICIENCY, "micro", micro)
     report = study.run_data_efficiency_study("pretrain/swin_unetr_tiny", out=tmp_path, preset="micro", progress=False)
-    rows = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["runs"]
     assert {(r["init"], r["ratio"], r["seed"]) for r in rows} == {
         (i, r, 0) for i in ("scratch", "swin_unetr") for r in (0.5, 1.0)}
     # 5 phantoms: 1 test case, 1 of the other 4 validates, so 3 labelled training cases; half of them is 2.
@@ -68,6 +69,10 @@ def test_data_efficiency_study_runs_every_cell_reports_and_resumes(tmp_path, mon
     text = report.read_text()
     assert text.count("| 50% | 2 |") == 2 and text.count("| 100% | 3 |") == 2 and "Gain of `swin_unetr`" in text
     assert "| 1 |\n" in text  # one seed per cell
+    # One test case and one seed: one pair per ratio, which can never show an effect.
+    assert {k: v["n"] for k, v in results["verdicts"].items()} == {"0.5": 1, "1": 1}
+    assert text.count("no detectable difference") == 2 and "device-hours" in text
+    assert results["pretraining"]["device_hours"] > 0 and results["pretraining"]["devices"] == 1
     assert (tmp_path / "dice_vs_label_ratio.png").read_bytes()[:4] == b"\x89PNG"
     # The pre-trained fine-tunings started from the pre-training's encoder.
     assert "pretrained: ''" in (tmp_path / "finetune_scratch_ratio050_seed0" / "config.yaml").read_text()
@@ -80,7 +85,27 @@ def test_data_efficiency_study_runs_every_cell_reports_and_resumes(tmp_path, mon
     monkeypatch.setattr(study, "finetune", refuse)
     monkeypatch.setattr(study, "predict", refuse)
     study.run_data_efficiency_study("pretrain/swin_unetr_tiny", out=tmp_path, preset="micro", progress=False)
-    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+
+
+def test_efficiency_verdict_pairs_cases_and_seeds_and_reports_one_line_per_ratio(tmp_path):
+    rng = __import__("numpy").random.default_rng(0)
+    rows = []
+    for seed in (0, 1):
+        scratch = {f"case{i}": float(v) for i, v in enumerate(rng.uniform(0.3, 0.7, 8))}
+        for ratio, gain in ((0.1, 0.1), (1.0, 0.0)):
+            noise = rng.normal(0, 0.01, 8)
+            pre = {c: v + gain + float(e) for (c, v), e in zip(scratch.items(), noise)}
+            for init, cases in (("scratch", scratch), ("swinmm", pre)):
+                rows.append({"init": init, "ratio": ratio, "seed": seed, "dice": sum(cases.values()) / 8, "hd95": 1.0,
+                             "train_cases": 2, "case_dice": cases})
+    verdicts = study.efficiency_verdicts(rows, "swinmm")
+    assert verdicts["0.1"]["n"] == 16 and verdicts["0.1"]["sentence"].startswith("pre-training helps: +0.09")
+    assert verdicts["1"]["sentence"].startswith("no detectable difference")
+    text = study.efficiency_report(rows, "swinmm", "data", tmp_path, verdicts,
+                                   {"device_hours": 0.5, "wall_hours": 0.25, "devices": 2})
+    assert "- 10%: pre-training helps: +0.09" in text and "- 100%: no detectable difference" in text
+    assert "Pre-training cost 0.500 device-hours (0.250 h on 2 process(es))." in text
 
 
 def test_efficiency_table_mean_and_sample_std():
@@ -121,7 +146,7 @@ def test_views_study_tests_every_view_of_both_models_and_resumes(tmp_path, monke
     monkeypatch.setattr(study, "finetune", refuse)
     monkeypatch.setattr(study, "predict", refuse)
     study.run_views_study(out=tmp_path, preset="micro", progress=False)
-    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    assert json.loads((tmp_path / "results.json").read_text()) == results
 
 
 def test_every_study_preset_gives_valid_configs():
@@ -139,3 +164,9 @@ def test_every_study_preset_gives_valid_configs():
             load_config([config, p["finetune"]], ["data=x"])
     tiny = load_config(["pretrain/swin_unetr_tiny", study.PRESETS["tiny"]["pretrain"]])
     assert tiny.model.depths == (1, 1, 1, 1) and tiny.train.steps == 60 and tiny.model.feature_size == 12
+
+
+def test_case_dice_is_each_cases_mean_over_its_classes(tmp_path):
+    (tmp_path / "metrics.csv").write_text("case_id,class,class_name,dice,hd95,nsd\n"
+                                          "a,1,liver,0.8,1,1\na,2,kidney,0.4,1,1\nb,1,liver,0.5,1,1\nb,2,kidney,0.0,1,1\n")
+    assert study.case_dice(tmp_path) == pytest.approx({"a": 0.6, "b": 0.25})

@@ -227,12 +227,53 @@ def run_data_efficiency_study(config: str | Path = "pretrain/swin_unetr_tiny", d
                 run = _train(finetune, ft, progress)
                 summary = _evaluate(run, data, out / f"predictions_{name}", progress)
                 rows.append({"init": init, "ratio": ratio, "seed": seed, "dice": summary["mean"]["dice"],
-                             "hd95": summary["mean"]["hd95"], "train_cases": _train_cases(run)})
-    atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
+                             "hd95": summary["mean"]["hd95"], "train_cases": _train_cases(run),
+                             "case_dice": case_dice(out / f"predictions_{name}")})
+    compute = pretraining_compute(pre_run)
+    verdicts = efficiency_verdicts(rows, method)
+    atomic_write_text(out / "results.json", json.dumps({"runs": rows, "verdicts": verdicts,
+                                                        "pretraining": compute}, indent=2))
     plot_efficiency(rows, out / "dice_vs_label_ratio.png")
     report = out / "report.md"
-    atomic_write_text(report, efficiency_report(rows, method, data, out))
+    atomic_write_text(report, efficiency_report(rows, method, data, out, verdicts, compute))
     return report
+
+
+def case_dice(pred_dir: Path) -> dict[str, float]:
+    """Each test case's mean Dice over the foreground classes, from an evaluation's ``metrics.csv``."""
+    import csv
+
+    per_case: dict[str, list[float]] = {}
+    with open(pred_dir / "metrics.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            per_case.setdefault(row["case_id"], []).append(float(row["dice"]))
+    return {case: sum(v) / len(v) for case, v in per_case.items()}
+
+
+def efficiency_verdicts(rows: list[dict], method: str) -> dict[str, dict]:
+    """Per label ratio, the paired verdict (``swinssl.verdict``) of ``method`` against scratch over
+    every (seed, test case) that both were tested on."""
+    from swinssl.verdict import paired_verdict
+
+    verdicts = {}
+    for ratio in sorted({r["ratio"] for r in rows}):
+        pre, scratch = [], []
+        for seed in sorted({r["seed"] for r in rows if r["ratio"] == ratio}):
+            cell = {r["init"]: r["case_dice"] for r in rows if r["ratio"] == ratio and r["seed"] == seed}
+            if method in cell and "scratch" in cell:
+                for case in sorted(set(cell[method]) & set(cell["scratch"])):
+                    pre.append(cell[method][case])
+                    scratch.append(cell["scratch"][case])
+        if pre:
+            verdicts[f"{ratio:g}"] = paired_verdict(pre, scratch).to_dict()
+    return verdicts
+
+
+def pretraining_compute(run: Path) -> dict:
+    """What a pre-training run cost: wall hours and device-hours (wall time x processes)."""
+    ckpt = load_checkpoint(RunDir(run).last)
+    wall, devices = float(ckpt.get("wall_s", float("nan"))), int(ckpt.get("world_size", 1))
+    return {"wall_hours": wall / 3600, "devices": devices, "device_hours": wall * devices / 3600}
 
 
 def _preset(presets: dict, name: str) -> dict:
@@ -273,7 +314,8 @@ def efficiency_table(rows: list[dict]) -> list[dict]:
     return table
 
 
-def efficiency_report(rows: list[dict], method: str, data: str | Path, out: Path) -> str:
+def efficiency_report(rows: list[dict], method: str, data: str | Path, out: Path, verdicts: dict | None = None,
+                      compute: dict | None = None) -> str:
     table = efficiency_table(rows)
     lines = [
         "# Data-efficiency study",
@@ -293,6 +335,13 @@ def efficiency_report(rows: list[dict], method: str, data: str | Path, out: Path
     for ratio in sorted({t["ratio"] for t in table}):
         by_init = {t["init"]: t["dice"][0] for t in table if t["ratio"] == ratio}
         lines.append(f"- {ratio:.0%}: {by_init[method] - by_init['scratch']:+.3f}")
+    if verdicts:
+        lines += ["", "Verdict per ratio, paired over test cases x seeds (mean Dice over the foreground classes; "
+                  "bootstrap 95% interval of the mean difference, two-sided Wilcoxon signed-rank test):", ""]
+        lines += [f"- {float(ratio):.0%}: {v['sentence']}" for ratio, v in verdicts.items()]
+    if compute:
+        lines += ["", f"Pre-training cost {compute['device_hours']:.3f} device-hours ({compute['wall_hours']:.3f} h on "
+                  f"{compute['devices']} process(es))."]
     lines += ["", "Plot: `dice_vs_label_ratio.png`. Reproduce: `swinssl study data-efficiency --out " + str(out) + "`",
               ""]
     return "\n".join(lines)

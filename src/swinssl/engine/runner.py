@@ -102,13 +102,14 @@ class Runner:
         model = stage.build_model(fabric)
         self.optimizer = torch.optim.AdamW(stage.param_groups(model), lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = LambdaLR(self.optimizer, warmup_cosine(t.warmup_steps, t.steps))
-        self.start, self.best = 0, -math.inf
+        self.start, self.best, self.wall_before = 0, -math.inf, 0.0
         if state is not None:
             _resume_weights(model, state["model"], run.last)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             restore_rng(state["rng"])
             self.start = int(state["step"])
+            self.wall_before = float(state.get("wall_s", 0.0))  # the time spent before the resume
             self.best = float(state.get(f"best_{stage.best_metric}", -math.inf)) if stage.best_metric else -math.inf
             manifest = Plan.from_dict(state["plan"], str(run.last)).manifest_sha256
         self.raw_model = model  # unwrapped: its state-dict keys carry no DDP / compile prefix
@@ -121,6 +122,7 @@ class Runner:
 
     def train(self) -> Path:
         t, fabric = self.t, self.fabric
+        self.started = time.perf_counter()
         with DistributedFaults(fabric, self.run.last):
             batches = self.stage.batches(fabric, self.start)
             sums: dict[str, float] = {}
@@ -210,6 +212,8 @@ class Runner:
             "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "plan": self.plan.to_dict(),
             "metrics": metrics,
+            # The compute the run has cost so far: wall seconds since it first started, and its processes.
+            "wall_s": self.wall_before + time.perf_counter() - self.started, "world_size": self.fabric.world_size,
         }
         if self.stage.best_metric:
             payload[f"best_{self.stage.best_metric}"] = self.best
