@@ -42,7 +42,7 @@ def test_modality_study_runs_every_cell_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "finetune", refuse)
     monkeypatch.setattr(study, "predict", refuse)
     study.run_modality_study(tmp_path, preset="micro", progress=False)
-    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
 
 
 def test_unknown_study_preset_is_refused(tmp_path):
@@ -146,7 +146,7 @@ def test_views_study_tests_every_view_of_both_models_and_resumes(tmp_path, monke
     monkeypatch.setattr(study, "finetune", refuse)
     monkeypatch.setattr(study, "predict", refuse)
     study.run_views_study(out=tmp_path, preset="micro", progress=False)
-    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
 
 
 def test_every_study_preset_gives_valid_configs():
