@@ -30,7 +30,8 @@ from swinssl.engine.distributed import DistributedFaults
 from swinssl.engine.logging import MetricLogger
 from swinssl.engine.loop import nonfinite_gradients, progress_bar, setup_fabric, warmup_cosine
 from swinssl.engine.run_dir import open_run_dir, resume_state
-from swinssl.errors import CheckpointError, TrainingError
+from swinssl.nn.load import load_exactly
+from swinssl.errors import TrainingError
 from swinssl.plan import Plan
 from swinssl.plots import save_preview
 from swinssl.runs import RunDir
@@ -81,17 +82,6 @@ def run_stage(stage_of, cfg: Config | None = None, resume: str | Path | None = N
     return Runner(stage, cfg, fabric, RunDir(run_dir), manifest, state, progress).train()
 
 
-def _resume_weights(model: nn.Module, weights: dict, path: Path) -> None:
-    """Load a run's own weights strictly, or say in one line why they do not fit its config."""
-    missing, unexpected = sorted(set(model.state_dict()) - set(weights)), sorted(set(weights) - set(model.state_dict()))
-    if missing or unexpected:
-        example = (unexpected or missing)[0]
-        raise CheckpointError(f"{path}: the weights do not fit the model of the run's config ({len(missing)} missing, "
-                              f"{len(unexpected)} unexpected tensors, e.g. {example}): the resume's overrides changed "
-                              "the network or a task's weight, or the run predates heads built only for weighted tasks")
-    model.load_state_dict(weights)
-
-
 class Runner:
     """The optimisation of one stage: ``train`` runs optimiser steps until ``train.steps``."""
 
@@ -104,7 +94,9 @@ class Runner:
         self.scheduler = LambdaLR(self.optimizer, warmup_cosine(t.warmup_steps, t.steps))
         self.start, self.best, self.wall_before = 0, -math.inf, 0.0
         if state is not None:
-            _resume_weights(model, state["model"], run.last)
+            load_exactly(model, state["model"], f"{run.last}: the weights do not fit the model of the run's config",
+                         "the resume's overrides changed the network or a task's weight, or the run predates heads "
+                         "built only for weighted tasks")
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             restore_rng(state["rng"])

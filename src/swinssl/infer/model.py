@@ -10,7 +10,7 @@ from torch import nn
 
 from swinssl.errors import CheckpointError
 from swinssl.nn.build import build_network
-from swinssl.nn.load import filter_swinssl, read_checkpoint
+from swinssl.nn.load import filter_swinssl, load_exactly, read_checkpoint
 from swinssl.nn.swin_unetr import SwinUNETR
 from swinssl.plan import Plan
 from swinssl.runs import resolve_checkpoint
@@ -50,14 +50,4 @@ def _load_weights(model: nn.Module, state: Any, path: Path) -> None:
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: the checkpoint's 'model' is not a state dict of tensors")
     state = {filter_swinssl(k): v for k, v in state.items()}  # DDP / torch.compile prefixes
-    target = model.state_dict()
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    mismatched = sorted(k for k in set(state) & set(target) if state[k].shape != target[k].shape)
-    if missing or unexpected or mismatched:
-        example = (mismatched or missing or unexpected)[0]
-        raise CheckpointError(
-            f"{path}: weights do not fit the network of its plan ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(mismatched)} shape-mismatched tensors, e.g. {example})"
-        )
-    model.load_state_dict(state)
+    load_exactly(model, state, f"{path}: weights do not fit the network of its plan")

@@ -243,6 +243,21 @@ def load_pretrained(model: nn.Module, source: str | Path | Mapping, layout: str 
     return report
 
 
+def load_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], problem: str, hint: str = "") -> None:
+    """Load ``state`` into ``model`` only if every tensor fits (names and shapes), else one
+    ``CheckpointError`` line: ``problem`` with the counts and an example key, then ``hint``.
+    For a model's own weights (prediction, resume): a half-loaded model runs and looks plausible."""
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    mismatched = sorted(k for k in set(state) & set(target) if state[k].shape != target[k].shape)
+    if missing or unexpected or mismatched:
+        example = (mismatched or unexpected or missing)[0]
+        raise CheckpointError(f"{problem} ({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
+                              f"{example}; {len(mismatched)} shape-mismatched)" + (f": {hint}" if hint else ""))
+    model.load_state_dict(state)
+
+
 def _adaptable(have: torch.Size, want: torch.Size) -> bool:
     return len(have) == len(want) and have[1] == 1 and have[0] == want[0] and have[2:] == want[2:]
 
