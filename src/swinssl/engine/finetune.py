@@ -28,7 +28,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice
 
-from swinssl.config import Config, FinetuneConfig
+from swinssl.config import Config, FinetuneConfig, ModelConfig
 from swinssl.data.discover import Case, Dataset, find_dataset
 from swinssl.data.io import read_volume
 from swinssl.data.transforms import case_item, finetune_transforms, pretrain_transforms
@@ -65,10 +65,9 @@ class FinetuneStage:
         if not cfg.data.path:
             raise ConfigError("data.path is empty: pass data=PATH (a dataset.json, nnU-Net raw folder or labelled folder)")
         # A resumed run has its weights in its own checkpoint (and its saved config adopted the plan).
-        self.pretrained = read_pretrained(ft.pretrained) if ft.pretrained and not resumed else None
-        if self.pretrained is not None and isinstance(self.pretrained.get("plan"), dict):
-            cfg.model = adopt_architecture(cfg.model, architecture_of(self.pretrained["plan"], ft.pretrained),
-                                           ft.pretrained)
+        self.pretrained = None
+        if ft.pretrained and not resumed:
+            self.pretrained, cfg.model = pretrained_start(ft.pretrained, cfg.model)
         self.cfg = cfg
         self.dataset = find_dataset(cfg.data.path, cfg.data.modality)
         self.classes = class_indices(self.dataset, cfg.data.num_classes)
@@ -137,7 +136,7 @@ class FinetuneStage:
     def validate(self, model, fabric, run: RunDir, step: int) -> dict[str, float]:
         if not self.val_cases:
             return {}
-        return validate(model, self.cfg, self.val_cases, self.classes, self.labels, fabric,
+        return validate(model, self.cfg, self.val_cases, self.classes, self.labels, fabric.device,
                         overlay=run.preview(step) if fabric.is_global_zero else None)
 
 
@@ -214,9 +213,11 @@ def _common_modality(cases: list[Case]) -> str | None:
 # --- model -------------------------------------------------------------------------------------------
 
 
-def read_pretrained(source: str) -> dict:
-    """A pre-trained checkpoint: a file, or a run directory (its checkpoints/last.pt)."""
-    return read_checkpoint(resolve_checkpoint(source, prefer_best=False))
+def pretrained_start(source: str, model: ModelConfig) -> tuple[dict, ModelConfig]:
+    """A pre-trained checkpoint (a file, or a run directory's checkpoints/last.pt) and ``model``
+    with the architecture its plan holds adopted, saying what changed."""
+    weights = read_checkpoint(resolve_checkpoint(source, prefer_best=False))
+    return weights, adopt_architecture(model, architecture_of(weights.get("plan"), source), source)
 
 
 def layer_decay_groups(model: torch.nn.Module, lr: float, decay: float) -> list[dict]:
@@ -243,7 +244,7 @@ def layer_decay_groups(model: torch.nn.Module, lr: float, decay: float) -> list[
 
 
 @torch.no_grad()
-def validate(model, cfg: Config, cases: list[Case], classes: list[int], names: dict[str, str], fabric,
+def validate(model, cfg: Config, cases: list[Case], classes: list[int], names: dict[str, str], device,
              overlay: Path | None = None) -> dict[str, float]:
     """Sliding-window Dice per foreground class on the preprocessed validation volumes, and their mean.
 
@@ -259,7 +260,7 @@ def validate(model, cfg: Config, cases: list[Case], classes: list[int], names: d
     for index, case in enumerate(cases):
         item = pipeline(case_item(case))
         # The unwrapped model gets no input conversion from Fabric: match its weights' dtype (64-true).
-        x = item["image"].as_tensor()[None].to(fabric.device, next(model.parameters()).dtype)
+        x = item["image"].as_tensor()[None].to(device, next(model.parameters()).dtype)
         logits = sliding_window_inference(x, cfg.preprocess.roi_size, cfg.finetune.sw_batch_size, model,
                                           overlap=cfg.finetune.overlap, mode="gaussian")
         pred = logits.argmax(1).cpu()

@@ -25,10 +25,9 @@ from swinssl.config import Config, to_dict
 from swinssl.data.discover import find_dataset
 from swinssl.data.transforms import finetune_transforms
 from swinssl.engine.data import cache_root, crop_loader, images_of, labels_of
-from swinssl.engine.finetune import class_indices, finetune_split, read_pretrained, validate
+from swinssl.engine.finetune import class_indices, finetune_split, pretrained_start, validate
 from swinssl.errors import ConfigError
 from swinssl.nn import build_network, load_pretrained
-from swinssl.plan import adopt_architecture, architecture_of
 from swinssl.utils import atomic_write_text, writable_dir
 
 
@@ -80,8 +79,7 @@ class ProbeResult:
     network: dict  # the encoder's network config (a checkpoint's plan adopted): a random baseline uses it too
 
 
-def probe(source: str | Path, cfg: Config, steps: int = 200, seed: int = 0, device: str = "cpu",
-          progress: bool = False) -> ProbeResult:
+def probe(source: str | Path, cfg: Config, steps: int = 200, seed: int = 0, device: str = "cpu") -> ProbeResult:
     """Train the probe on ``cfg.data.path``'s labelled training cases and score it on held-out ones.
 
     ``source``: a pre-training run or any checkpoint ``load_pretrained`` reads, or ``random`` for
@@ -91,10 +89,10 @@ def probe(source: str | Path, cfg: Config, steps: int = 200, seed: int = 0, devi
     """
     if not cfg.data.path:
         raise ConfigError("data.path is empty: pass --data LABELLED (a dataset.json or labelled folder)")
-    weights = None if str(source) == "random" else read_pretrained(str(source))
-    if weights is not None and isinstance(weights.get("plan"), dict):
-        cfg = dataclasses.replace(cfg, model=adopt_architecture(cfg.model, architecture_of(weights["plan"], str(source)),
-                                                                str(source)))
+    weights = None
+    if str(source) != "random":
+        weights, model_cfg = pretrained_start(str(source), cfg.model)
+        cfg = dataclasses.replace(cfg, model=model_cfg)
     dataset = find_dataset(cfg.data.path, cfg.data.modality)
     classes = class_indices(dataset, cfg.data.num_classes)
     train_cases, test_cases = finetune_split(dataset, dataclasses.replace(cfg.finetune, label_ratio=1.0, cases=[]),
@@ -118,16 +116,9 @@ def probe(source: str | Path, cfg: Config, steps: int = 200, seed: int = 0, devi
         loss.backward()
         optimizer.step()
     names = {str(c): dataset.labels.get(c, f"class_{c}") for c in classes}
-    scores = validate(model, cfg, test_cases, classes, names, _Device(device))
+    scores = validate(model, cfg, test_cases, classes, names, device)
     return ProbeResult(str(source), scores.pop("dice"), {k.removeprefix("dice_"): v for k, v in scores.items()},
                        steps, seed, [c.case_id for c in train_cases], [c.case_id for c in test_cases], to_dict(cfg.model))
-
-
-@dataclass(frozen=True)
-class _Device:
-    """What ``validate`` reads of Fabric: the device."""
-
-    device: torch.device | str
 
 
 def write_probe(results: list[ProbeResult], out: str | Path) -> Path:
