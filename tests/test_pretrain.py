@@ -165,3 +165,29 @@ def test_resume_with_weights_that_no_longer_fit_is_refused_in_one_line(phantoms,
         engine.pretrain(resume=run, overrides=["train.steps=2", "method.weights={inpaint: 1, rotate: 0, contrast: 1}"],
                         progress=False)
     assert "\n" not in str(err.value)
+
+
+def test_probe_during_pretraining_logs_the_encoder_beside_random_and_leaves_the_run_alone(phantoms, tmp_path):
+    from dataclasses import replace
+
+    from swinssl.engine.probe import probe
+
+    probing = [f"train.probe_data={phantoms}", "train.probe_every=2", "train.probe_steps=30"]
+    plain = engine.pretrain(tiny_config(phantoms, tmp_path, "plain", "train.steps=4", "train.val_every=4"),
+                            progress=False)
+    cfg = tiny_config(phantoms, tmp_path, "probed", "train.steps=4", "train.val_every=4", *probing)
+    probed = engine.pretrain(cfg, progress=False)
+    val = [r for r in read_metrics(probed) if r["split"] == "val"]
+    assert {r["name"] for r in val if r["step"] == 2} == {"probe_dice", "probe_dice_random", "probe_s"}
+    logged = {(r["step"], r["name"]): r["value"] for r in val}
+    assert logged[2, "probe_dice_random"] == logged[4, "probe_dice_random"]  # measured once per run
+    assert logged[2, "probe_s"] > 0 and ("val", "loss") in {(r["split"], r["name"]) for r in val if r["step"] == 4}
+    # What was logged is the probe of the run's encoder at that step, and of a random one of its plan.
+    probe_cfg = replace(cfg, data=replace(cfg.data, path=str(phantoms)))
+    last = probe(probed / "checkpoints" / "last.pt", probe_cfg, steps=30, seed=cfg.seed)
+    assert last.dice == pytest.approx(logged[4, "probe_dice"], abs=1e-6)
+    assert probe("random", probe_cfg, steps=30, seed=cfg.seed).dice == pytest.approx(logged[2, "probe_dice_random"],
+                                                                                   abs=1e-6)
+    # The probe trains a copy: the run's weights are those of the same run without it.
+    a, b = (load_checkpoint(run / "checkpoints" / "last.pt")["model"] for run in (plain, probed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

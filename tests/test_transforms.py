@@ -115,6 +115,24 @@ def test_finetune_train_crops_follow_labels(ct_case):
         assert values - {0.0}, "pos_fraction=1 crops must be centred on a labelled voxel"
 
 
+@pytest.mark.parametrize("sampling, expected", [("classes", (0.35, 0.65)), ("posneg", (0.0, 0.05))])
+def test_class_balanced_crops_reach_a_small_class_as_often_as_a_large_one(tmp_path, sampling, expected):
+    """A 16^3 class 1 and a 2^3 class 2 far apart: foreground crops of 6^3 centred by class see class 2 in
+    about half of them; centred on any foreground voxel, in about 8 of 4104 (its share of the voxels)."""
+    image, label = np.full((48, 48, 48), 40.0, np.float32), np.zeros((48, 48, 48), np.uint8)
+    label[4:20, 4:20, 4:20] = 1
+    label[40:42, 40:42, 40:42] = 2
+    paths = write_nifti(tmp_path / "i.nii.gz", image), write_nifti(tmp_path / "l.nii.gz", label)
+    cfg = PreprocessConfig(roi_size=(6, 6, 6), num_crops=200, pos_fraction=1.0, augment=False,
+                           crop_foreground=False, crop_sampling=sampling)
+    pipeline = finetune_transforms(cfg, classes=[0, 1, 2])
+    pipeline.set_random_state(seed=0)
+    crops = pipeline(item(*paths))
+    assert all(c["label"].max() > 0 for c in crops)  # pos_fraction 1: every crop on a foreground voxel
+    share = sum(bool((c["label"] == 2).any()) for c in crops) / len(crops)
+    assert expected[0] <= share <= expected[1]
+
+
 def test_finetune_validation_keeps_whole_volume_and_label_grid(ct_case):
     cfg = PreprocessConfig(crop_foreground=False)
     out = finetune_transforms(cfg, train=False)(item(*ct_case))

@@ -51,7 +51,12 @@ class PreprocessConfig:
     foreground_threshold: float = 0.0  # on the normalised image: voxels above it are foreground
     roi_size: tuple[int, int, int] = (96, 96, 96)
     num_crops: int = 2  # random crops per volume and visit
-    pos_fraction: float = 0.5  # fine-tuning: share of crops centred on a labelled voxel
+    # Fine-tuning crops: "classes" centres a crop on a voxel of one class, the foreground classes
+    # equally likely (MONAI RandCropByLabelClassesd; nnU-Net samples its foreground crops the same
+    # way), so a small organ is trained on as often as a large one; "posneg" centres it on any
+    # foreground voxel (RandCropByPosNegLabeld), so organs are seen in proportion to their volume.
+    crop_sampling: Literal["classes", "posneg"] = "classes"
+    pos_fraction: float = 0.5  # fine-tuning: share of crops centred on a foreground voxel
     augment: bool = True  # fine-tuning: flips, rot90, intensity shift/scale
 
 
@@ -114,6 +119,12 @@ class TrainConfig:
     num_workers: int = 2
     val_fraction: float = 0.1  # held-out volumes for the validation loss (at least one when > 0)
     val_every: int = 100
+    # Pre-training: the frozen-encoder probe (engine.probe) on a labelled dataset every probe_every
+    # steps, logged as probe_dice beside probe_dice_random (a random encoder of the same plan,
+    # measured once per run): the gain of the encoder's features over random ones for that task.
+    probe_data: str = ""  # a labelled dataset (dataset.json, nnU-Net raw or labelled folder); "" = no probe
+    probe_every: int = 100
+    probe_steps: int = 100  # optimiser steps of the probe's head
     log_every: int = 10
     preview_every: int = 100
     checkpoint_every: int = 100

@@ -47,7 +47,7 @@ from swinssl.utils import atomic_write_text, sha256_file
 
 CACHE_FORMAT = 2  # 2: entries keep metadata and transform trace
 # Settings of the random tail (crop size and count, augmentation), not of the cached head.
-TAIL_FIELDS = ("roi_size", "num_crops", "pos_fraction", "augment")
+TAIL_FIELDS = ("roi_size", "num_crops", "crop_sampling", "pos_fraction", "augment")
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensity,
     Orientationd,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandRotate90d,
@@ -228,16 +229,7 @@ def finetune_transforms(
     if train:
         steps += [
             SpatialPadd(keys=keys, spatial_size=cfg.roi_size),
-            RandCropByPosNegLabeld(
-                keys=keys,
-                label_key="label",
-                spatial_size=cfg.roi_size,
-                pos=cfg.pos_fraction,
-                neg=1.0 - cfg.pos_fraction,
-                num_samples=cfg.num_crops,
-                image_key="image",
-                image_threshold=cfg.foreground_threshold,
-            ),
+            label_guided_crops(cfg, keys, len(classes) if classes else None),
         ]
         if cfg.augment:
             steps += [
@@ -249,6 +241,22 @@ def finetune_transforms(
                 RandShiftIntensityd(keys="image", offsets=0.1, prob=0.1),
             ]
     return Pipeline(steps)
+
+
+def label_guided_crops(cfg: PreprocessConfig, keys: list[str], num_classes: int | None):
+    """``cfg.num_crops`` crops of ``cfg.roi_size``, centred on a foreground voxel with probability
+    ``cfg.pos_fraction``: of a class drawn uniformly among the foreground classes present in the case
+    (``classes``), or of any foreground voxel (``posneg``)."""
+    common = dict(keys=keys, label_key="label", spatial_size=cfg.roi_size, num_samples=cfg.num_crops,
+                  image_key="image", image_threshold=cfg.foreground_threshold)
+    if cfg.crop_sampling == "posneg":
+        return RandCropByPosNegLabeld(pos=cfg.pos_fraction, neg=1.0 - cfg.pos_fraction, **common)
+    if not num_classes:
+        raise ValueError("crop_sampling=classes needs the classes of the label")
+    # A class absent from a case gets ratio 0 there, the others renormalised (MONAI's warning
+    # for it is expected, so off).
+    ratios = [1.0 - cfg.pos_fraction] + [cfg.pos_fraction / (num_classes - 1)] * (num_classes - 1)
+    return RandCropByLabelClassesd(num_classes=num_classes, ratios=ratios, warn=False, **common)
 
 
 def inference_transforms(cfg: PreprocessConfig, channels: int = 1, cache: str | Path | None = None) -> Pipeline:

@@ -32,8 +32,7 @@ from swinssl.config import Config, FinetuneConfig, ModelConfig
 from swinssl.data.discover import Case, Dataset, find_dataset
 from swinssl.data.io import read_volume
 from swinssl.data.transforms import case_item, finetune_transforms, pretrain_transforms
-from swinssl.engine.data import cache_root, crop_loader, images_of, labels_of, sample_seed
-from swinssl.engine.pretrain import split_cases
+from swinssl.engine.data import cache_root, crop_loader, images_of, labels_of, sample_seed, split_cases
 from swinssl.engine.runner import run_stage
 from swinssl.errors import ConfigError, DataError
 from swinssl.methods import network_method
@@ -62,6 +61,10 @@ class FinetuneStage:
 
     def __init__(self, cfg: Config, resumed: bool = False):
         ft = cfg.finetune
+        self.validation_every = (cfg.train.val_every,)
+        if cfg.train.probe_data:
+            raise ConfigError("train.probe_data: the probe runs during pre-training; for a fine-tuning's "
+                              "encoder use swinssl probe RUN --data ...")
         if not cfg.data.path:
             raise ConfigError("data.path is empty: pass data=PATH (a dataset.json, nnU-Net raw folder or labelled folder)")
         # A resumed run has its weights in its own checkpoint (and its saved config adopted the plan).

@@ -30,6 +30,12 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
+def due(step: int, every: int, total: int) -> bool:
+    """Whether something done every ``every`` steps (0: never) is due after step ``step`` of ``total``:
+    on multiples of ``every``, and after the last step."""
+    return every > 0 and (step % every == 0 or step == total)
+
+
 def setup_fabric(t: TrainConfig, seed: int):
     """Fabric for the configured devices and precision, with this process's numerics set."""
     from lightning_fabric import Fabric

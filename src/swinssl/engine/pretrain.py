@@ -8,17 +8,19 @@ of held-out volumes, and the plan its checkpoints carry.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from monai.data import list_data_collate
 
 from swinssl.config import Config
 from swinssl.data.discover import Case, find_dataset
 from swinssl.data.transforms import pretrain_transforms
-from swinssl.engine.data import SeededDataset, cache_root, crop_loader, images_of, sample_seed
+from swinssl.engine.data import SeededDataset, cache_root, crop_loader, images_of, sample_seed, split_cases
+from swinssl.engine.loop import due
+from swinssl.engine.probe import ProbeTask, random_encoder
 from swinssl.engine.runner import run_stage
 from swinssl.errors import ConfigError, DataError
 from swinssl.methods import get_method
@@ -26,16 +28,6 @@ from swinssl.plan import Plan
 from swinssl.runs import RunDir
 
 VALIDATION_STEP = 2**30  # a step index no training step reaches: fixed validation crops and views
-
-
-def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
-    """Held-out volumes for the validation loss: a seeded subset, at least one when asked and possible."""
-    if val_fraction <= 0 or len(cases) < 2:
-        return cases, []
-    n_val = min(len(cases) - 1, max(1, round(len(cases) * val_fraction)))
-    order = np.random.default_rng([seed, 11]).permutation(len(cases))
-    val = set(order[:n_val].tolist())
-    return [c for i, c in enumerate(cases) if i not in val], [c for i, c in enumerate(cases) if i in val]
 
 
 def pretrain(cfg: Config | None = None, resume: str | Path | None = None, overrides: list[str] = (),
@@ -63,6 +55,11 @@ class PretrainStage:
         self.train_cases, self.val_cases = split_cases(volumes, cfg.train.val_fraction, cfg.seed)
         self.pipeline = pretrain_transforms(cfg.preprocess, channels=cfg.model.in_channels, cache=cache_root(cfg))
         self.generator = torch.Generator()
+        self.probe_task, self.probe_random = None, None
+        if cfg.train.probe_data:
+            probe_cfg = replace(cfg, data=replace(cfg.data, path=cfg.train.probe_data, num_classes=0))
+            self.probe_task = ProbeTask(probe_cfg, cfg.seed)
+        self.validation_every = (cfg.train.val_every, cfg.train.probe_every if self.probe_task else 0)
 
     def splits(self) -> dict[str, list[Case]]:
         return {"train": self.train_cases, "validation": self.val_cases}
@@ -89,8 +86,27 @@ class PretrainStage:
         self.generator.manual_seed(sample_seed(self.cfg.seed, step * t.accumulate + micro, fabric.global_rank, 99))
         return self.method.compute_losses(model, images_of(batch).to(fabric.device), self.generator, self.cfg.method)
 
-    @torch.no_grad()
     def validate(self, model, fabric, run: RunDir, step: int) -> dict[str, float]:
+        """The validation losses and the probe, each when due after ``step``."""
+        t, out = self.cfg.train, {}
+        if due(step, t.val_every, t.steps):
+            out.update(self.validation_losses(model, fabric))
+        # The probe is deterministic: one process measures it; the logger is rank 0's anyway.
+        if self.probe_task and due(step, t.probe_every, t.steps) and fabric.is_global_zero:
+            out.update(self.probe(model, fabric.device))
+        return out
+
+    def probe(self, model, device) -> dict[str, float]:
+        """``probe_dice`` of the current encoder, ``probe_dice_random`` (measured on the run's first
+        probe) and ``probe_s``, the seconds this probe took."""
+        started, steps = time.perf_counter(), self.cfg.train.probe_steps
+        if self.probe_random is None:
+            self.probe_random, _ = self.probe_task.score(random_encoder(self.cfg.model, self.cfg.seed), steps, device)
+        dice, _ = self.probe_task.score(model.swinViT, steps, device)
+        return {"probe_dice": dice, "probe_dice_random": self.probe_random, "probe_s": time.perf_counter() - started}
+
+    @torch.no_grad()
+    def validation_losses(self, model, fabric) -> dict[str, float]:
         """Mean losses over fixed crops and fixed views of the held-out volumes (same every time).
 
         Volumes go in batches of ``train.batch_size``, as in training, so the contrastive

@@ -28,7 +28,7 @@ from swinssl.data.discover import Case
 from swinssl.engine.checkpoint import restore_rng, rng_state, save_checkpoint
 from swinssl.engine.distributed import DistributedFaults
 from swinssl.engine.logging import MetricLogger
-from swinssl.engine.loop import nonfinite_gradients, progress_bar, setup_fabric, warmup_cosine
+from swinssl.engine.loop import due, nonfinite_gradients, progress_bar, setup_fabric, warmup_cosine
 from swinssl.engine.run_dir import open_run_dir, resume_state
 from swinssl.nn.load import load_exactly
 from swinssl.errors import TrainingError
@@ -45,6 +45,7 @@ class Stage(Protocol):
     kind: str  # "pretrain" | "finetune": the checkpoints' kind
     run_prefix: str  # a new run directory is named <run_prefix>-<date>-<time> unless train.name says otherwise
     best_metric: str | None  # a validation metric (higher is better) kept as checkpoints/best.pt
+    validation_every: tuple[int, ...]  # validate runs after steps due at any of these intervals (0: never)
 
     def splits(self) -> dict[str, list[Case]]:
         """The data of the run by split, for its manifest (checked before any process starts)."""
@@ -65,7 +66,7 @@ class Stage(Protocol):
         """(weighted loss, {name: value to log}, preview panels) of one micro-step."""
 
     def validate(self, model: nn.Module, fabric, run: RunDir, step: int) -> dict[str, float]:
-        """Validation metrics after optimiser step ``step`` ({} without validation data)."""
+        """Validation metrics after optimiser step ``step`` (those due then; {} without validation data)."""
 
 
 def run_stage(stage_of, cfg: Config | None = None, resume: str | Path | None = None, overrides=(),
@@ -136,7 +137,7 @@ class Runner:
                                 sums[k] = sums.get(k, 0.0) + v.item()
                             count += 1
                     done = step + 1
-                    if done % t.log_every == 0 or done == t.steps:
+                    if due(done, t.log_every, t.steps):
                         means = {k: v / max(count, 1) for k, v in sums.items()}
                         means = {k: float(fabric.all_reduce(torch.tensor(v), reduce_op="mean")) for k, v in means.items()}
                         rate = crops / (time.perf_counter() - tick)
@@ -181,7 +182,7 @@ class Runner:
 
     def after_step(self, done: int, metrics: dict, previews: dict) -> None:
         t, run = self.t, self.run
-        if done % t.val_every == 0 or done == t.steps:
+        if any(due(done, every, t.steps) for every in self.stage.validation_every):
             val = self.stage.validate(self.raw_model, self.fabric, run, done)
             if val:
                 if self.logger:
@@ -191,9 +192,9 @@ class Runner:
                 if metric and val[metric] > self.best:
                     self.best = val[metric]
                     self.save(run.best, done, metrics)
-        if self.fabric.is_global_zero and previews and t.preview_every and (done % t.preview_every == 0 or done == t.steps):
+        if self.fabric.is_global_zero and previews and due(done, t.preview_every, t.steps):
             save_preview(run.preview(done), previews, title=f"step {done}")
-        if done % t.checkpoint_every == 0 or done == t.steps:
+        if due(done, t.checkpoint_every, t.steps):
             self.save(run.last, done, metrics)
 
     def save(self, path: Path, step: int, metrics: dict) -> None:
