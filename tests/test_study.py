@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from swinssl import study
+from swinssl import study, verdict
 
 PRESETS = Path(__file__).parent / "presets"  # micro-size overlays, as configs/study/ has for tiny and full
 MICRO = {
@@ -169,4 +169,4 @@ def test_every_study_preset_gives_valid_configs():
 def test_case_dice_is_each_cases_mean_over_its_classes(tmp_path):
     (tmp_path / "metrics.csv").write_text("case_id,class,class_name,dice,hd95,nsd\n"
                                           "a,1,liver,0.8,1,1\na,2,kidney,0.4,1,1\nb,1,liver,0.5,1,1\nb,2,kidney,0.0,1,1\n")
-    assert study.case_dice(tmp_path) == pytest.approx({"a": 0.6, "b": 0.25})
+    assert verdict.case_dice(tmp_path) == pytest.approx({"a": 0.6, "b": 0.25})

@@ -131,6 +131,7 @@ def test_class_balanced_crops_reach_a_small_class_as_often_as_a_large_one(tmp_pa
     assert all(c["label"].max() > 0 for c in crops)  # pos_fraction 1: every crop on a foreground voxel
     share = sum(bool((c["label"] == 2).any()) for c in crops) / len(crops)
     assert expected[0] <= share <= expected[1]
+    assert PreprocessConfig().crop_sampling == "classes"  # the default, also where no preset says it
 
 
 def test_finetune_validation_keeps_whole_volume_and_label_grid(ct_case):

@@ -132,15 +132,17 @@ def _main(
 @app.command()
 def phantom(
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the dataset into."),
-    cases: int = typer.Option(8, "--cases", min=1, help="Number of cases (the last quarter become test cases)."),
+    cases: int = typer.Option(8, "--cases", min=1, help="Number of cases (the last ones become test cases)."),
     size: int = typer.Option(96, "--size", min=32, help="Volume side in voxels."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same data."),
+    test_fraction: float = typer.Option(0.25, "--test-fraction", min=0.0, max=0.99,
+                                        help="Share of the cases held out as test cases (at least one)."),
 ) -> None:
     """Write a synthetic labelled dataset: paired CT and MRI phantoms with organ labels (MSD layout)."""
     from swinssl.data.phantom import write_phantom_dataset
 
     with _user_errors():
-        dataset_json = write_phantom_dataset(out, cases=cases, size=size, seed=seed)
+        dataset_json = write_phantom_dataset(out, cases=cases, size=size, seed=seed, test_fraction=test_fraction)
     typer.echo(f"wrote {cases} phantom cases ({size}^3, CT + MRI) to {out}; dataset files: {dataset_json} and {dataset_json.with_name('dataset_mri.json')}")
 
 

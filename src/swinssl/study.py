@@ -40,6 +40,7 @@ from swinssl.metrics import evaluate
 from swinssl.plots import save_lines
 from swinssl.runs import RunDir
 from swinssl.utils import atomic_write_text
+from swinssl.verdict import case_dice, paired_verdict
 
 # Sizes are plain data: phantom counts, and overlay presets (configs/study/) laid over the
 # methods' and fine-tuning's own presets.
@@ -239,22 +240,9 @@ def run_data_efficiency_study(config: str | Path = "pretrain/swin_unetr_tiny", d
     return report
 
 
-def case_dice(pred_dir: Path) -> dict[str, float]:
-    """Each test case's mean Dice over the foreground classes, from an evaluation's ``metrics.csv``."""
-    import csv
-
-    per_case: dict[str, list[float]] = {}
-    with open(pred_dir / "metrics.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            per_case.setdefault(row["case_id"], []).append(float(row["dice"]))
-    return {case: sum(v) / len(v) for case, v in per_case.items()}
-
-
 def efficiency_verdicts(rows: list[dict], method: str) -> dict[str, dict]:
     """Per label ratio, the paired verdict (``swinssl.verdict``) of ``method`` against scratch over
     every (seed, test case) that both were tested on."""
-    from swinssl.verdict import paired_verdict
-
     verdicts = {}
     for ratio in sorted({r["ratio"] for r in rows}):
         pre, scratch = [], []

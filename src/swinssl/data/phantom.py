@@ -6,7 +6,7 @@ deterministic per seed, small enough to generate on the fly.
 Every phantom is one anatomy drawn at random (per seed) and rendered twice, as CT
 (Hounsfield units) and as a T1-weighted-like MRI, on one shared voxel grid with one
 affine and one label map. The two modalities deliberately order the tissues
-differently (in CT kidney > liver > spleen > muscle > fat, in MRI fat > liver >
+differently (in CT kidney > spleen > liver > muscle > fat, in MRI fat > liver >
 kidney/spleen > muscle), so that cross-modal methods have something real to learn.
 
 Conventions
@@ -74,7 +74,9 @@ class _Tissue(NamedTuple):
 
 
 # Index in this tuple == value in the internal tissue map. Values are typical
-# portal-venous-phase CT numbers and T1-weighted signal orderings; the T1 scale is
+# portal-venous-phase CT numbers (liver ~105, spleen ~120, muscle ~55 HU, as the contrast-filled
+# aorta and enhanced kidneys here imply; until 2026-11 liver, spleen and muscle had unenhanced
+# values, 60 / 50 / 40) and T1-weighted signal orderings; the T1 scale is
 # chosen so that fat times the strongest bias (1.3) plus noise stays near 1000.
 # MRI gaps between neighbouring organs exceed the bias change across an organ
 # pair, so the intended ordering survives the bias field.
@@ -82,13 +84,13 @@ _TISSUES: tuple[_Tissue, ...] = (
     _Tissue("air", 0, -1000.0, 0.0, 0.0, 0.0),
     _Tissue("lung", 0, -850.0, 15.0, 25.0, 0.10),
     _Tissue("fat", 0, -100.0, 780.0, 6.0, 0.025),
-    _Tissue("muscle", 0, 40.0, 260.0, 4.0, 0.025),
+    _Tissue("muscle", 0, 55.0, 260.0, 4.0, 0.025),
     _Tissue("bone", 0, 700.0, 60.0, 40.0, 0.10),
     _Tissue("vessel", 0, 180.0, 90.0, 4.0, 0.05),  # contrast-filled aorta; MR flow void
-    _Tissue("liver", 1, 60.0, 560.0, 4.0, 0.025),
+    _Tissue("liver", 1, 105.0, 560.0, 4.0, 0.025),
     _Tissue("kidney", 2, 150.0, 400.0, 5.0, 0.025),
-    _Tissue("spleen", 3, 50.0, 380.0, 4.0, 0.025),
-    _Tissue("lesion", 4, 10.0, 220.0, 3.0, 0.025),
+    _Tissue("spleen", 3, 120.0, 380.0, 4.0, 0.025),
+    _Tissue("lesion", 4, 50.0, 220.0, 3.0, 0.025),  # hypodense metastasis
 )
 _T = {t.name: i for i, t in enumerate(_TISSUES)}
 

@@ -1,0 +1,37 @@
+"""The demo end to end at micro size: its report and results.json say what the runs measured."""
+
+import json
+
+import pytest
+
+from swinssl.demo import INITS, run_demo
+from swinssl.engine.logging import read_metrics
+
+MICRO = {"cases": 6, "size": 32, "test_fraction": 0.34,
+         "overrides": ["train.steps=4", "train.warmup_steps=1", "train.val_every=2", "train.probe_every=2",
+                       "train.probe_steps=5", "train.checkpoint_every=2", "train.log_every=1", "train.num_workers=0",
+                       "train.val_fraction=0.25"]}
+
+
+def test_micro_demo_reports_dice_probe_and_verdict_as_measured(tmp_path):
+    report = run_demo(tmp_path / "demo", progress=False, settings=MICRO)
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(results["dice"]) == set(INITS)
+    for init in INITS:
+        summary = json.loads((tmp_path / "demo" / f"predictions_{init}" / "summary.json").read_text())
+        expected = {c["name"]: c["dice"]["mean"] for c in summary["classes"].values()}
+        assert results["dice"][init] == {**expected, "mean": summary["mean"]["dice"]}
+        assert set(expected) == {"liver", "kidney", "spleen", "lesion"}
+    rows = read_metrics(tmp_path / "demo" / "pretrain")
+    logged = [r["value"] for r in rows if r["name"] == "probe_dice"]
+    assert results["probe"] == {"random": next(r["value"] for r in rows if r["name"] == "probe_dice_random"),
+                                "pretrained": logged[-1]}
+    verdict = results["verdict"]
+    assert verdict.split(":")[0] in ("pre-training helps", "pre-training hurts", "no detectable difference")
+    assert results["verdict_detail"]["n"] == 2  # the two test cases, paired
+    cases = results["case_dice"]
+    gains = [cases["pretrained"][c] - cases["scratch"][c] for c in cases["scratch"]]
+    assert results["verdict_detail"]["mean"] == pytest.approx(sum(gains) / len(gains))  # pretrained - scratch
+    text = report.read_text()
+    assert verdict in text and f"{results['probe']['random']:.3f}" in text and "probe_curve.png" in text
+    assert (tmp_path / "demo" / "probe_curve.png").is_file()
