@@ -5,9 +5,9 @@ feature maps: one 1x1x1 convolution per map to the classes, upsampled (trilinear
 There is no path from the raw image to the output, so the score measures the encoder alone.
 Trained with DiceCE on fixed class-balanced crops of the labelled training cases (on the
 stride-2 grid of the first map, against each cell's class shares), then scored by
-sliding-window Dice per class on held-out labelled cases. The same probe
-on a freshly initialised encoder of the same plan is the baseline: a pre-training paid off for
-this task when its probe beats the random encoder's. ``swinssl probe`` runs it on a checkpoint;
+sliding-window Dice per class on held-out labelled cases. The same probe on a freshly
+initialised encoder of the same plan is the baseline: a pre-training paid off for this task
+when its probe beats the random encoder's. ``swinssl probe`` runs it on a checkpoint;
 ``train.probe_data`` runs it during pre-training.
 """
 
@@ -174,6 +174,7 @@ def probe(source: str | Path, cfg: Config, steps: int = 200, seed: int = 0, devi
     if str(source) != "random":
         weights, model_cfg = pretrained_start(str(source), cfg.model)
         cfg = dataclasses.replace(cfg, model=model_cfg)
+        # load_pretrained reads every checkpoint layout into a SwinUNETR; only its encoder is probed.
         net = build_network(dataclasses.replace(cfg.model, use_checkpoint=False), out_channels=2)
         load_pretrained(net, weights)
         encoder = net.swinViT
