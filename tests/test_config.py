@@ -136,3 +136,30 @@ def test_retired_keys_of_older_run_folders_are_ignored_with_a_warning(tmp_path):
     old.write_text("model: {feature_size: 12, out_channels: 5}\n")
     with pytest.warns(UserWarning, match="model.out_channels is no longer used"):
         assert load_config(old).model.feature_size == 12
+
+
+# The paper presets' settings, each with the paper's own words (their comments cite the line).
+PAPER_SETTINGS = {
+    # SwinMM, sec. 3: "a batch size of 2 on each GPU, and an initial learning rate of 5e-4 and weight decay
+    # of 1e-1", "a warm-up of 50 iterations", "100K steps for pre-training".
+    "pretrain/swinmm": {"train.batch_size": 2, "preprocess.num_crops": 1, "train.lr": 5e-4,
+                        "train.weight_decay": 0.1, "train.warmup_steps": 50, "train.steps": 100_000},
+    # SwinMM, sec. 3: "a learning rate of 3e-4 and a layer-wise learning rate decay of 0.75", "a warm-up of
+    # 50 iterations", "window size is 64x64x64 and the overlapping between windows is 70%".
+    "finetune/swinmm": {"train.lr": 3e-4, "finetune.layer_decay": 0.75, "train.warmup_steps": 50,
+                        "preprocess.roi_size": (64, 64, 64), "finetune.overlap": 0.7},
+    # SwinFUSE, sec. 3: "a warm-up cosine scheduler with 500 iterations", "4e-4 and a decay of 1e-5".
+    "pretrain/swinfuse": {"train.lr": 4e-4, "train.weight_decay": 1e-5, "train.warmup_steps": 500},
+    # Swin UNETR SSL, sec. 4: "96x96x96 patch", "4e-4", "decay of 1e-5", "warm-up cosine scheduler of 500
+    # iterations"; 4 crops per GPU = 2 volumes x 2 crops. (450K iterations in the paper; 100K here, said.)
+    "pretrain/swin_unetr": {"preprocess.roi_size": (96, 96, 96), "train.lr": 4e-4, "train.weight_decay": 1e-5,
+                            "train.warmup_steps": 500, "train.batch_size": 2, "preprocess.num_crops": 2},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PAPER_SETTINGS))
+def test_paper_presets_hold_the_papers_settings(preset):
+    cfg = load_config(preset)
+    for key, value in PAPER_SETTINGS[preset].items():
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == pytest.approx(value), key
