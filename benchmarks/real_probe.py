@@ -71,8 +71,10 @@ def main(argv=None) -> int:
         return 2
 
     from swinssl.config import load_config
-    from swinssl.engine.pretrain import pretrain
+    from swinssl.engine.checkpoint import load_checkpoint
     from swinssl.engine.logging import read_metrics
+    from swinssl.engine.pretrain import pretrain
+    from swinssl.engine.probe import probe_curve
     from swinssl.plots import save_probe_curve
 
     probe_data = quadrant_dataset(args.data, args.out / "probe_data")
@@ -85,11 +87,8 @@ def main(argv=None) -> int:
         "train.checkpoint_every=50", "train.preview_every=100", "train.log_every=10"])
     run = pretrain(cfg)
     rows = read_metrics(run)
-    probe = {r["step"]: r["value"] for r in rows if r["name"] == "probe_dice"}
-    random = next(r["value"] for r in rows if r["name"] == "probe_dice_random")
+    probe, random = probe_curve(rows)
     cost = sum(r["value"] for r in rows if r["name"] == "probe_s")
-    from swinssl.engine.checkpoint import load_checkpoint
-
     wall = load_checkpoint(run / "checkpoints" / "last.pt")["wall_s"]
     args.results.mkdir(parents=True, exist_ok=True)
     record = {"steps": args.steps, "probe_every": args.probe_every, "probe_steps": args.probe_steps,
@@ -101,7 +100,7 @@ def main(argv=None) -> int:
              f"random encoder: {random:.3f}",
              f"wall {wall:.0f} s, of which the probe {cost:.0f} s ({100 * cost / wall:.1f}%)"]
     (args.results / "real_probe.txt").write_text("\n".join(lines) + "\n")
-    save_probe_curve(args.results / "real_probe.png", rows,
+    save_probe_curve(args.results / "real_probe.png", probe, random,
                      title=f"ITK T1 tissue probe, seed {args.seed}")
     print("\n".join(lines))
     return 0

@@ -144,6 +144,29 @@ def test_layer_decay_scales_encoder_stages():
     assert len(engine.layer_decay_groups(model, lr=1.0, decay=1.0)) == 1
 
 
+def test_layer_decay_reaches_the_optimizer(phantoms, tmp_path):
+    """Patch embedding (depth 0), the four stages and the decoder (depth 5) at lr * 0.5^(5 - depth)."""
+    cfg = tiny_config(phantoms, tmp_path, "decay", "train.steps=1", "train.lr=1e-3", "finetune.layer_decay=0.5",
+                      "train.val_every=1", "train.checkpoint_every=1")
+    run = engine.finetune(cfg, progress=False)
+    groups = load_checkpoint(run / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
+    assert sorted(g["initial_lr"] for g in groups) == pytest.approx(sorted(1e-3 * 0.5 ** (5 - d) for d in range(6)))
+
+
+def test_dice_and_ce_weights_reach_the_loss(phantoms, tmp_path):
+    import torch.nn.functional as F
+    from monai.losses import DiceLoss
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 5, 8, 8, 8), torch.randint(0, 5, (2, 1, 8, 8, 8))
+    dice = DiceLoss(to_onehot_y=True, softmax=True)(logits, labels)
+    ce = F.cross_entropy(logits, labels[:, 0])
+    for dice_weight, ce_weight in ((1.0, 0.0), (0.3, 2.0)):
+        stage = engine.FinetuneStage(tiny_config(phantoms, tmp_path, "weights", f"finetune.dice_weight={dice_weight}",
+                                                 f"finetune.ce_weight={ce_weight}"))
+        torch.testing.assert_close(stage.segmentation_loss(logits, labels), dice_weight * dice + ce_weight * ce)
+
+
 def test_tiny_finetune_segments_held_out_liver(phantoms, tmp_path):
     """Fine-tune -> predict -> evaluate on a held-out phantom: the liver must be found.
 

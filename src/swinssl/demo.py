@@ -30,6 +30,7 @@ from swinssl.engine.logging import read_metrics
 from swinssl.plots import figure, save_figure, save_overlay, save_probe_curve
 from swinssl.runs import RunDir
 from swinssl.engine.pretrain import pretrain
+from swinssl.engine.probe import probe_curve
 from swinssl.errors import ConfigError
 from swinssl.infer import predict
 from swinssl.metrics import evaluate, format_summary
@@ -102,9 +103,8 @@ def demo_results(pre_run: Path, summaries: dict[str, dict], cases: dict[str, dic
             for init in INITS}
     for init in INITS:
         dice[init]["mean"] = summaries[init]["mean"]["dice"]
-    rows = read_metrics(pre_run)
-    probe = {"random": next((r["value"] for r in rows if r["name"] == "probe_dice_random"), None),
-             "pretrained": next((r["value"] for r in reversed(rows) if r["name"] == "probe_dice"), None)}
+    curve, random = probe_curve(read_metrics(pre_run))
+    probe = {"random": random, "pretrained": curve[max(curve)] if curve else None}
     ids = sorted(set(cases["pretrained"]) & set(cases["scratch"]))
     verdict = paired_verdict([cases["pretrained"][c] for c in ids], [cases["scratch"][c] for c in ids])
     return {"dice": dice, "probe": probe, "verdict": verdict.sentence, "verdict_detail": verdict.to_dict(),
@@ -124,7 +124,8 @@ def _clear(folder: Path) -> None:
 def write_report(out: Path, data: Path, demo: dict, pre_run: Path, runs: dict[str, Path], summaries: dict[str, dict],
                  results: dict, test_images: list[Path], timings: dict[str, float]) -> Path:
     plot_losses(out / "loss_curves.png", pre_run, runs)
-    save_probe_curve(out / "probe_curve.png", read_metrics(pre_run), title="frozen-encoder probe during pre-training")
+    save_probe_curve(out / "probe_curve.png", *probe_curve(read_metrics(pre_run)),
+                     title="frozen-encoder probe during pre-training")
     plot_dice(out / "dice_by_class.png", summaries)
     first = test_images[0]
     case_id = first.name.split(".")[0]

@@ -106,15 +106,14 @@ def save_lines(path: Path, points: Sequence[Mapping], series: str, x: str, xlabe
     return save_figure(path, fig, dpi=120)
 
 
-def save_probe_curve(path: Path, rows: Sequence[Mapping], title: str = "") -> Path:
-    """The probe during a pre-training: ``probe_dice`` against the step, and the random encoder's
-    ``probe_dice_random`` as a dashed line. ``rows``: a run's metrics (``engine.logging.read_metrics``)."""
+def save_probe_curve(path: Path, curve: Mapping[int, float], random: float | None, title: str = "") -> Path:
+    """The probe during a pre-training (``engine.probe.probe_curve``): its mean Dice against the step, and
+    the random encoder's as a dashed line."""
     fig, (ax,) = figure(1, 5.0, 3.5)
-    probe = sorted((r["step"], r["value"]) for r in rows if r["name"] == "probe_dice")
-    random = [r["value"] for r in rows if r["name"] == "probe_dice_random"]
-    ax.plot([s for s, _ in probe], [v for _, v in probe], marker="o", label="pre-trained encoder")
-    if random:
-        ax.axhline(random[-1], linestyle="--", color="gray", label="random encoder")
+    steps = sorted(curve)
+    ax.plot(steps, [curve[s] for s in steps], marker="o", label="pre-trained encoder")
+    if random is not None:
+        ax.axhline(random, linestyle="--", color="gray", label="random encoder")
     ax.set(xlabel="pre-training step", ylabel="probe mean Dice (held-out)", title=title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

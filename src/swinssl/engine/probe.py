@@ -184,6 +184,13 @@ def probe(source: str | Path, cfg: Config, steps: int = 200, seed: int = 0, devi
                        [c.case_id for c in task.test_cases], to_dict(cfg.model))
 
 
+def probe_curve(rows: list[dict]) -> tuple[dict[int, float], float | None]:
+    """A pre-training's logged probe, from its metrics rows (``engine.logging.read_metrics``): {step:
+    ``probe_dice``} and ``probe_dice_random`` (None for a run without the probe)."""
+    curve = {r["step"]: r["value"] for r in rows if r["name"] == "probe_dice"}
+    return curve, next((r["value"] for r in rows if r["name"] == "probe_dice_random"), None)
+
+
 def write_probe(results: list[ProbeResult], out: str | Path) -> Path:
     """``probe.json`` in ``out``: the results as they are."""
     path = writable_dir(out) / "probe.json"
