@@ -148,8 +148,12 @@ PAPER_SETTINGS = {
     # 50 iterations", "window size is 64x64x64 and the overlapping between windows is 70%".
     "finetune/swinmm": {"train.lr": 3e-4, "finetune.layer_decay": 0.75, "train.warmup_steps": 50,
                         "preprocess.roi_size": (64, 64, 64), "finetune.overlap": 0.7},
-    # SwinFUSE, sec. 3: "a warm-up cosine scheduler with 500 iterations", "4e-4 and a decay of 1e-5".
-    "pretrain/swinfuse": {"train.lr": 4e-4, "train.weight_decay": 1e-5, "train.warmup_steps": 500},
+    # SwinFUSE, sec. 3: "a warm-up cosine scheduler with 500 iterations", "4e-4 and a decay of 1e-5"; sec. 2.2:
+    # "a 4-layer deep Multi-Head Attention Block (MHA) with 3, 6, 12, 24 heads"; sec. 2.4: fine-tuning "while
+    # retaining the DIM".
+    "pretrain/swinfuse": {"train.lr": 4e-4, "train.weight_decay": 1e-5, "train.warmup_steps": 500,
+                          "model.dim_heads": (3, 6, 12, 24), "model.feature_size": 48},
+    "finetune/swinfuse": {"model.domain_invariance": True, "model.dim_heads": (3, 6, 12, 24)},
     # Swin UNETR SSL, sec. 4: "96x96x96 patch", "4e-4", "decay of 1e-5", "warm-up cosine scheduler of 500
     # iterations"; 4 crops per GPU = 2 volumes x 2 crops. (450K iterations in the paper; 100K here, said.)
     "pretrain/swin_unetr": {"preprocess.roi_size": (96, 96, 96), "train.lr": 4e-4, "train.weight_decay": 1e-5,
@@ -163,3 +167,30 @@ def test_paper_presets_hold_the_papers_settings(preset):
     for key, value in PAPER_SETTINGS[preset].items():
         section, name = key.split(".")
         assert getattr(getattr(cfg, section), name) == pytest.approx(value), key
+
+
+def _paired_arms():
+    """(name, pre-training presets, fine-tuning presets) of every comparison of a pre-trained and a
+    scratch arm that swinssl runs: the demo and the studies."""
+    from swinssl.demo import DEMO
+    from swinssl.study import EFFICIENCY, PRESETS
+
+    yield "demo", DEMO["pretrain"], DEMO["finetune"]
+    for size, p in PRESETS.items():
+        for method, config in p["methods"].items():
+            yield f"modality {size} {method}", [config, p["pretrain"]], ["finetune/tiny", p["finetune"]]
+    for size, p in EFFICIENCY.items():
+        for method in ("swin_unetr", "swinmm", "swinfuse"):
+            config = f"pretrain/{method}_tiny" if size == "tiny" else f"pretrain/{method}"
+            yield f"efficiency {size} {method}", [config, p["pretrain"]], [p["finetune_config"], p["finetune"]]
+
+
+@pytest.mark.parametrize("name, pretrain, finetune", list(_paired_arms()), ids=lambda v: v if isinstance(v, str) else "")
+def test_pretrained_and_scratch_arms_see_the_same_input(name, pretrain, finetune):
+    """Fine-tuning adopts the pre-trained plan's grid and intensities (finetune.adopt_preprocessing); the
+    scratch arm does not. Where they differed, the comparison would not be of the encoder alone."""
+    from swinssl.plan import INPUT_FIELDS
+
+    pre, fine = load_config(pretrain).preprocess, load_config(finetune).preprocess
+    for field_name in INPUT_FIELDS:
+        assert getattr(pre, field_name) == getattr(fine, field_name), f"{name}: preprocess.{field_name}"

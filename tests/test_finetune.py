@@ -78,14 +78,41 @@ def test_resume_after_interruption_matches_uninterrupted_run(phantoms, tmp_path,
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
 
 
-def _pretrain_checkpoint(path: Path) -> Path:
-    """A swinssl pre-training checkpoint of a feature-12 encoder with recognisable weights."""
+def _pretrain_checkpoint(path: Path, **plan) -> Path:
+    """A swinssl pre-training checkpoint of a feature-12 encoder with recognisable weights; ``plan``:
+    more plan sections (preprocess, modality)."""
     cfg = load_config(None, ["model.feature_size=12", "model.depths=[1,1,1,1]"])
     ssl = get_method(cfg.method.name).build_model(cfg)
     with torch.no_grad():
         ssl.swinViT.patch_embed.proj.weight.fill_(0.125)
     return save_checkpoint(path, {"format": "swinssl", "kind": "pretrain", "step": 1, "model": ssl.state_dict(),
-                                  "plan": {"network": {**to_dict(cfg.model), "patch_size": 2}}})
+                                  "plan": {"network": {**to_dict(cfg.model), "patch_size": 2}, **plan}})
+
+
+@pytest.mark.parametrize("adopt", [True, False])
+def test_pretrained_input_normalisation_is_adopted_and_said(phantoms, tmp_path, capsys, adopt):
+    _pretrain_checkpoint(tmp_path / "pre" / "checkpoints" / "last.pt", modality="CT",
+                         preprocess={"ct_window": [-500.0, 500.0], "roi_size": [64, 64, 64]})
+    cfg = tiny_config(phantoms, tmp_path, "ft", f"finetune.pretrained={tmp_path / 'pre'}", "train.steps=1",
+                      f"finetune.adopt_preprocessing={str(adopt).lower()}")
+    run = engine.finetune(cfg, progress=False)
+    said = capsys.readouterr().out
+    assert "preprocess.ct_window [-175.0, 250.0] -> [-500.0, 500.0]" in said
+    assert ("adopting the preprocessing" in said) is adopt and ("warning" in said) is not adopt
+    plan = load_checkpoint(run / "checkpoints" / "last.pt")["plan"]["preprocess"]
+    assert plan["ct_window"] == ([-500.0, 500.0] if adopt else [-175.0, 250.0])
+    assert plan["roi_size"] == [32, 32, 32]  # crops are the fine-tuning's own: only the input's grid and intensities
+
+
+def test_an_encoder_pretrained_on_another_modality_is_refused_unless_allowed(phantoms, tmp_path):
+    _pretrain_checkpoint(tmp_path / "pre" / "checkpoints" / "last.pt", modality="MRI", preprocess={})
+    extra = [f"finetune.pretrained={tmp_path / 'pre'}", "train.steps=1"]
+    with pytest.raises(ConfigError, match="pre-trained on MRI, the fine-tuning cases are CT; pass "
+                                          "finetune.allow_modality_change=true"):
+        engine.finetune(tiny_config(phantoms, tmp_path, "ft", *extra), progress=False)
+    run = engine.finetune(tiny_config(phantoms, tmp_path, "ft2", *extra, "finetune.allow_modality_change=true"),
+                          progress=False)
+    assert (run / "checkpoints" / "last.pt").is_file()
 
 
 def test_pretrained_plan_is_adopted_and_encoder_loaded(phantoms, tmp_path, capsys):

@@ -38,6 +38,7 @@ def test_run_directory_contents_and_encoder_loads_into_swinunetr(phantoms, tmp_p
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["step"] == 2 and ckpt["plan"]["network"]["feature_size"] == 12
     assert ckpt["plan"]["manifest_sha256"]
+    assert ckpt["plan"]["modality"] == "CT"  # fine-tuning on another modality is refused unless allowed
     net = SwinUNETR(in_channels=1, out_channels=3, feature_size=12, depths=(1, 1, 1, 1))
     report = load_pretrained(net, run / "checkpoints" / "last.pt")
     encoder = {k for k in ckpt["model"] if k.startswith("swinViT.")}

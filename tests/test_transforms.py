@@ -115,6 +115,17 @@ def test_finetune_train_crops_follow_labels(ct_case):
         assert values - {0.0}, "pos_fraction=1 crops must be centred on a labelled voxel"
 
 
+@pytest.mark.parametrize("roi", [(16, 8, 8), (8, 16, 8), (8, 12, 16)])
+def test_augmented_crops_of_a_non_cubic_roi_keep_its_shape(ct_case, roi):
+    """Quarter turns only in a plane of two equal sides (none when all differ): 60 crops, about 4 of
+    them turned by an odd number of quarters, all of the ROI's shape, so they batch."""
+    cfg = PreprocessConfig(roi_size=roi, num_crops=60, augment=True)
+    pipeline = finetune_transforms(cfg, classes=[0, 1, 2])
+    pipeline.set_random_state(seed=0)
+    for crop in pipeline(item(*ct_case)):
+        assert crop["image"].shape == crop["label"].shape == (1, *roi)
+
+
 @pytest.mark.parametrize("sampling, expected", [("classes", (0.35, 0.65)), ("posneg", (0.0, 0.05))])
 def test_class_balanced_crops_reach_a_small_class_as_often_as_a_large_one(tmp_path, sampling, expected):
     """A 16^3 class 1 and a 2^3 class 2 far apart: foreground crops of 6^3 centred by class see class 2 in

@@ -76,7 +76,10 @@ class ModelConfig:
     multiview: bool = False  # SwinMM fine-tuning: two views per crop, cross-view attention at the bottleneck
     cross_residual: bool = False  # multiview: add the cross-view attention to the features (SwinMM replaces them)
     domain_invariance: bool = False  # SwinFUSE: the domain-invariance module after the patch embedding
-    dim_heads: int = 4  # domain-invariance module: attention heads (must divide feature_size)
+    # Domain-invariance module: a list is the paper's co-attention stack, one layer per entry with
+    # that many heads (layer i is feature_size x 2^i wide); an integer is the light module, one
+    # shared attention layer with that many heads (swinssl.nn.dim).
+    dim_heads: int | tuple[int, ...] = (3, 6, 12, 24)
     dim_pool: int = 4  # domain-invariance module: keys/values average-pooled by this per axis (memory)
 
 
@@ -148,6 +151,10 @@ class FinetuneConfig:
     """Segmentation fine-tuning (``swinssl finetune``): start weights, case subsets, loss, validation."""
 
     pretrained: str = ""  # a pre-training run directory or checkpoint (any load_pretrained layout); "" = scratch
+    # Adopt the pre-trained plan's orientation, spacing and intensity normalisation (what its encoder
+    # saw), saying what changed; false keeps this config's and says how they differ.
+    adopt_preprocessing: bool = True
+    allow_modality_change: bool = False  # fine-tune an encoder pre-trained on one modality on another
     label_ratio: float = 1.0  # share of the labelled training cases used (a seeded subset, at least one)
     cases: list[str] = field(default_factory=list)  # explicit training case ids; overrides label_ratio
     folds: int = 0  # k-fold cross-validation (0: the dataset's validation split, else train.val_fraction)
@@ -160,6 +167,9 @@ class FinetuneConfig:
     unlabeled_weight: float = 1.0  # multiview: weight of the unlabelled crops' loss
     overlap: float = 0.5  # sliding-window overlap in validation
     sw_batch_size: int = 2  # windows per forward pass in validation
+    # Networks with the domain-invariance module: the second stream is the crop with up to this
+    # fraction cut out (SwinFUSE sec. 2.4, two views per crop); 0: the crop in both, as inference.
+    dim_cutout: float = 0.3
 
 
 @dataclass
@@ -297,8 +307,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _coerce(value, inner[0], key, source)
+        for option in inner:  # the first type that takes the value (int | tuple: 4 stays an int)
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError:
+                if len(inner) == 1:
+                    raise
         fail(" or ".join(map(_type_name, args)))
     if origin is tuple:
         if isinstance(value, str) and "," in value:

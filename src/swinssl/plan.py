@@ -32,6 +32,8 @@ from swinssl.errors import CheckpointError, ConfigError
 # input channels: those are the data's, and load_pretrained adapts a pre-trained stem to them.
 ARCHITECTURE = ("feature_size", "depths", "num_heads", "window_size", "use_v2", "downsample",
                 "domain_invariance", "dim_heads", "dim_pool")
+# Preprocessing fields that make what a pre-trained encoder saw: its input's grid and intensities.
+INPUT_FIELDS = ("orientation", "spacing", "ct_window", "mri_percentiles", "mri_normalization")
 
 
 @dataclass
@@ -45,7 +47,7 @@ class Plan:
     method: MethodConfig | None = None  # the pre-training method
     labels: dict[str, str] = field(default_factory=dict)  # class index (as text) -> name
     channel_names: list[str] = field(default_factory=list)
-    modality: str | None = None  # the one modality fine-tuned on, else None
+    modality: str | None = None  # the one modality trained on, else None (mixed or unknown)
     cache: str | None = None  # the preprocessing cache folder of the training
     pretrained: str | None = None  # where a fine-tuning's start weights came from
     manifest_sha256: str | None = None  # of the run's data manifest
@@ -109,6 +111,42 @@ def architecture_of(raw: Any, source: str = "checkpoint") -> dict[str, Any]:
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
     return {k: getattr(model, k) for k in held}
+
+
+def input_of(raw: Any, source: str = "checkpoint") -> tuple[dict[str, Any], str | None]:
+    """(the ``INPUT_FIELDS`` a pre-trained plan's preprocessing holds, validated; its modality):
+    what the encoder's input looked like. Empty and None for a checkpoint without a plan."""
+    held = raw.get("preprocess") if isinstance(raw, Mapping) else None
+    if not isinstance(held, Mapping):
+        return {}, None
+    held = {k: held[k] for k in INPUT_FIELDS if k in held}
+    try:
+        preprocess = from_dict(PreprocessConfig, held, source=source, prefix="plan.preprocess.")
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    modality = raw.get("modality")
+    return {k: getattr(preprocess, k) for k in held}, modality if isinstance(modality, str) else None
+
+
+def adopt_input(preprocess: PreprocessConfig, pretrained: Mapping[str, Any], source: str,
+                adopt: bool = True) -> PreprocessConfig:
+    """``preprocess`` with a pre-trained plan's input fields (``input_of``) adopted, saying what
+    changed; with ``adopt`` false, ``preprocess`` unchanged and the differences said instead."""
+    changes = {k: v for k, v in pretrained.items() if v != getattr(preprocess, k)}
+    if not changes:
+        return preprocess
+    said = ", ".join(f"preprocess.{k} {_plain(getattr(preprocess, k))} -> {_plain(v)}" for k, v in changes.items())
+    if not adopt:
+        print(f"warning: the encoder of {source} was pre-trained on other input; keeping this config's "
+              f"(finetune.adopt_preprocessing=false): {said}")
+        return preprocess
+    print(f"adopting the preprocessing of the pre-trained plan {source}: {said} "
+          "(finetune.adopt_preprocessing=false keeps this config's)")
+    return dataclasses.replace(preprocess, **changes)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def adopt_architecture(model: ModelConfig, pretrained: Mapping[str, Any], source: str) -> ModelConfig:

@@ -236,11 +236,22 @@ def finetune_transforms(
                 RandFlipd(keys=keys, prob=0.1, spatial_axis=0),
                 RandFlipd(keys=keys, prob=0.1, spatial_axis=1),
                 RandFlipd(keys=keys, prob=0.1, spatial_axis=2),
-                RandRotate90d(keys=keys, prob=0.1, max_k=3),
+                *quarter_turns(cfg.roi_size, keys),
                 RandScaleIntensityd(keys="image", factors=0.1, prob=0.1),
                 RandShiftIntensityd(keys="image", offsets=0.1, prob=0.1),
             ]
     return Pipeline(steps)
+
+
+def quarter_turns(roi_size: Sequence[int], keys: list[str]) -> list:
+    """Random quarter turns of a crop, in the first plane of ``roi_size`` whose two sides are
+    equal ((0, 1) for a cube, as the papers' recipe): a turn in any other plane would change the
+    crop's shape and break the batch. None where all three sides differ (the half turn is two
+    of the flips already drawn)."""
+    for axes in ((0, 1), (0, 2), (1, 2)):
+        if roi_size[axes[0]] == roi_size[axes[1]]:
+            return [RandRotate90d(keys=keys, prob=0.1, max_k=3, spatial_axes=axes)]
+    return []
 
 
 def label_guided_crops(cfg: PreprocessConfig, keys: list[str], num_classes: int | None):

@@ -112,6 +112,12 @@ def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list
     return [c for i, c in enumerate(cases) if i not in val], [c for i, c in enumerate(cases) if i in val]
 
 
+def common_modality(cases: Sequence[Case]) -> str | None:
+    """The one modality of ``cases``, or None (mixed or none)."""
+    found = {c.modality for c in cases}
+    return found.pop() if len(found) == 1 else None
+
+
 def cache_root(cfg) -> Path | None:
     """The preprocessing cache folder of a config (``data.cache``): None when ``off``."""
     if cfg.data.cache in ("off", ""):

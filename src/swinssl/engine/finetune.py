@@ -32,13 +32,14 @@ from swinssl.config import Config, FinetuneConfig, ModelConfig
 from swinssl.data.discover import Case, Dataset, find_dataset
 from swinssl.data.io import read_volume
 from swinssl.data.transforms import case_item, finetune_transforms, pretrain_transforms
-from swinssl.engine.data import cache_root, crop_loader, images_of, labels_of, sample_seed, split_cases
+from swinssl.engine.data import (cache_root, common_modality, crop_loader, images_of, labels_of, sample_seed,
+                                 split_cases)
 from swinssl.engine.runner import run_stage
 from swinssl.errors import ConfigError, DataError
 from swinssl.methods import network_method
 from swinssl.nn import build_network, load_pretrained
 from swinssl.nn.load import read_checkpoint
-from swinssl.plan import Plan, adopt_architecture, architecture_of
+from swinssl.plan import Plan, adopt_architecture, adopt_input, architecture_of, input_of
 from swinssl.plots import save_overlay
 from swinssl.runs import RunDir, resolve_checkpoint
 
@@ -71,10 +72,14 @@ class FinetuneStage:
         self.pretrained = None
         if ft.pretrained and not resumed:
             self.pretrained, cfg.model = pretrained_start(ft.pretrained, cfg.model)
+            pretrained_input, pretrained_modality = input_of(self.pretrained.get("plan"), ft.pretrained)
+            cfg.preprocess = adopt_input(cfg.preprocess, pretrained_input, ft.pretrained, ft.adopt_preprocessing)
         self.cfg = cfg
         self.dataset = find_dataset(cfg.data.path, cfg.data.modality)
         self.classes = class_indices(self.dataset, cfg.data.num_classes)
         self.train_cases, self.val_cases = finetune_split(self.dataset, ft, cfg.train.val_fraction, cfg.seed)
+        if self.pretrained is not None:
+            check_modality(pretrained_modality, common_modality(self.train_cases), ft)
         self.objective = network_method(dataclasses.asdict(cfg.model))  # the fine-tuning hooks of the network's method
         self.objective.check_finetune(cfg)
         self.unlabeled = unlabeled_cases(ft.unlabeled, cfg.data.modality) if ft.unlabeled else []
@@ -105,7 +110,7 @@ class FinetuneStage:
         cache = cache_root(cfg)
         return Plan(network=cfg.model, preprocess=cfg.preprocess, out_channels=len(self.classes), labels=self.labels,
                     channel_names=self.dataset.channel_names or ["image"] * cfg.model.in_channels,
-                    modality=_common_modality(self.train_cases), pretrained=cfg.finetune.pretrained or None,
+                    modality=common_modality(self.train_cases), pretrained=cfg.finetune.pretrained or None,
                     manifest_sha256=manifest,
                     # Where the preprocessed volumes are: predict reads them from there too (prediction_cache).
                     cache=str(cache.resolve()) if cache else None)
@@ -208,9 +213,11 @@ def unlabeled_cases(path: str, modality: str) -> list[Case]:
     return cases
 
 
-def _common_modality(cases: list[Case]) -> str | None:
-    found = {c.modality for c in cases}
-    return found.pop() if len(found) == 1 else None
+def check_modality(pretrained: str | None, cases: str | None, ft: FinetuneConfig) -> None:
+    """Refuse an encoder pre-trained on one modality for cases of another, unless allowed."""
+    if pretrained and cases and pretrained != cases and not ft.allow_modality_change:
+        raise ConfigError(f"finetune.pretrained {ft.pretrained}: pre-trained on {pretrained}, the fine-tuning cases "
+                          f"are {cases}; pass finetune.allow_modality_change=true to fine-tune across modalities")
 
 
 # --- model -------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from monai.data import list_data_collate
 from swinssl.config import Config
 from swinssl.data.discover import Case, find_dataset
 from swinssl.data.transforms import pretrain_transforms
-from swinssl.engine.data import SeededDataset, cache_root, crop_loader, images_of, sample_seed, split_cases
+from swinssl.engine.data import (SeededDataset, cache_root, common_modality, crop_loader, images_of, sample_seed,
+                                 split_cases)
 from swinssl.engine.loop import due
 from swinssl.engine.probe import ProbeTask, random_encoder
 from swinssl.engine.runner import run_stage
@@ -73,7 +74,8 @@ class PretrainStage:
     def plan(self, manifest: str | None) -> Plan:
         cfg = self.cfg
         return Plan(network=cfg.model, preprocess=cfg.preprocess, method=cfg.method, manifest_sha256=manifest,
-                    channel_names=self.dataset.channel_names or ["image"] * cfg.model.in_channels)
+                    channel_names=self.dataset.channel_names or ["image"] * cfg.model.in_channels,
+                    modality=common_modality(self.train_cases))
 
     def batches(self, fabric, start: int):
         t = self.cfg.train

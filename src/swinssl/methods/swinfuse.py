@@ -14,15 +14,40 @@ and attends across the batch; see docs/methods.md.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swinssl.config import Config
+from swinssl.errors import ConfigError
 from swinssl.methods.base import Method
 from swinssl.plots import save_heatmap_overlay
+from swinssl.ssl.views import cutout
 
-METHOD = Method("swinfuse", view_maker="cutout", needs_dim=True)
+
+class SwinFUSE(Method):
+    """Fine-tuning keeps the module (sec. 2.4) and feeds it two views of each crop: the crop
+    (which the conv path, the label and inference see) and a copy with up to
+    ``finetune.dim_cutout`` of it cut out (noise boxes, as pre-training's views)."""
+
+    def owns(self, network: Mapping[str, Any]) -> bool:
+        return bool(network.get("domain_invariance")) and not network.get("multiview")
+
+    def check_finetune(self, cfg: Config) -> None:
+        super().check_finetune(cfg)
+        if not 0.0 <= cfg.finetune.dim_cutout < 1.0:
+            raise ConfigError(f"finetune.dim_cutout must be in [0, 1), got {cfg.finetune.dim_cutout}")
+
+    def finetune_losses(self, model, x, y, unlabeled, seed, cfg, segmentation_loss):
+        if cfg.finetune.dim_cutout == 0:
+            return segmentation_loss(model(x), y), {}
+        second = cutout(x, torch.Generator().manual_seed(seed), cfg.finetune.dim_cutout)
+        return segmentation_loss(model(x, second=second), y), {}
+
+
+METHOD = SwinFUSE("swinfuse", view_maker="cutout", needs_dim=True)
 
 
 @torch.no_grad()

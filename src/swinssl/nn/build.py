@@ -23,7 +23,7 @@ def build_encoder(model: Any) -> SwinTransformer:
         depths=f["depths"], num_heads=f["num_heads"], drop_path_rate=f.get("dropout_path_rate", 0.0),
         use_checkpoint=f.get("use_checkpoint", False), downsample=f.get("downsample", "merging"),
         use_v2=f.get("use_v2", False), domain_invariance=f.get("domain_invariance", False),
-        dim_heads=f.get("dim_heads", 4), dim_pool=f.get("dim_pool", 4),
+        dim_heads=f.get("dim_heads", (3, 6, 12, 24)), dim_pool=f.get("dim_pool", 4),
     )
 
 

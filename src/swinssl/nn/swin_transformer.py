@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from swinssl.nn.cpu_attention import window_attention
-from swinssl.nn.dim import DomainInvarianceModule
+from swinssl.nn.dim import domain_invariance_module
 
 # Attention logit added across shifted-window region borders; the reference uses -100, not -inf.
 MASK_VALUE = -100.0
@@ -288,7 +288,8 @@ class SwinTransformer(nn.Module):
                  num_heads: Sequence[int] = (3, 6, 12, 24), mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  patch_norm: bool = False, use_checkpoint: bool = False, downsample: str = "merging",
-                 use_v2: bool = False, domain_invariance: bool = False, dim_heads: int = 4, dim_pool: int = 4):
+                 use_v2: bool = False, domain_invariance: bool = False, dim_heads: int | Sequence[int] = (3, 6, 12, 24),
+                 dim_pool: int = 4):
         super().__init__()
         if len(depths) != 4 or len(num_heads) != 4:
             raise ValueError(f"depths and num_heads need 4 stages, got {tuple(depths)} and {tuple(num_heads)}")
@@ -302,7 +303,7 @@ class SwinTransformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm=patch_norm)
         self.pos_drop = nn.Dropout(drop_rate)
         # SwinFUSE: the domain-invariance module between the patch embedding and stage 1 (``dim.*`` keys).
-        self.dim = DomainInvarianceModule(embed_dim, dim_heads, dim_pool) if domain_invariance else None
+        self.dim = domain_invariance_module(embed_dim, dim_heads, dim_pool) if domain_invariance else None
         n = sum(depths)
         rates = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # stochastic depth grows linearly
         for i in range(4):
@@ -320,10 +321,14 @@ class SwinTransformer(nn.Module):
             return x
         return F.layer_norm(x.permute(0, 2, 3, 4, 1), x.shape[1:2]).permute(0, 4, 1, 2, 3)
 
-    def forward(self, x: torch.Tensor, normalize: bool = True) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, normalize: bool = True, second: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``second``: the domain-invariance module's second stream (another view of ``x``); by
+        default ``x`` is both streams."""
         x = self.embed(x)
         if self.dim is not None:
-            x = self.dim(x)  # one input: the same embedding in both streams
+            x = self.dim(x, None if second is None else self.embed(second))
+        elif second is not None:
+            raise ValueError("a second stream needs the domain-invariance module (model.domain_invariance=true)")
         return self.stages(x, normalize)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,8 @@ class SwinUNETR(nn.Module):
                  window_size: int = 7, patch_size: int = 2, use_v2: bool = False, downsample: str = "merging",
                  norm_name: str = "instance", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  dropout_path_rate: float = 0.0, normalize: bool = True, use_checkpoint: bool = False,
-                 domain_invariance: bool = False, dim_heads: int = 4, dim_pool: int = 4):
+                 domain_invariance: bool = False, dim_heads: int | Sequence[int] = (3, 6, 12, 24),
+                 dim_pool: int = 4):
         super().__init__()
         # Constructor arguments, as plain data: checkpoints store them as the network plan.
         self.config = dict(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size,
@@ -40,7 +41,8 @@ class SwinUNETR(nn.Module):
                            patch_size=patch_size, use_v2=use_v2, downsample=downsample, norm_name=norm_name,
                            drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                            dropout_path_rate=dropout_path_rate, normalize=normalize, use_checkpoint=use_checkpoint,
-                           domain_invariance=domain_invariance, dim_heads=dim_heads, dim_pool=dim_pool)
+                           domain_invariance=domain_invariance,
+                           dim_heads=dim_heads if isinstance(dim_heads, int) else list(dim_heads), dim_pool=dim_pool)
         self.normalize = normalize
         self.multiple = patch_size**5  # five halvings: patch embedding + four stages
         f = feature_size
@@ -68,9 +70,11 @@ class SwinUNETR(nn.Module):
         self.decoder1 = up(f, f)
         self.out = UnetOutBlock(3, f, out_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, second: torch.Tensor | None = None) -> torch.Tensor:
+        """``second``: another view of ``x`` (same shape) as the domain-invariance module's second
+        stream (SwinFUSE fine-tuning); the conv path and the output follow ``x``."""
         padded, size = self.pad(x)
-        skips, bottom = self.encode(padded)
+        skips, bottom = self.encode(padded, None if second is None else self.pad(second)[0])
         return self.crop(self.decode(skips, bottom), size)
 
     def pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -94,9 +98,9 @@ class SwinUNETR(nn.Module):
             return logits
         return logits[:, :, : size[0], : size[1], : size[2]]
 
-    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def encode(self, x: torch.Tensor, second: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The decoder's skip inputs (full resolution first) and the bottleneck, from a padded input."""
-        hidden = self.swinViT(x, self.normalize)
+        hidden = self.swinViT(x, self.normalize, second=second)
         run = self._run
         skips = [run(self.encoder1, x), run(self.encoder2, hidden[0]), run(self.encoder3, hidden[1]),
                  run(self.encoder4, hidden[2]), hidden[3]]
