@@ -151,6 +151,28 @@ def test_predict_passes_plain_strings_to_predict_options(tmp_path, monkeypatch):
     assert all(type(v) is str for v in (options.views, options.output_format, options.device))
 
 
+def test_predict_ensemble_option_passes_every_model_and_is_explained(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import swinssl.infer
+
+    seen = {}
+
+    def fake_predict(model, inputs, out, options):
+        seen["models"] = model
+        return []
+
+    monkeypatch.setattr(swinssl.infer, "predict", fake_predict)
+    result = runner.invoke(app, ["predict", "cv", str(tmp_path), "-o", str(tmp_path / "out"), "--ensemble", "b.pt",
+                                 "--ensemble", "c"])
+    assert result.exit_code == 0, result.output
+    assert seen["models"] == [Path("cv"), Path("b.pt"), Path("c")]
+    helped = _flat(runner.invoke(app, ["predict", "--help"], env=WIDE).output)
+    assert "--ensemble" in helped and "softmax probabilities are averaged" in helped
+    assert "cross-validation folder" in helped
+    assert "finetune.folds=5 finetune.fold=all" in _flat(runner.invoke(app, ["finetune", "--help"], env=WIDE).output)
+
+
 def test_study_preset_is_a_checked_choice_passed_as_a_string(tmp_path, monkeypatch):
     import swinssl.study
 

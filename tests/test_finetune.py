@@ -1,5 +1,6 @@
 """Segmentation fine-tuning end to end on phantoms (tiny model, CPU), and its data/optimiser helpers."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,95 @@ def test_k_fold_splits_partition_the_labelled_cases():
         engine.finetune_split(dataset, FinetuneConfig(folds=3, fold=3), 0.2, seed=0)
     with pytest.raises(DataError, match="no labelled training cases"):
         engine.finetune_split(Dataset(Path("x"), "folder", [Case("u", (Path("u.nii.gz"),))]), FinetuneConfig(), 0.2, 0)
+
+
+
+# --- cross-validation: finetune.fold=all ---------------------------------------------------------------
+
+FOLDS = ["train.steps=1", "finetune.folds=2", "finetune.fold=all"]
+
+
+@pytest.fixture(scope="module")
+def cross_validation(phantoms, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cv")
+    return engine.finetune(tiny_config(phantoms, out, "cv", *FOLDS), progress=False), out
+
+
+def test_fold_all_trains_every_fold_into_one_folder(cross_validation, phantoms):
+    from swinssl.data.discover import find_dataset
+
+    labelled = sorted(c.case_id for c in find_dataset(phantoms).split("training", "validation"))
+    assert len(labelled) == 4  # the fifth phantom is a test case
+    parent, out = cross_validation
+    assert parent == out / "cv"
+    folds = json.loads((parent / "folds.json").read_text())
+    assert folds["folds"] == 2 and folds["runs"] == ["fold_0", "fold_1"]
+    assert load_config(parent / "config.yaml").finetune.fold == "all"
+    held = []
+    for fold, name in enumerate(folds["runs"]):
+        run = parent / name
+        assert (run / "checkpoints" / "best.pt").is_file() and (run / "checkpoints" / "last.pt").is_file()
+        assert load_config(run / "config.yaml").finetune.fold == fold  # each fold a run of its own
+        manifest = json.loads((run / "manifest.json").read_text())
+        train, val = ({c["case_id"] for c in manifest[split]} for split in ("train", "validation"))
+        assert val and not train & val and train | val == set(labelled)
+        assert sorted(val) == sorted(folds["validation"][name])
+        held += val
+        # One preprocessing cache for all folds, where a single run's would be.
+        assert load_checkpoint(run / "checkpoints" / "last.pt")["plan"]["cache"] == str((out / "cache").resolve())
+    assert sorted(held) == labelled  # every labelled case validated on exactly once
+
+
+def test_predict_with_the_cross_validation_folder_ensembles_its_folds(cross_validation, phantoms, tmp_path):
+    from swinssl.data.discover import find_dataset
+    from swinssl.infer import predict
+
+    parent, _ = cross_validation
+    [test] = [c.images[0] for c in find_dataset(phantoms).split("test")]
+    [written] = predict(parent, test, tmp_path / "pred", progress=False)
+    assert written.is_file()
+    record = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert record["model"] == str(parent)
+    assert record["models"] == [str((parent / f"fold_{i}" / "checkpoints" / "best.pt").resolve()) for i in (0, 1)]
+
+
+def test_resuming_a_cross_validation_trains_only_the_folds_left(cross_validation, phantoms, tmp_path, capsys):
+    import shutil
+
+    parent = tmp_path / "cv"
+    shutil.copytree(cross_validation[0], parent)
+    shutil.rmtree(parent / "fold_1")  # stopped before fold 1 began
+    done = parent / "fold_0" / "checkpoints" / "last.pt"
+    written = done.stat().st_mtime_ns
+    with pytest.raises(ConfigError, match="run directory exists; pass --resume"):
+        engine.finetune(tiny_config(phantoms, tmp_path, "cv", *FOLDS), progress=False)
+    assert engine.finetune(resume=parent, progress=False) == parent
+    said = capsys.readouterr().out
+    assert "fold 1/2" in said and "fold 2/2" in said
+    assert load_checkpoint(parent / "fold_1" / "checkpoints" / "last.pt")["step"] == 1
+    assert load_config(parent / "fold_1" / "config.yaml").finetune.fold == 1
+    assert done.stat().st_mtime_ns == written  # the finished fold is not trained again
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["finetune.fold=all"], "finetune.fold=all trains every fold: set finetune.folds"),
+    (["finetune.folds=1", "finetune.fold=all"], r"finetune.folds must be 0 \(no k-fold split\) or at least 2"),
+    (["finetune.folds=2", "finetune.fold=2"], "finetune.fold 2 / finetune.folds 2: need 0 <= fold < folds"),
+    (["finetune.fold=1"], "finetune.fold 1: hold out a fold of a k-fold split, so set finetune.folds"),
+    (["finetune.folds=5", "finetune.fold=all"], "finetune.folds 5: more folds than the 4 labelled training cases"),
+])
+def test_fold_settings_that_cannot_work_are_refused_before_any_file(phantoms, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        engine.finetune(tiny_config(phantoms, tmp_path, "bad", *overrides), progress=False)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_fold_is_a_number_or_all():
+    assert load_config(None, ["finetune.fold=all"]).finetune.fold == "all"
+    assert load_config(None, ["finetune.fold=3"]).finetune.fold == 3
+    with pytest.raises(ConfigError, match="finetune.fold must be int or 'all', got 'last'"):
+        load_config(None, ["finetune.fold=last"])
 
 
 def test_layer_decay_scales_encoder_stages():

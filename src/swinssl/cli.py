@@ -217,7 +217,8 @@ def finetune(
     config: List[str] = typer.Option(["finetune/tiny"], "--config", "-c", help="Preset name or YAML file "
                                      "(finetune/ct, finetune/mri, finetune/swinmm, finetune/tiny, "
                                      "finetune/swinmm_tiny); repeat to lay presets over one another."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory (or cross-validation "
+                                          "folder) from its last checkpoint."),
 ) -> None:
     """Fine-tune SwinUNETR for segmentation, from scratch or from pre-trained weights.
 
@@ -226,6 +227,10 @@ def finetune(
     network with cross-view attention and view consistency; finetune.unlabeled=PATH adds
     pseudo-labelled unlabelled volumes. Writes a run directory with checkpoints/best.pt (best validation
     Dice) and last.pt, metrics.csv, TensorBoard and PNG overlays, and prints where it is.
+
+    finetune.folds=5 finetune.fold=all trains every fold, one after the other, into one folder
+    (fold_0 ... fold_4, each such a run directory, and folds.json): swinssl predict FOLDER
+    ensembles them, and --resume FOLDER continues the folds.
     """
     from swinssl.engine.finetune import finetune as run
 
@@ -261,9 +266,14 @@ def demo(
 
 @app.command()
 def predict(
-    model: Path = typer.Argument(..., help="A fine-tuning run directory (uses checkpoints/best.pt) or checkpoint file."),
+    model: Path = typer.Argument(..., help="A fine-tuning run directory (uses checkpoints/best.pt), checkpoint file, "
+                                 "or cross-validation folder (finetune.fold=all: the ensemble of its folds)."),
     inputs: List[Path] = typer.Argument(..., help="Volume files, folders of volumes, dataset.json or nnU-Net folders."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the masks (<case_id>.nii.gz) and predictions.json."),
+    ensemble: Optional[List[Path]] = typer.Option(None, "--ensemble", help="Another model (run, checkpoint or "
+                                                  "cross-validation folder) to ensemble with MODEL; repeat for more. "
+                                                  "The models' softmax probabilities are averaged; their plans must "
+                                                  "match."),
     roi: Optional[int] = typer.Option(None, "--roi", help="Sliding-window size \\[default: the training crop]."),
     overlap: float = typer.Option(0.5, "--overlap", help="Sliding-window overlap (Gaussian blending)."),
     sw_batch_size: int = typer.Option(1, "--sw-batch-size", help="Windows per forward pass."),
@@ -284,6 +294,10 @@ def predict(
     affine. Files are written atomically; an unreadable input is reported and skipped.
     Preprocessed volumes are read from (and added to) the cache, so predicting the same
     volumes again skips decoding and resampling.
+
+    An ensemble (a cross-validation folder, or --ensemble) averages the softmax probabilities of
+    its models, each after its own sliding windows, flips and views, then takes the argmax, as
+    the Swin UNETR and SwinFUSE papers ensemble their five folds.
     """
     import torch
 
@@ -294,7 +308,7 @@ def predict(
     options = PredictOptions(roi_size=roi, overlap=overlap, sw_batch_size=sw_batch_size, flips=flips, views=views.value,
                              output_format=output_format, device=device, cache=cache)
     with _user_errors():
-        written = run(model, inputs, out, options)
+        written = run([model, *(ensemble or [])], inputs, out, options)
     typer.echo(f"wrote {len(written)} masks to {out}")
 
 

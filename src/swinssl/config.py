@@ -158,7 +158,9 @@ class FinetuneConfig:
     label_ratio: float = 1.0  # share of the labelled training cases used (a seeded subset, at least one)
     cases: list[str] = field(default_factory=list)  # explicit training case ids; overrides label_ratio
     folds: int = 0  # k-fold cross-validation (0: the dataset's validation split, else train.val_fraction)
-    fold: int = 0  # which fold is held out, 0 <= fold < folds
+    # Which fold is held out, 0 <= fold < folds; "all": train every fold into one folder (fold_0 ...),
+    # the models that ``swinssl predict FOLDER`` ensembles.
+    fold: int | Literal["all"] = 0
     layer_decay: float = 1.0  # layer-wise LR decay of the encoder: stage i gets lr * decay^(5 - i); 1 = off
     dice_weight: float = 1.0  # DiceCE = dice_weight * Dice + ce_weight * cross-entropy
     ce_weight: float = 1.0
@@ -307,12 +309,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        for option in inner:  # the first type that takes the value (int | tuple: 4 stays an int)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, source)
+        for option in inner:  # the first type that takes the value (int | tuple: 4 stays an int; int | "all")
             try:
                 return _coerce(value, option, key, source)
             except ConfigError:
-                if len(inner) == 1:
-                    raise
+                pass
         fail(" or ".join(map(_type_name, args)))
     if origin is tuple:
         if isinstance(value, str) and "," in value:
@@ -363,6 +366,8 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(map(repr, typing.get_args(tp)))
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 

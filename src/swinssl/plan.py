@@ -16,6 +16,7 @@ checkpoint it is plain data (``Plan.to_dict``)::
 reads the plans of older checkpoints (missing fields get their defaults; their
 ``network.out_channels`` is the plan's ``out_channels``). ``architecture_of`` reads only the
 architecture a pre-trained plan holds, for adopting it or checking weights against a model.
+``plan_difference`` finds where two plans would predict differently (an ensemble needs none).
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ ARCHITECTURE = ("feature_size", "depths", "num_heads", "window_size", "use_v2", 
                 "domain_invariance", "dim_heads", "dim_pool")
 # Preprocessing fields that make what a pre-trained encoder saw: its input's grid and intensities.
 INPUT_FIELDS = ("orientation", "spacing", "ct_window", "mri_percentiles", "mri_normalization")
+
+# Plan keys that say where a model came from, not what it computes: models that differ only in
+# these predict alike (the folds of a cross-validation differ in their data manifests).
+PROVENANCE = ("cache", "pretrained", "manifest_sha256", "package_version")
+TRAINING_ONLY = ("network.use_checkpoint", "network.dropout_path_rate")  # memory and regularisation in training
 
 
 @dataclass
@@ -97,6 +103,28 @@ class Plan:
             extra["labels"] = {str(k): str(v) for k, v in extra["labels"].items()}
         return cls(network=model, preprocess=preprocess, out_channels=None if out_channels is None else int(out_channels),
                    patch_size=int(patch_size), method=method, **extra)
+
+
+def plan_difference(a: Plan, b: Plan) -> tuple[str, Any, Any] | None:
+    """The first key (dotted, e.g. ``preprocess.spacing``) where ``a`` and ``b`` differ, with its two
+    values; None when they differ only in provenance (``PROVENANCE``) or training-only settings."""
+    flat_a, flat_b = _flatten(a.to_dict()), _flatten(b.to_dict())
+    for key in dict.fromkeys([*flat_a, *flat_b]):
+        if key.split(".")[0] in PROVENANCE or key in TRAINING_ONLY:
+            continue
+        if flat_a.get(key) != flat_b.get(key):
+            return key, flat_a.get(key), flat_b.get(key)
+    return None
+
+
+def _flatten(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def architecture_of(raw: Any, source: str = "checkpoint") -> dict[str, Any]:

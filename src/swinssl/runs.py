@@ -11,11 +11,19 @@
     checkpoints/last.pt  the latest state (resume continues from it)
     checkpoints/best.pt  fine-tuning: the best validation Dice (prediction prefers it)
 
+A cross-validation (``finetune.fold=all``) is a parent folder of such runs::
+
+    config.yaml          the resolved config, fold: all (what ``--resume`` reads)
+    folds.json           the fold count, the fold runs and each fold's validation cases
+    fold_0/ ... fold_K/  one fine-tuning run directory per fold
+
 Written by the training engine (``engine.run_dir``), read by prediction, studies and the demo.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +76,15 @@ class RunDir:
     def best(self) -> Path:
         return self.checkpoints / "best.pt"
 
+    @property
+    def folds(self) -> Path:
+        """A cross-validation parent's list of its fold runs."""
+        return self.path / "folds.json"
+
+    def fold(self, index: int) -> Path:
+        """The run directory of fold ``index`` of a cross-validation parent."""
+        return self.path / f"fold_{index}"
+
     def stale_checkpoints(self) -> list[Path]:
         """Temporary files of checkpoint writes cut short by a kill (never renamed in)."""
         return sorted(self.checkpoints.glob(".*.tmp*"))
@@ -89,3 +106,33 @@ def resolve_checkpoint(source: str | Path, prefer_best: bool = True) -> Path:
             return candidate
     wanted = "checkpoints/best.pt or checkpoints/last.pt" if prefer_best else "checkpoints/last.pt"
     raise CheckpointError(f"{path}: no {wanted} in this run directory")
+
+
+def fold_runs(source: str | Path) -> list[Path] | None:
+    """The fold run directories of a cross-validation parent folder (it holds ``folds.json``), else None."""
+    run = RunDir(source)
+    if not run.folds.is_file():
+        return None
+    try:
+        listed = json.loads(run.folds.read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{run.folds}: unreadable list of fold runs ({err})") from None
+    return [run.path / name for name in listed]
+
+
+def resolve_checkpoints(source: str | Path) -> list[Path]:
+    """The checkpoints that ``source`` stands for in prediction: one per fold of a cross-validation
+    parent folder (each fold's best.pt, else last.pt), else ``resolve_checkpoint(source)``."""
+    runs = fold_runs(source)
+    if runs is None:
+        return [resolve_checkpoint(source)]
+    return [_fold_checkpoint(source, run) for run in runs]
+
+
+def _fold_checkpoint(parent: str | Path, run: Path) -> Path:
+    if run.is_dir():
+        with contextlib.suppress(CheckpointError):
+            return resolve_checkpoint(run)
+    # An ensemble short of a fold would be another model than the one cross-validated.
+    raise CheckpointError(f"{parent}: {run.name} has no checkpoint yet; finish the folds with "
+                          f"swinssl finetune --resume {parent}")

@@ -146,3 +146,14 @@ def exit_description(code: int) -> str:
         return f"was killed ({signal.Signals(-code).name})"
     except ValueError:
         return f"was killed (signal {-code})"
+
+
+def launched_as_rank_zero() -> bool:
+    """Before Fabric starts in this process: whether it is the one that writes files shared by all.
+
+    A process that torchrun or Fabric's launcher started has its ranks in its environment; the
+    process a user started has none (and is rank 0).
+    """
+    import os
+
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))

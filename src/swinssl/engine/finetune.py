@@ -13,6 +13,10 @@ The objective is the fine-tuning hook of the network's method (``swinssl.methods
 of the network's output for a plain SwinUNETR; SwinMM's two-view loss with consistency for a
 multi-view one. With ``finetune.unlabeled`` (a method that takes it, e.g. SwinMM), random
 crops of unlabelled volumes come with each batch; their label files are never read.
+
+``finetune.fold=all`` trains every fold of ``finetune.folds`` into one parent folder
+(``finetune_folds``): ``fold_0`` ... each a run directory as above, beside ``folds.json``;
+``swinssl predict`` ensembles them.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice
 
-from swinssl.config import Config, FinetuneConfig, ModelConfig
+from swinssl.config import Config, FinetuneConfig, ModelConfig, load_config
 from swinssl.data.discover import Case, Dataset, find_dataset
 from swinssl.data.io import read_volume
 from swinssl.data.transforms import case_item, finetune_transforms, pretrain_transforms
 from swinssl.engine.data import (cache_root, common_modality, crop_loader, images_of, labels_of, sample_seed,
                                  split_cases)
+from swinssl.engine.distributed import launched_as_rank_zero
+from swinssl.engine.run_dir import open_folds_dir
 from swinssl.engine.runner import run_stage
 from swinssl.errors import ConfigError, DataError
 from swinssl.methods import network_method
@@ -50,7 +56,12 @@ UNLABELED_SEED = 7919  # offset of the unlabelled crops' seed stream from the la
 
 def finetune(cfg: Config | None = None, resume: str | Path | None = None, overrides: list[str] = (),
              progress: bool = True) -> Path:
-    """Run (or resume) a fine-tuning; returns the run directory."""
+    """Run (or resume) a fine-tuning; returns the run directory. With ``finetune.fold=all``, or
+    resuming such a run, every fold (``finetune_folds``); returns their parent folder."""
+    if resume is not None and RunDir(resume).folds.is_file():
+        return resume_folds(resume, overrides, progress)
+    if resume is None and cfg is not None and cfg.finetune.fold == "all":
+        return finetune_folds(cfg, progress)
     return run_stage(FinetuneStage, cfg, resume, overrides, progress)
 
 
@@ -66,8 +77,6 @@ class FinetuneStage:
         if cfg.train.probe_data:
             raise ConfigError("train.probe_data: the probe runs during pre-training; for a fine-tuning's "
                               "encoder use swinssl probe RUN --data ...")
-        if not cfg.data.path:
-            raise ConfigError("data.path is empty: pass data=PATH (a dataset.json, nnU-Net raw folder or labelled folder)")
         # A resumed run has its weights in its own checkpoint (and its saved config adopted the plan).
         self.pretrained = None
         if ft.pretrained and not resumed:
@@ -75,7 +84,7 @@ class FinetuneStage:
             pretrained_input, pretrained_modality = input_of(self.pretrained.get("plan"), ft.pretrained)
             cfg.preprocess = adopt_input(cfg.preprocess, pretrained_input, ft.pretrained, ft.adopt_preprocessing)
         self.cfg = cfg
-        self.dataset = find_dataset(cfg.data.path, cfg.data.modality)
+        self.dataset = find_dataset(_data_path(cfg), cfg.data.modality)
         self.classes = class_indices(self.dataset, cfg.data.num_classes)
         self.train_cases, self.val_cases = finetune_split(self.dataset, ft, cfg.train.val_fraction, cfg.seed)
         if self.pretrained is not None:
@@ -148,6 +157,78 @@ class FinetuneStage:
                         overlay=run.preview(step) if fabric.is_global_zero else None)
 
 
+# --- cross-validation ------------------------------------------------------------------------------
+
+
+def finetune_folds(cfg: Config, progress: bool = True) -> Path:
+    """Train fold 0 .. ``finetune.folds - 1`` one after the other, each the run ``finetune.fold=i``
+    would be, into ``<train.out>/<train.name>/fold_i``; returns that parent folder (``swinssl.runs``).
+
+    Every fold's split is checked before anything is written, and listed in ``folds.json``.
+    """
+    check_fold(cfg.finetune)
+    dataset = find_dataset(_data_path(cfg), cfg.data.modality)
+    validation = {}
+    for fold in range(cfg.finetune.folds):
+        _, held = finetune_split(dataset, replace(cfg.finetune, fold=fold), cfg.train.val_fraction, cfg.seed)
+        validation[f"fold_{fold}"] = [c.case_id for c in held]
+    parent = open_folds_dir(cfg, FinetuneStage.run_prefix, validation)
+    return train_folds(cfg, parent, started=[False] * cfg.finetune.folds, progress=progress)
+
+
+def resume_folds(parent: str | Path, overrides: list[str] = (), progress: bool = True) -> Path:
+    """Continue a cross-validation: folds begun are resumed (``overrides`` apply to them too), the
+    others started from the parent's config."""
+    parent = Path(parent)
+    cfg = load_config(RunDir(parent).config, overrides)
+    # Decided before any process writes a fold, so that every process of a multi-process run agrees.
+    started = [RunDir(RunDir(parent).fold(f)).config.is_file() for f in range(cfg.finetune.folds)]
+    return train_folds(cfg, parent, started, progress, overrides)
+
+
+def train_folds(cfg: Config, parent: Path, started: list[bool], progress: bool = True,
+                overrides: list[str] = ()) -> Path:
+    """Train (or continue, where ``started``) each fold's run in ``parent``, saying which fold is on."""
+    folds = cfg.finetune.folds
+    for fold in range(folds):
+        run = RunDir(parent).fold(fold)
+        if launched_as_rank_zero():
+            print(f"fold {fold + 1}/{folds}: {run}")
+        if started[fold]:
+            run_stage(FinetuneStage, resume=run, overrides=overrides, progress=progress)
+        else:
+            run_stage(FinetuneStage, fold_config(cfg, parent, fold), progress=progress)
+    return parent
+
+
+def fold_config(cfg: Config, parent: Path, fold: int) -> Config:
+    """The config of fold ``fold``'s run: in ``parent``, that fold held out, and the preprocessing
+    cache where a single run's would be (one cache for all folds)."""
+    cache = cache_root(cfg)
+    return replace(cfg, finetune=replace(cfg.finetune, fold=fold),
+                   train=replace(cfg.train, out=str(parent), name=RunDir(parent).fold(fold).name),
+                   data=replace(cfg.data, cache=str(cache) if cache else cfg.data.cache))
+
+
+def check_fold(ft: FinetuneConfig) -> None:
+    """One line naming the key for fold settings that cannot work, before any data is read."""
+    if ft.folds < 0 or ft.folds == 1:
+        raise ConfigError(f"finetune.folds must be 0 (no k-fold split) or at least 2, got {ft.folds}")
+    if ft.fold == "all":
+        if not ft.folds:
+            raise ConfigError("finetune.fold=all trains every fold: set finetune.folds too, e.g. finetune.folds=5")
+    elif not ft.folds and ft.fold != 0:
+        raise ConfigError(f"finetune.fold {ft.fold}: hold out a fold of a k-fold split, so set finetune.folds too")
+    elif ft.folds and not 0 <= ft.fold < ft.folds:
+        raise ConfigError(f"finetune.fold {ft.fold} / finetune.folds {ft.folds}: need 0 <= fold < folds, or fold=all")
+
+
+def _data_path(cfg: Config) -> str:
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty: pass data=PATH (a dataset.json, nnU-Net raw folder or labelled folder)")
+    return cfg.data.path
+
+
 # --- data --------------------------------------------------------------------------------------------
 
 
@@ -169,13 +250,16 @@ def class_indices(dataset: Dataset, num_classes: int = 0) -> list[int]:
 
 def finetune_split(dataset: Dataset, ft: FinetuneConfig, val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
     """(training, validation) labelled cases; never the dataset's test split."""
+    check_fold(ft)
+    if ft.fold == "all":  # a bug of the caller: finetune() trains each fold as a run of its own
+        raise ConfigError("finetune.fold=all: one run holds out one fold; engine.finetune.finetune trains them all")
     labelled = [c for c in dataset.split("training", "validation") if c.label is not None]
     if not labelled:
         raise DataError(f"{dataset.root}: no labelled training cases (fine-tuning needs image + label pairs)")
     if ft.folds:
-        if not 0 <= ft.fold < ft.folds or ft.folds > len(labelled):
-            raise ConfigError(f"finetune.fold {ft.fold} / finetune.folds {ft.folds}: need 0 <= fold < folds "
-                              f"<= {len(labelled)} labelled cases")
+        if ft.folds > len(labelled):
+            raise ConfigError(f"finetune.folds {ft.folds}: more folds than the {len(labelled)} labelled "
+                              "training cases; every fold needs a case to validate on")
         order = np.random.default_rng([seed, 12]).permutation(len(labelled))
         held = set(np.array_split(order, ft.folds)[ft.fold].tolist())
         train = [c for i, c in enumerate(labelled) if i not in held]

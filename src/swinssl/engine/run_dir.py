@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import swinssl
 from swinssl.config import load_config, save_config
 from swinssl.data.discover import Case
+from swinssl.engine.distributed import launched_as_rank_zero
 from swinssl.errors import ConfigError
 from swinssl.runs import RunDir
 from swinssl.utils import atomic_write_text, sha256_file, writable_dir
@@ -103,6 +104,28 @@ def resume_state(resume: str | Path, overrides: Sequence[str] = ()) -> tuple[Any
     for stale in run.stale_checkpoints():
         stale.unlink(missing_ok=True)
     return cfg, load_checkpoint(run.last) if run.last.is_file() else None
+
+
+def open_folds_dir(cfg, kind: str, validation: dict[str, list[str]]) -> Path:
+    """The parent folder of a cross-validation (``swinssl.runs`` names its files), new.
+
+    The first process creates it and writes ``config.yaml`` and ``folds.json`` (the fold runs and
+    each fold's validation case ids); the processes a launcher started only learn its path, so it
+    must not depend on the clock: several processes need ``train.name``.
+    """
+    t = cfg.train
+    if t.devices * t.num_nodes > 1 and not t.name:
+        raise ConfigError("train.name: every fold of a multi-process cross-validation trains into one folder; "
+                          "name it (train.name=NAME)")
+    if not launched_as_rank_zero():
+        return Path(t.out) / t.name
+    path = new_run_dir(t.out, t.name, kind)
+    run = RunDir(path)
+    save_config(cfg, run.config)
+    # Written last: a folder with folds.json is a complete cross-validation parent.
+    folds = {"folds": len(validation), "runs": list(validation), "validation": validation}
+    atomic_write_text(run.folds, json.dumps(folds, indent=2) + "\n")
+    return path
 
 
 def open_run_dir(fabric, cfg, kind: str, resume: str | Path | None, state: dict | None,

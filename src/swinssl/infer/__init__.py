@@ -8,7 +8,9 @@
    model was trained with; see ``prediction_cache``);
 2. ``predict_volume``: sliding windows over the preprocessed volume (ROI = the training
    crop, overlap 0.5, Gaussian blending), optionally averaged over the 8 flips of the
-   three spatial axes (test-time augmentation);
+   three spatial axes (test-time augmentation); for an ensemble (several models, or a
+   cross-validation folder's folds: ``load_ensemble``), each model's softmax is averaged
+   (``ensemble_probabilities``);
 3. argmax, then ``invert`` (nearest-neighbour) back through the crop, the resampling and
    the reorientation, so the mask has the input file's shape and affine;
 4. written atomically as ``<out_dir>/<case_id>.nii.gz`` (or ``.nrrd`` for NRRD inputs with
@@ -19,17 +21,18 @@ Modules: ``model`` (loading), ``volume`` (windows, flips, views), ``write`` (fil
 
 A bad input (unreadable, truncated, NaN voxels...) is reported on one line and skipped;
 ``DataError`` is raised only when no mask at all could be written. ``predictions.json``
-in ``out_dir`` records input -> output, the model and the options.
+in ``out_dir`` records input -> output, the model(s) and the options.
 
 Checkpoints are the fine-tuning engine's: ``{"format": "swinssl", "kind": "finetune",
 "model": state dict, "plan": swinssl.plan.Plan}``; a run directory stands for its
 ``checkpoints/best.pt`` (else ``last.pt``, ``swinssl.runs.resolve_checkpoint``).
 """
 
-from swinssl.infer.model import load_model
+from swinssl.infer.model import load_ensemble, load_model
 from swinssl.infer.cases import (
     PredictOptions,
     collect_cases,
+    ensemble_probabilities,
     inference_pipeline,
     output_names,
     predict,
@@ -39,6 +42,7 @@ from swinssl.infer.cases import (
 from swinssl.infer.volume import flip_view, flip_views, predict_volume
 from swinssl.infer.write import output_suffix, write_mask
 
-__all__ = ["PredictOptions", "collect_cases", "flip_view", "flip_views", "inference_pipeline", "load_model",
+__all__ = ["PredictOptions", "collect_cases", "ensemble_probabilities", "flip_view", "flip_views",
+           "inference_pipeline", "load_ensemble", "load_model",
            "output_names", "output_suffix", "predict", "predict_case", "predict_volume", "prediction_cache",
            "write_mask"]

@@ -1,4 +1,5 @@
-"""Predicting cases and folders: options, one case in its input's geometry, many cases to files."""
+"""Predicting cases and folders: options, one case in its input's geometry (by one model or an
+ensemble), many cases to files."""
 
 from __future__ import annotations
 
@@ -19,12 +20,11 @@ from tqdm import tqdm
 from swinssl.data.discover import Case, find_dataset
 from swinssl.data.transforms import Pipeline, case_item, inference_transforms, invert
 from swinssl.errors import ConfigError, DataError, SwinsslError
-from swinssl.infer.model import load_model
+from swinssl.infer.model import load_ensemble
 from swinssl.infer.volume import predict_volume
 from swinssl.infer.write import OutputFormat, output_suffix, write_mask
 from swinssl.methods import view_choices, window_predictor
 from swinssl.plan import Plan
-from swinssl.runs import resolve_checkpoint
 from swinssl.runtime import release_freed_memory
 from swinssl.utils import atomic_write_text, writable_dir
 
@@ -57,9 +57,12 @@ class PredictOptions:
     cache: str | Path | None = "auto"
 
 
-def predict_case(model: nn.Module, plan: Plan, case_or_path: Case | str | Path,
+def predict_case(model: nn.Module | Sequence[nn.Module], plan: Plan, case_or_path: Case | str | Path,
                  options: PredictOptions = PredictOptions(), pipeline: Pipeline | None = None) -> MetaTensor:
     """Integer mask ``(1, X, Y, Z)`` for one case, in the input file's geometry.
+
+    ``model``: one network, or the networks of an ensemble (one plan, ``load_ensemble``), whose
+    softmax probabilities are averaged before the argmax (``ensemble_probabilities``).
 
     The result has the input's spatial shape and ``.affine`` (orientation included); its dtype
     is uint8 (int32 beyond 256 classes). ``options``: the window size (default: the plan's
@@ -77,9 +80,8 @@ def predict_case(model: nn.Module, plan: Plan, case_or_path: Case | str | Path,
         # Nothing above the foreground threshold: the crop is empty and the whole volume is background.
         labels = torch.zeros((1, *image.shape[1:]))
     else:
-        o = options
-        probs = predict_volume(model, image, _roi(o.roi_size, plan), o.overlap, o.sw_batch_size, o.mode, o.flips,
-                               o.views)
+        models = [model] if isinstance(model, nn.Module) else list(model)
+        probs = ensemble_probabilities(models, image, _roi(options.roi_size, plan), options)
         num_classes = probs.shape[0]
         labels = probs.argmax(dim=0, keepdim=True).float()
         # Inverting resamples onto the file's grid, the memory peak of a prediction: free what we can first.
@@ -88,6 +90,24 @@ def predict_case(model: nn.Module, plan: Plan, case_or_path: Case | str | Path,
     mask = invert(pipeline, data, labels, nearest=True)
     _check_geometry(mask, case.images[0])
     return mask.round().to(torch.uint8 if num_classes <= 256 else torch.int32)
+
+
+def ensemble_probabilities(models: Sequence[nn.Module], image: torch.Tensor, roi_size: Sequence[int],
+                           options: PredictOptions = PredictOptions()) -> torch.Tensor:
+    """Softmax probabilities ``(C, X, Y, Z)`` of one preprocessed image: the mean over ``models`` of each
+    one's ``predict_volume`` (its sliding windows, flips and views, with ``options``).
+
+    Probabilities are averaged, not logits, as nnU-Net ensembles its folds: a model sure of a voxel
+    adds at most 1 to its class, so one over-confident model cannot outvote the others. One model:
+    its own output.
+    """
+    o = options
+    total: torch.Tensor | None = None
+    for model in models:
+        probs = predict_volume(model, image, roi_size, o.overlap, o.sw_batch_size, o.mode, o.flips, o.views)
+        total = probs if total is None else total.add_(probs)
+    assert total is not None, "ensemble_probabilities: no model"
+    return total / len(models)
 
 
 def _as_case(case_or_path: Case | str | Path, plan: Plan) -> Case:
@@ -154,26 +174,32 @@ def output_names(cases: Sequence[Case]) -> list[str]:
     return unique
 
 
-def predict(model_source: str | Path, inputs: str | Path | Sequence[str | Path], out_dir: str | Path,
-            options: PredictOptions = PredictOptions(), progress: bool = True) -> list[Path]:
+def predict(model_source: str | Path | Sequence[str | Path], inputs: str | Path | Sequence[str | Path],
+            out_dir: str | Path, options: PredictOptions = PredictOptions(), progress: bool = True) -> list[Path]:
     """Predict a mask for every case in ``inputs`` and write it to ``out_dir``; returns the written files.
 
-    ``model_source``: a fine-tuned checkpoint or its run directory. ``inputs``: a volume file, a
-    folder of volumes, an MSD ``dataset.json`` or nnU-Net raw folder (all cases, test ones
+    ``model_source``: a fine-tuned checkpoint or its run directory, a cross-validation folder
+    (``finetune.fold=all``: all its folds), or a list of these: an ensemble, whose softmax
+    probabilities are averaged (``load_ensemble`` refuses models whose plans differ).
+    ``inputs``: a volume file, a folder of volumes, an MSD ``dataset.json`` or nnU-Net raw folder (all cases, test ones
     included), or a list of these. Each mask is ``<out_dir>/<case_id>.nii.gz`` (``.nrrd`` for an
     NRRD input with ``output_format="same"``) in its input's geometry. Inputs that cannot be
     read are reported (one warning line each) and skipped; ``DataError`` if no mask was written.
-    ``out_dir/predictions.json`` lists input -> output, the checkpoint and the options (with
-    the views actually used). See ``PredictOptions`` for the options.
+    ``out_dir/predictions.json`` lists input -> output, the (first) model and checkpoint, every
+    checkpoint averaged (``models``) and the options (with the views actually used). See
+    ``PredictOptions`` for the options.
     """
     if options.output_format not in ("nifti", "same"):
         raise ConfigError(f"output_format must be one of nifti, same, got {options.output_format!r}")
     if options.views not in view_choices():
         raise ConfigError(f"views {options.views!r}: choose one of {', '.join(view_choices())}")
     out_dir = writable_dir(out_dir)
-    checkpoint = resolve_checkpoint(model_source)
-    model, plan = load_model(checkpoint, options.device)
-    _, views = window_predictor(model, plan.network_fields(), options.views)  # auto resolved, so the record says which
+    sources = [model_source] if isinstance(model_source, (str, Path)) else list(model_source)
+    models, plan, checkpoints = load_ensemble(sources, options.device)
+    if len(models) > 1:
+        log.info("ensemble of %d models: %s", len(models), ", ".join(map(str, checkpoints)))
+    # auto resolved, so the record says which (one plan: the same for every model)
+    _, views = window_predictor(models[0], plan.network_fields(), options.views)
     options = dataclasses.replace(options, roi_size=_roi(options.roi_size, plan), views=views)
     cache = prediction_cache(options.cache, plan.cache)
     pipeline = inference_pipeline(plan, cache)  # one for all cases: an unusable cache is found (and said) once
@@ -184,7 +210,7 @@ def predict(model_source: str | Path, inputs: str | Path | Sequence[str | Path],
     for case, name in tqdm(list(zip(cases, output_names(cases))), desc="predict", unit="case", disable=not progress):
         source = case.images[0]
         try:
-            mask = predict_case(model, plan, case, options, pipeline=pipeline)
+            mask = predict_case(models, plan, case, options, pipeline=pipeline)
         except SwinsslError as err:
             failed[str(source)] = str(err)
             log.warning("skipped %s", err)
@@ -196,7 +222,7 @@ def predict(model_source: str | Path, inputs: str | Path | Sequence[str | Path],
         raise DataError(f"{_describe(inputs)}: no mask written ({len(failed)} input(s) failed: {reasons})")
     record = {**dataclasses.asdict(options), "roi_size": list(options.roi_size), "device": str(options.device),
               "cache": str(cache) if cache else None}
-    _write_record(out_dir, model_source, checkpoint, plan, record, written, failed)
+    _write_record(out_dir, sources[0], checkpoints, plan, record, written, failed)
     log.info("wrote %d mask(s) to %s; %d input(s) skipped", len(written), out_dir, len(failed))
     return [Path(p) for p in written.values()]
 
@@ -235,12 +261,13 @@ def _describe(inputs: str | Path | Iterable[str | Path]) -> str:
     return str(items[0]) if len(items) == 1 else f"{items[0]} (+{len(items) - 1} more)" if items else "inputs"
 
 
-def _write_record(out_dir: Path, model_source: str | Path, checkpoint: Path, plan: Plan, options: dict,
+def _write_record(out_dir: Path, model_source: str | Path, checkpoints: list[Path], plan: Plan, options: dict,
                   written: dict[str, str], failed: dict[str, str]) -> None:
-    """``predictions.json``: enough to know later which model and options made which file."""
+    """``predictions.json``: enough to know later which models and options made which file."""
     record = {
         "model": str(model_source),
-        "checkpoint": str(checkpoint.resolve()),
+        "checkpoint": str(checkpoints[0].resolve()),
+        "models": [str(c.resolve()) for c in checkpoints],  # every model averaged; one without an ensemble
         "labels": plan.labels,
         "options": options,
         "predictions": written,

@@ -1,9 +1,9 @@
-"""Loading a fine-tuned model and its plan for prediction."""
+"""Loading a fine-tuned model (or an ensemble of them) and its plan for prediction."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -12,8 +12,8 @@ from swinssl.errors import CheckpointError
 from swinssl.nn.build import build_network
 from swinssl.nn.load import filter_swinssl, load_exactly, read_checkpoint
 from swinssl.nn.swin_unetr import SwinUNETR
-from swinssl.plan import Plan
-from swinssl.runs import resolve_checkpoint
+from swinssl.plan import Plan, plan_difference
+from swinssl.runs import resolve_checkpoint, resolve_checkpoints
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[SwinUNETR, Plan]:
@@ -29,6 +29,31 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[
     model = build_network(plan.network_fields())
     _load_weights(model, ckpt.get("model"), path)
     return model.to(device).eval(), plan
+
+
+def load_ensemble(sources: Sequence[str | Path], device: str | torch.device = "cpu"
+                  ) -> tuple[list[SwinUNETR], Plan, list[Path]]:
+    """The models of ``sources`` (checkpoints, run directories, or cross-validation folders standing
+    for each of their folds: ``swinssl.runs.resolve_checkpoints``), their common plan, and their
+    checkpoint files.
+
+    Raises ``CheckpointError`` naming two checkpoints and the first plan key where they differ: the
+    members of an ensemble must see the same preprocessed input and predict the same classes.
+    """
+    if not sources:
+        raise ValueError("load_ensemble: no model given")
+    checkpoints = [checkpoint for source in sources for checkpoint in resolve_checkpoints(source)]
+    models, plans = [], []
+    for checkpoint in checkpoints:
+        model, plan = load_model(checkpoint, device)
+        difference = plan_difference(plans[0], plan) if plans else None
+        if difference:
+            key, first, this = difference
+            raise CheckpointError(f"{checkpoint}: its plan differs from that of {checkpoints[0]} at {key} "
+                                  f"({this!r} vs {first!r}); an ensemble needs models of one plan")
+        models.append(model)
+        plans.append(plan)
+    return models, plans[0], checkpoints
 
 
 def _finetune_plan(ckpt: Any, path: Path) -> Plan:
