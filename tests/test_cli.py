@@ -192,6 +192,27 @@ def test_study_preset_is_a_checked_choice_passed_as_a_string(tmp_path, monkeypat
     assert bad.exit_code == 2 and all(f"'{p}'" in bad.output for p in swinssl.study.PRESETS)
 
 
+def test_data_efficiency_protocol_is_a_checked_choice_passed_as_a_string(tmp_path, monkeypatch):
+    import swinssl.study
+
+    seen = {}
+
+    def fake_study(config, data, out, **kwargs):
+        seen.update(kwargs)
+        report = tmp_path / "report.md"
+        report.write_text("report")
+        return report
+
+    monkeypatch.setattr(swinssl.study, "run_data_efficiency_study", fake_study)
+    result = runner.invoke(app, ["study", "data-efficiency", "-o", str(tmp_path), "--protocol", "semi"])
+    assert result.exit_code == 0, result.output
+    assert seen["protocol"] == "semi" and type(seen["protocol"]) is str
+    runner.invoke(app, ["study", "data-efficiency", "-o", str(tmp_path)])
+    assert seen["protocol"] == "nested"
+    bad = runner.invoke(app, ["study", "data-efficiency", "-o", str(tmp_path), "--protocol", "mixed"], env=WIDE)
+    assert bad.exit_code == 2 and all(f"'{p}'" in bad.output for p in swinssl.study.PROTOCOLS)
+
+
 @pytest.mark.parametrize("args, text", [
     (["predict", "--help"], "Sliding-window size [default: the training crop]"),
     (["evaluate", "--help"], "[default: the predictions folder]"),

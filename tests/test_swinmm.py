@@ -10,7 +10,7 @@ from swinssl.config import Config, MethodConfig, ModelConfig, load_config
 from swinssl.methods import swinmm
 from swinssl.nn import SwinUNETR, build_network, load_pretrained
 from swinssl.nn.multiview import CrossViewAttention, MultiViewSwinUNETR, fused_log_probs
-from swinssl.ssl.losses import masked_mse, mutual_loss, symmetric_kl, zscore
+from swinssl.ssl.losses import cosine_consistency, masked_mse, mutual_loss, symmetric_kl, zscore
 from swinssl.ssl.views import PERMUTATIONS, multi_views, patch_mask, permute, rotate_by, to_common_frame, unpermute
 
 TINY_NET = dict(in_channels=1, out_channels=3, feature_size=12, depths=(1, 1, 1, 1))
@@ -138,6 +138,40 @@ def test_symmetric_kl_hand_case():
     assert symmetric_kl(a, a).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_cosine_consistency_hand_case():
+    # One voxel, two classes: p = (0.8, 0.2), q = (0.4, 0.6); cos = <p, q> / (|p| |q|).
+    cos = (0.8 * 0.4 + 0.2 * 0.6) / (math.hypot(0.8, 0.2) * math.hypot(0.4, 0.6))
+    a, b = torch.tensor([0.8, 0.2]).log().view(1, 2, 1, 1, 1), torch.tensor([0.4, 0.6]).log().view(1, 2, 1, 1, 1)
+    assert cosine_consistency(a, b).item() == pytest.approx(1 - cos, rel=1e-5)
+    # Averaged over voxels: a second, agreeing voxel halves it.
+    assert cosine_consistency(torch.cat([a, a], 2), torch.cat([b, a], 2)).item() == pytest.approx((1 - cos) / 2, rel=1e-5)
+    assert cosine_consistency(a, a).item() == pytest.approx(0.0, abs=1e-7)
+    # All mass on different classes: orthogonal probability vectors, the maximum 1.
+    sure = torch.tensor([30.0, -30.0]).view(1, 2, 1, 1, 1)
+    assert cosine_consistency(sure, -sure).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_cosine_consistency_matches_a_loop_over_voxels():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 3, 2, 3, 4, requires_grad=True), torch.randn(2, 3, 2, 3, 4, requires_grad=True)
+    pa, pb = torch.softmax(a, 1).detach(), torch.softmax(b, 1).detach()
+    terms = []
+    for n in range(2):
+        for i in range(2):
+            for j in range(3):
+                for k in range(4):
+                    u, v = pa[n, :, i, j, k].tolist(), pb[n, :, i, j, k].tolist()
+                    dot = sum(x * y for x, y in zip(u, v))
+                    terms.append(1 - dot / (math.sqrt(sum(x * x for x in u)) * math.sqrt(sum(y * y for y in v))))
+    loss = cosine_consistency(a, b)
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert cosine_consistency(b, a).item() == pytest.approx(loss.item(), rel=1e-6)  # symmetric
+    loss.backward()
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0  # both views get gradients
+    with pytest.raises(ValueError, match="differ in shape"):
+        cosine_consistency(a, b[:1])
+
+
 def test_swinmm_pretraining_losses_and_gradients():
     torch.manual_seed(0)
     method = MethodConfig(name="swinmm", weights={"inpaint": 1.0, "rotate": 1.0, "contrast": 1.0, "mutual": 1.0})
@@ -183,6 +217,64 @@ def test_multiview_network_output_of_view_a_depends_on_view_b():
     torch.testing.assert_close(fused.exp().sum(1), torch.ones(1, 32, 32, 32), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("site, width", [("bottleneck", 16), ("intermediate", 8)])
+def test_cross_attention_site_is_where_the_views_meet(site, width):
+    """The block attends over the bottleneck (16 x feature size channels, after encoder10) or over the
+    skip decoder5 joins (the stage-4 Swin output, 8 x feature size), and nowhere else."""
+    torch.manual_seed(0)
+    net = build_network({**TINY_NET, "multiview": True, "cross_attention_at": site}).eval()
+    assert net.config["cross_attention_at"] == site
+    seen = []
+    net.cross_attention.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape))
+    with torch.no_grad():
+        net(torch.rand(1, 1, 64, 64, 64), orders=(PERMUTATIONS["identity"], PERMUTATIONS["swap_xy"]))
+    # 64^3: the bottleneck is 2^3 tokens of 16C, the stage-4 output 4^3 tokens of 8C.
+    assert seen == [torch.Size((1, width * 12, *(64 // (2 * width),) * 3))]
+
+
+def test_views_meet_only_in_the_losses_without_cross_attention():
+    torch.manual_seed(0)
+    net = build_network({**TINY_NET, "multiview": True, "cross_attention_at": "none"}).eval()
+    assert net.cross_attention is None and not any(k.startswith("cross_attention.") for k in net.state_dict())
+    x = torch.rand(1, 1, 32, 32, 32)
+    identity = PERMUTATIONS["identity"]
+    with torch.no_grad():
+        a1, _ = net(x, orders=(identity, PERMUTATIONS["swap_xy"]))
+        a2, _ = net(x, orders=(identity, PERMUTATIONS["swap_xz"]))
+    torch.testing.assert_close(a1, a2)  # view A's output does not depend on its partner
+
+
+def test_default_multiview_state_dict_is_swinunetr_plus_the_bottleneck_block():
+    """Existing multi-view checkpoints load unchanged: the default network's keys and shapes."""
+    multi, single = MultiViewSwinUNETR(**TINY_NET).state_dict(), SwinUNETR(**TINY_NET).state_dict()
+    extra = {k: tuple(v.shape) for k, v in multi.items() if k not in single}
+    width = 16 * TINY_NET["feature_size"]
+    assert extra == {"cross_attention.norm.weight": (width,), "cross_attention.norm.bias": (width,),
+                     "cross_attention.attn.in_proj_weight": (3 * width, width),
+                     "cross_attention.attn.in_proj_bias": (3 * width,),
+                     "cross_attention.attn.out_proj.weight": (width, width),
+                     "cross_attention.attn.out_proj.bias": (width,)}
+    assert all(multi[k].shape == v.shape for k, v in single.items())
+
+
+def test_cross_attention_site_travels_in_the_plan_and_rebuilds_the_network():
+    from swinssl.config import PreprocessConfig
+    from swinssl.plan import Plan
+
+    model = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), multiview=True, cross_attention_at="intermediate")
+    net = build_network(model, out_channels=3)
+    raw = Plan(network=model, preprocess=PreprocessConfig(), out_channels=3).to_dict()
+    assert raw["network"]["cross_attention_at"] == "intermediate"
+    rebuilt = build_network(Plan.from_dict(raw).network_fields())
+    assert rebuilt.config["cross_attention_at"] == "intermediate"
+    rebuilt.load_state_dict(net.state_dict())  # strict: the same block at the same place
+    # A plan written before the option existed means the bottleneck.
+    del raw["network"]["cross_attention_at"]
+    assert build_network(Plan.from_dict(raw).network_fields()).config["cross_attention_at"] == "bottleneck"
+    with pytest.raises(ValueError, match="cross_attention_at"):
+        MultiViewSwinUNETR(**TINY_NET, cross_attention_at="decoder")
+
+
 def test_swinunetr_weights_load_into_the_multiview_network_and_back():
     single = SwinUNETR(**TINY_NET)
     multi = build_network({**TINY_NET, "multiview": True})
@@ -214,9 +306,11 @@ def test_window_predictor_fuses_the_multiview_pairs_or_takes_the_identity_view()
         torch.testing.assert_close(swinmm.METHOD.window_predictor(net, "fused")(x), fused_log_probs(outs))
 
 
-def test_multiview_finetuning_objective_weighs_every_term_as_documented():
-    """total = mean DiceCE of the two views + c * symKL, plus u * (the same on unlabelled crops against
-    the detached argmax of the views' mean softmax), for the view pair the step's seed draws."""
+@pytest.mark.parametrize("consistency, term", [("kl", symmetric_kl), ("cosine", cosine_consistency)])
+def test_multiview_finetuning_objective_weighs_every_term_as_documented(consistency, term):
+    """total = mean DiceCE of the two views + c * consistency, plus u * (the same on unlabelled crops against
+    the detached argmax of the views' mean softmax), for the view pair the step's seed draws; the
+    consistency term is the one ``finetune.consistency`` names."""
     from monai.losses import DiceCELoss
 
     from swinssl.config import FinetuneConfig
@@ -226,7 +320,7 @@ def test_multiview_finetuning_objective_weighs_every_term_as_documented():
     x, xu = torch.rand(2, 1, 32, 32, 32), torch.rand(2, 1, 32, 32, 32)
     y = torch.randint(0, 3, (2, 1, 32, 32, 32))
     seg = DiceCELoss(to_onehot_y=True, softmax=True)
-    cfg = Config(finetune=FinetuneConfig(consistency_weight=0.3, unlabeled_weight=0.7))
+    cfg = Config(finetune=FinetuneConfig(consistency=consistency, consistency_weight=0.3, unlabeled_weight=0.7))
     total, parts = swinmm.METHOD.finetune_losses(net, x, y, xu, seed=5, cfg=cfg, segmentation_loss=seg)
 
     orders = swinmm.draw_view_pair(5)
@@ -234,8 +328,8 @@ def test_multiview_finetuning_objective_weighs_every_term_as_documented():
     a, b = net(x, orders=orders)
     ua, ub = net(xu, orders=orders)
     pseudo = (torch.softmax(ua, 1) + torch.softmax(ub, 1)).argmax(1, keepdim=True)
-    expected = {"dice_ce": (seg(a, y) + seg(b, y)) / 2, "consistency": symmetric_kl(a, b),
-                "unlabeled_dice_ce": (seg(ua, pseudo) + seg(ub, pseudo)) / 2, "unlabeled_consistency": symmetric_kl(ua, ub)}
+    expected = {"dice_ce": (seg(a, y) + seg(b, y)) / 2, "consistency": term(a, b),
+                "unlabeled_dice_ce": (seg(ua, pseudo) + seg(ub, pseudo)) / 2, "unlabeled_consistency": term(ua, ub)}
     for name, value in expected.items():
         torch.testing.assert_close(parts[name], value, msg=name)
     torch.testing.assert_close(total, expected["dice_ce"] + 0.3 * expected["consistency"]
@@ -343,3 +437,28 @@ def test_unlabelled_data_needs_the_multiview_model(tmp_path, phantoms):
     with pytest.raises(ConfigError, match="multiview"):
         finetune(load_config("finetune/tiny", [f"data={phantoms}", f"train.out={tmp_path}", "train.steps=1",
                                                f"finetune.unlabeled={phantoms}", *FINETUNE_TINY]), progress=False)
+
+
+def test_unlabelled_rest_is_the_training_cases_left_out_without_their_labels(tmp_path, phantoms):
+    """``finetune.unlabeled=rest``: the dataset's training cases that neither train (outside the label
+    ratio) nor validate, labels dropped; never a test case. A ratio of 1 leaves none, with a warning."""
+    from swinssl.data.discover import find_dataset
+    from swinssl.engine.finetune import FinetuneStage
+
+    def stage(ratio):
+        return FinetuneStage(load_config("finetune/swinmm_tiny", [
+            f"data={phantoms}", f"train.out={tmp_path}", f"finetune.label_ratio={ratio}", "finetune.unlabeled=rest"]))
+
+    half = stage(0.5)  # 4 training phantoms: 1 validates, 2 of the other 3 train, 1 is left
+
+    def ids(cases):
+        return {c.case_id for c in cases}
+
+    training = ids(find_dataset(phantoms).split("training", "validation"))
+    assert len(half.train_cases) == 2 and len(half.val_cases) == 1
+    assert ids(half.unlabeled) == training - ids(half.train_cases) - ids(half.val_cases) and len(half.unlabeled) == 1
+    assert all(c.label is None for c in half.unlabeled)
+    assert half.splits()["unlabeled"] == half.unlabeled
+    with pytest.warns(UserWarning, match="none is left unlabelled"):
+        full = stage(1.0)
+    assert full.unlabeled == [] and "unlabeled" not in full.splits()

@@ -91,6 +91,7 @@ ViewsChoice = _lazy_choices("ViewsChoice", _view_choices)  # the methods registr
 ModalityPreset = _lazy_choices("ModalityPreset", _study_presets("PRESETS"))
 EfficiencyPreset = _lazy_choices("EfficiencyPreset", _study_presets("EFFICIENCY"))
 ViewsPreset = _lazy_choices("ViewsPreset", _study_presets("VIEWS"))
+EfficiencyProtocol = _lazy_choices("EfficiencyProtocol", _study_presets("PROTOCOLS"))
 Modality = Literal["CT", "MRI", "auto"]
 OutputFormat = Literal["nifti", "same"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -224,8 +225,9 @@ def finetune(
 
     Uses the labelled training cases of a dataset.json, nnU-Net raw folder or labelled folder
     (never its test cases). model.multiview=true (finetune/swinmm) trains SwinMM's two-view
-    network with cross-view attention and view consistency; finetune.unlabeled=PATH adds
-    pseudo-labelled unlabelled volumes. Writes a run directory with checkpoints/best.pt (best validation
+    network with cross-view attention (model.cross_attention_at: bottleneck, intermediate or none)
+    and view consistency (finetune.consistency: kl or cosine); finetune.unlabeled=PATH (or rest: the
+    training cases the label ratio leaves out) adds pseudo-labelled unlabelled volumes. Writes a run directory with checkpoints/best.pt (best validation
     Dice) and last.pt, metrics.csv, TensorBoard and PNG overlays, and prints where it is.
 
     finetune.folds=5 finetune.fold=all trains every fold, one after the other, into one folder
@@ -447,17 +449,21 @@ def study_data_efficiency(
     ratios: Optional[List[float]] = typer.Option(None, "--ratio", help="Label ratio (repeat) "
                                                  "\\[default: 0.1 0.3 0.5 1]."),
     seeds: Optional[List[int]] = typer.Option(None, "--seed", help="Seed (repeat) \\[default: the preset's]."),
+    protocol: EfficiencyProtocol = typer.Option(
+        "nested", "--protocol", help="nested: one fine-tuning per label ratio and init; semi (SwinMM Table 5): a "
+        "multi-view base model on the labelled share, then continued from it with the other training cases "
+        "pseudo-labelled (finetune.unlabeled=rest, their labels never read); both stages tested."),
 ) -> None:
     """Label efficiency (Swin UNETR Fig. 7, SwinMM Table 5): pre-train once, fine-tune from it and
     from scratch at each label ratio and seed, test all on the same held-out cases.
 
-    Writes report.md (mean +- std Dice and HD95 per ratio and init), results.json and
-    dice_vs_label_ratio.png; finished runs are reused when run again."""
+    Writes report.md (mean +- std Dice and HD95 per ratio and init, and per stage with --protocol
+    semi), results.json and dice_vs_label_ratio.png; finished runs are reused when run again."""
     from swinssl.study import run_data_efficiency_study
 
     with _user_errors():
         report = run_data_efficiency_study(config, data, out, preset=preset.value, ratios=ratios or None,
-                                           seeds=seeds or None)
+                                           seeds=seeds or None, protocol=protocol.value)
     typer.echo(report.read_text())
 
 

@@ -73,8 +73,12 @@ class ModelConfig:
     downsample: Literal["merging", "mergingv2"] = "merging"
     dropout_path_rate: float = 0.0
     use_checkpoint: bool = False  # activation checkpointing: less memory, about 1.3x the time
-    multiview: bool = False  # SwinMM fine-tuning: two views per crop, cross-view attention at the bottleneck
+    multiview: bool = False  # SwinMM fine-tuning: two views per crop joined by cross-view attention
     cross_residual: bool = False  # multiview: add the cross-view attention to the features (SwinMM replaces them)
+    # multiview: where the two views meet in the cross-view attention (SwinMM Table 7): bottleneck (after
+    # encoder10, as SwinMM), intermediate (the skip decoder5 joins: the stage-4 Swin output, 8x feature_size
+    # channels at 1/16 of the input), none (no cross-view attention: the views meet only in the losses)
+    cross_attention_at: Literal["bottleneck", "intermediate", "none"] = "bottleneck"
     domain_invariance: bool = False  # SwinFUSE: the domain-invariance module after the patch embedding
     # Domain-invariance module: a list is the paper's co-attention stack, one layer per entry with
     # that many heads (layer i is feature_size x 2^i wide); an integer is the light module, one
@@ -164,8 +168,13 @@ class FinetuneConfig:
     layer_decay: float = 1.0  # layer-wise LR decay of the encoder: stage i gets lr * decay^(5 - i); 1 = off
     dice_weight: float = 1.0  # DiceCE = dice_weight * Dice + ce_weight * cross-entropy
     ce_weight: float = 1.0
-    consistency_weight: float = 1.0  # multiview: weight of the symmetric KL between the two views' outputs
-    unlabeled: str = ""  # multiview: unlabelled volumes (folder, dataset.json, nnU-Net raw) for pseudo-labels
+    # multiview: the consistency term between the two views' softmax outputs (SwinMM Table 7): kl, the
+    # symmetric KL divergence; cosine, 1 - their cosine similarity per voxel (ssl.losses.cosine_consistency)
+    consistency: Literal["kl", "cosine"] = "kl"
+    consistency_weight: float = 1.0  # multiview: weight of the consistency term
+    # multiview: unlabelled volumes for pseudo-labels: a folder, dataset.json or nnU-Net raw folder, or
+    # rest: the training cases of data.path that neither train (label_ratio / cases) nor validate
+    unlabeled: str = ""
     unlabeled_weight: float = 1.0  # multiview: weight of the unlabelled crops' loss
     overlap: float = 0.5  # sliding-window overlap in validation
     sw_batch_size: int = 2  # windows per forward pass in validation

@@ -11,6 +11,9 @@ plain sentence:
 - "pre-training hurts: ..." when it rejects and the interval lies below 0;
 - "no detectable difference: ..." otherwise (a few pairs never show an effect; this says so
   rather than reading a sign into noise).
+
+The same comparison serves any two arms that differ in one thing (``subject`` names it): the
+data-efficiency study's semi-supervised protocol pairs the pseudo-labelled stage with its base.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ class Verdict:
 
 
 def paired_verdict(pretrained: Sequence[float], scratch: Sequence[float], metric: str = "Dice",
-                   alpha: float = 0.05, resamples: int = 10000, seed: int = 0) -> Verdict:
-    """The verdict on paired scores (higher is better), element i of both being one (case, seed)."""
+                   alpha: float = 0.05, resamples: int = 10000, seed: int = 0,
+                   subject: str = "pre-training") -> Verdict:
+    """The verdict on paired scores (higher is better), element i of both being one (case, seed);
+    ``subject`` is what the first arm adds over the second ("pre-training helps: ...")."""
     from scipy.stats import wilcoxon
 
     a, b = np.asarray(pretrained, dtype=np.float64), np.asarray(scratch, dtype=np.float64)
@@ -50,9 +55,9 @@ def paired_verdict(pretrained: Sequence[float], scratch: Sequence[float], metric
     p = 1.0 if not np.any(diff) else float(wilcoxon(diff, zero_method="wilcox", alternative="two-sided").pvalue)
     mean = float(diff.mean())
     if p < alpha and low > 0:
-        head = "pre-training helps"
+        head = f"{subject} helps"
     elif p < alpha and high < 0:
-        head = "pre-training hurts"
+        head = f"{subject} hurts"
     else:
         head = "no detectable difference"
     sentence = f"{head}: {mean:+.3f} {metric} (95% CI {low:+.3f}..{high:+.3f}, p={p:.2g}, n={len(diff)})"

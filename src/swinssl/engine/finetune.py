@@ -12,7 +12,9 @@ plan that ``swinssl predict`` needs.
 The objective is the fine-tuning hook of the network's method (``swinssl.methods``): DiceCE
 of the network's output for a plain SwinUNETR; SwinMM's two-view loss with consistency for a
 multi-view one. With ``finetune.unlabeled`` (a method that takes it, e.g. SwinMM), random
-crops of unlabelled volumes come with each batch; their label files are never read.
+crops of unlabelled volumes come with each batch; their label files are never read. Those
+volumes are another dataset's, or (``finetune.unlabeled=rest``) this dataset's training cases
+that neither train (outside the label ratio or case list) nor validate.
 
 ``finetune.fold=all`` trains every fold of ``finetune.folds`` into one parent folder
 (``finetune_folds``): ``fold_0`` ... each a run directory as above, beside ``folds.json``;
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,6 +55,7 @@ from swinssl.runs import RunDir, resolve_checkpoint
 log = logging.getLogger(__name__)
 
 UNLABELED_SEED = 7919  # offset of the unlabelled crops' seed stream from the labelled one
+REST = "rest"  # finetune.unlabeled: the dataset's own training cases left out of training and validation
 
 
 def finetune(cfg: Config | None = None, resume: str | Path | None = None, overrides: list[str] = (),
@@ -91,7 +95,8 @@ class FinetuneStage:
             check_modality(pretrained_modality, common_modality(self.train_cases), ft)
         self.objective = network_method(dataclasses.asdict(cfg.model))  # the fine-tuning hooks of the network's method
         self.objective.check_finetune(cfg)
-        self.unlabeled = unlabeled_cases(ft.unlabeled, cfg.data.modality) if ft.unlabeled else []
+        self.unlabeled = (unlabeled_cases(ft.unlabeled, cfg.data.modality, self.dataset,
+                                          self.train_cases + self.val_cases) if ft.unlabeled else [])
         self.labels = {str(c): self.dataset.labels.get(c, "background" if c == 0 else f"class_{c}")
                        for c in self.classes}
         self.segmentation_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=ft.dice_weight,
@@ -289,11 +294,23 @@ def label_subset(cases: list[Case], ft: FinetuneConfig, seed: int) -> list[Case]
     return [cases[i] for i in sorted(order.tolist())]
 
 
-def unlabeled_cases(path: str, modality: str) -> list[Case]:
-    """The training volumes of ``path`` with their labels dropped: semi-supervised training never reads them."""
-    cases = [replace(c, label=None) for c in find_dataset(path, modality).split("training", "validation")]
+def unlabeled_cases(source: str, modality: str, dataset: Dataset, used: list[Case]) -> list[Case]:
+    """The training volumes of ``source`` with their labels dropped: semi-supervised training never reads them.
+
+    ``source`` ``rest`` (``REST``): those of ``dataset`` not in ``used`` (the cases that train and
+    validate), e.g. the 90% a label ratio of 0.1 leaves out; none left (a ratio of 1) trains on the
+    labelled cases alone, with a warning. Otherwise a folder, dataset.json or nnU-Net raw folder.
+    """
+    if source == REST:
+        taken = {c.images for c in used}
+        cases = [replace(c, label=None) for c in dataset.split("training", "validation") if c.images not in taken]
+        if not cases:
+            warnings.warn("finetune.unlabeled=rest: every training case trains or validates; none is left "
+                          "unlabelled, so only the labelled cases train", stacklevel=2)
+        return cases
+    cases = [replace(c, label=None) for c in find_dataset(source, modality).split("training", "validation")]
     if not cases:
-        raise DataError(f"{path}: no unlabelled training volumes")
+        raise DataError(f"{source}: no unlabelled training volumes")
     return cases
 
 

@@ -9,10 +9,11 @@ views. Tasks: ``inpaint`` (MSE on the masked voxels, target optionally z-scored)
 frame, agrees on the masked voxels with the un-permuted view's, held as the reference).
 
 Fine-tuning (sec. 2.2), for networks with ``model.multiview`` (``nn.multiview``): each crop
-is seen in two axis orders drawn per step, joined by the network's cross-view block; the
-loss is the mean DiceCE of the two views plus ``finetune.consistency_weight`` x their
-symmetric KL. With ``finetune.unlabeled``, random crops of unlabelled volumes add the same
-loss against the detached argmax of the two views' mean softmax (pseudo-labels).
+is seen in two axis orders drawn per step, joined by the network's cross-view block
+(``model.cross_attention_at``); the loss is the mean DiceCE of the two views plus
+``finetune.consistency_weight`` x their consistency term (``finetune.consistency``: symmetric
+KL, or 1 - cosine; Table 7). With ``finetune.unlabeled``, random crops of unlabelled volumes
+add the same loss against the detached argmax of the two views' mean softmax (pseudo-labels).
 
 Inference: ``fused`` (the softmax of the three axis orders averaged; the default for
 multi-view networks), ``single`` or one axis order (``identity``, ``swap_xy``, ``swap_xz``).
@@ -33,7 +34,9 @@ from swinssl.config import Config
 from swinssl.methods.base import Method
 from swinssl.nn.axes import PERMUTATIONS, permute, unpermute
 from swinssl.nn.multiview import VIEW_ORDERS, MultiViewSwinUNETR, fused_log_probs
-from swinssl.ssl.losses import symmetric_kl
+from swinssl.ssl.losses import cosine_consistency, symmetric_kl
+
+CONSISTENCY = {"kl": symmetric_kl, "cosine": cosine_consistency}  # finetune.consistency -> the term
 
 
 def draw_view_pair(seed: int) -> tuple:
@@ -42,8 +45,9 @@ def draw_view_pair(seed: int) -> tuple:
     return VIEW_ORDERS[first], VIEW_ORDERS[second]
 
 
-def multiview_loss(model, x: torch.Tensor, y: torch.Tensor | None, orders, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean DiceCE of the two views, their symmetric KL) for crops ``x``.
+def multiview_loss(model, x: torch.Tensor, y: torch.Tensor | None, orders, loss_fn,
+                   consistency: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean DiceCE of the two views, their ``consistency`` term) for crops ``x``.
 
     ``y=None`` (unlabelled crops): the target is the detached argmax of the two views' mean softmax.
     """
@@ -51,7 +55,7 @@ def multiview_loss(model, x: torch.Tensor, y: torch.Tensor | None, orders, loss_
     if y is None:
         with torch.no_grad():
             y = sum(torch.softmax(o.float(), 1) for o in outs).argmax(1, keepdim=True)
-    return sum(loss_fn(o, y) for o in outs) / len(outs), symmetric_kl(*outs)
+    return sum(loss_fn(o, y) for o in outs) / len(outs), consistency(*outs)
 
 
 class SwinMM(Method):
@@ -65,13 +69,13 @@ class SwinMM(Method):
 
     def finetune_losses(self, model, x, y, unlabeled, seed, cfg, segmentation_loss):
         ft = cfg.finetune
-        orders = draw_view_pair(seed)
-        seg, consistency = multiview_loss(model, x, y, orders, segmentation_loss)
+        orders, term = draw_view_pair(seed), CONSISTENCY[ft.consistency]
+        seg, consistency = multiview_loss(model, x, y, orders, segmentation_loss, term)
         total = seg + ft.consistency_weight * consistency
         parts = {"dice_ce": seg, "consistency": consistency}
         if unlabeled is not None:
             parts["unlabeled_dice_ce"], parts["unlabeled_consistency"] = multiview_loss(
-                model, unlabeled, None, orders, segmentation_loss)
+                model, unlabeled, None, orders, segmentation_loss, term)
             total = total + ft.unlabeled_weight * (parts["unlabeled_dice_ce"]
                                                    + ft.consistency_weight * parts["unlabeled_consistency"])
         return total, parts

@@ -35,5 +35,7 @@ def build_network(model: Any, out_channels: int | None = None) -> SwinUNETR:
     if out_channels is not None:
         kwargs["out_channels"] = out_channels
     if fields.get("multiview"):
-        return MultiViewSwinUNETR(cross_residual=bool(fields.get("cross_residual")), **kwargs)
+        # The cross-view block's fields a plan holds (older plans lack some: the network's defaults).
+        block = {k: fields[k] for k in ("cross_residual", "cross_attention_at") if k in fields}
+        return MultiViewSwinUNETR(**block, **kwargs)
     return SwinUNETR(**kwargs)

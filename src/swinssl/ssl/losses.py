@@ -162,6 +162,25 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor
     return ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(1).mean() / 2
 
 
+def cosine_consistency(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Multi-view consistency by cosine (SwinMM Table 7, "Cosine"): two segmentations ``(B, K, ...)``
+    (logits, same frame) -> scalar
+
+        mean over the batch's voxels of  1 - cos(p_a, p_b),   cos = <p_a, p_b> / (|p_a| |p_b|)
+
+    with ``p = softmax`` over the K classes, the cosine taken between the two K-vectors of each voxel.
+    In [0, 1] (probabilities are non-negative): 0 when the views agree, 1 when they put their mass
+    on different classes. Symmetric; both views get gradients. The paper does not define the term;
+    the SwinMM code names it only in a comment, ``CosineSimilarity(dim=1)`` (over the classes,
+    per voxel), which is a similarity: ``1 - cos`` makes it a loss, and both sides are
+    probabilities (the comment's call site would compare log-probabilities with probabilities).
+    """
+    if logits_a.shape != logits_b.shape:
+        raise ValueError(f"view outputs differ in shape: {tuple(logits_a.shape)} and {tuple(logits_b.shape)}")
+    p_a, p_b = torch.softmax(logits_a.float(), 1), torch.softmax(logits_b.float(), 1)
+    return (1 - F.cosine_similarity(p_a, p_b, dim=1)).mean()
+
+
 # --- SwinFUSE (Talasila et al., 2024) -------------------------------------------------------------
 
 
