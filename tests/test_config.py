@@ -182,7 +182,8 @@ def _paired_arms():
     for size, p in EFFICIENCY.items():
         for method in ("swin_unetr", "swinmm", "swinfuse"):
             config = f"pretrain/{method}_tiny" if size == "tiny" else f"pretrain/{method}"
-            yield f"efficiency {size} {method}", [config, p["pretrain"]], [p["finetune_config"], p["finetune"]]
+            for finetune in (p["finetune_config"], p["semi_finetune_config"]):
+                yield f"efficiency {size} {method} {finetune}", [config, p["pretrain"]], [finetune, p["finetune"]]
 
 
 @pytest.mark.parametrize("name, pretrain, finetune", list(_paired_arms()), ids=lambda v: v if isinstance(v, str) else "")
