@@ -228,7 +228,7 @@ def test_help_shows_bracketed_default_texts(args, text):
 @pytest.mark.parametrize("args, text", [
     (["predict", "--help"], "then the preprocessing is inverted (foreground crop, resampling, reorientation), so"),
     (["pretrain", "--help"], "contrastive), swinmm (masked multi-view reconstruction"),
-    (["finetune", "--help"], "adds pseudo-labelled unlabelled volumes. Writes a run directory with"),
+    (["finetune", "--help"], "adds pseudo-labelled unlabelled volumes. A network with SwinFUSE's domain-invariance module"),
 ])
 def test_help_paragraphs_are_not_broken_mid_sentence(args, text):
     result = runner.invoke(app, args, env=WIDE)

@@ -216,7 +216,7 @@ def finetune(
     overrides: Optional[List[str]] = typer.Argument(
         None, help="key=value overrides, e.g. data=PATH finetune.pretrained=RUN_DIR finetune.label_ratio=0.1."),
     config: List[str] = typer.Option(["finetune/tiny"], "--config", "-c", help="Preset name or YAML file "
-                                     "(finetune/ct, finetune/mri, finetune/swinmm, finetune/tiny, "
+                                     "(finetune/ct, finetune/mri, finetune/swinmm, finetune/swinfuse, finetune/tiny, "
                                      "finetune/swinmm_tiny); repeat to lay presets over one another."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory (or cross-validation "
                                           "folder) from its last checkpoint."),
@@ -227,8 +227,15 @@ def finetune(
     (never its test cases). model.multiview=true (finetune/swinmm) trains SwinMM's two-view
     network with cross-view attention (model.cross_attention_at: bottleneck, intermediate or none)
     and view consistency (finetune.consistency: kl or cosine); finetune.unlabeled=PATH (or rest: the
-    training cases the label ratio leaves out) adds pseudo-labelled unlabelled volumes. Writes a run directory with checkpoints/best.pt (best validation
-    Dice) and last.pt, metrics.csv, TensorBoard and PNG overlays, and prints where it is.
+    training cases the label ratio leaves out) adds pseudo-labelled unlabelled volumes. A network
+    with SwinFUSE's domain-invariance module (finetune/swinfuse) gets the crop and a cut-out copy
+    as its two streams (finetune.dim_cutout). Writes a run directory with checkpoints/best.pt (best
+    validation Dice) and last.pt, metrics.csv, TensorBoard and PNG overlays, and prints where it is.
+
+    From finetune.pretrained=RUN, the pre-trained plan's network and input (orientation, spacing,
+    CT window, MRI normalisation) are adopted, each change printed (finetune.adopt_preprocessing=false
+    keeps this config's input); an encoder pre-trained on another modality is refused unless
+    finetune.allow_modality_change=true.
 
     finetune.folds=5 finetune.fold=all trains every fold, one after the other, into one folder
     (fold_0 ... fold_4, each such a run directory, and folds.json): swinssl predict FOLDER
