@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -127,14 +128,36 @@ def one_line_error(result) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+LOOKUP = """
+import os, sys
+import nnunetv2
+from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+found = []
+for argument in sys.argv[1:]:
+    folder, name = argument.split(":")
+    found.append(recursive_find_python_class(os.path.join(nnunetv2.__path__[0], *folder.split("/")), name,
+                                             "nnunetv2." + folder.replace("/", ".")))
+print(" ".join(f"{c.__module__}.{c.__name__}" for c in found if c is not None))
+"""
+TRAINERS, NORMALIZATIONS = "training/nnUNetTrainer", "preprocessing/normalization"
+
+
+def lookup_in_fresh_process(*folder_names: str) -> str:
+    """nnU-Net's lookup by class name (``folder:Name``), in a new process that writes bytecode (as users'
+    Python does): the modules it imports leave their ``__pycache__`` files."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    done = subprocess.run([sys.executable, "-c", LOOKUP, *folder_names], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
 def test_install_twice_then_uninstall_leaves_nnunet_folder_as_it_was():
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    from swinssl.nnunet.trainer import nnUNetTrainer_SwinUNETR
-
     folder, _ = shims.installed_nnunet()
     was_installed = (folder / shims.SHIMS[0].file).is_file()
     shims.uninstall()
+    # nnU-Net's modules that the lookups below import, compiled as any use of nnU-Net leaves them
+    lookup_in_fresh_process(f"{TRAINERS}:nnUNetTrainer", f"{NORMALIZATIONS}:NoSuchScheme")
     before = tree_digest(folder)
     try:
         first = runner.invoke(app, ["nnunet", "install"])
@@ -143,8 +166,10 @@ def test_install_twice_then_uninstall_leaves_nnunet_folder_as_it_was():
         for shim in shims.SHIMS:
             assert f"wrote: {folder / shim.file}" in first.output
             assert f"unchanged: {folder / shim.file}" in second.output
-        # nnU-Net's own lookup finds the trainer (importing the shim writes its bytecode, removed below)
-        assert recursive_find_trainer_class_by_name("nnUNetTrainer_SwinUNETR") is nnUNetTrainer_SwinUNETR
+        # nnU-Net's lookup finds the classes through the shims (and leaves their bytecode, removed below)
+        assert lookup_in_fresh_process(f"{TRAINERS}:nnUNetTrainer_SwinUNETR", f"{NORMALIZATIONS}:SwinsslNormalization").split() == [
+            "swinssl.nnunet.trainer.nnUNetTrainer_SwinUNETR", "swinssl.nnunet.normalization.SwinsslNormalization"]
+        assert list(folder.rglob("swinssl_*.pyc"))
         removed = runner.invoke(app, ["nnunet", "install", "--uninstall"])
         assert removed.exit_code == 0 and removed.output.count("removed: ") == len(shims.SHIMS), removed.output
         assert tree_digest(folder) == before
@@ -200,6 +225,7 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
     lrs = [warmup_cosine_lr(1e-4, epoch, 4, 14) for epoch in range(15)]
     assert lrs[:4] == pytest.approx([2e-5, 4e-5, 6e-5, 8e-5])
     assert lrs[4] == pytest.approx(1e-4) and lrs[9] == pytest.approx(5e-5) and lrs[14] == pytest.approx(0.0)
+    assert lrs[6] == pytest.approx(0.5e-4 * (1 + np.cos(np.pi * 0.2)))  # a cosine, not a straight line
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
 
 
