@@ -84,7 +84,7 @@ def nnunet_paths(tmp_path, monkeypatch):
     for name, path in paths.items():
         path.mkdir()
         monkeypatch.setenv(name, str(path))
-    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")  # nnU-Net's default worker count, e.g. in nnUNetv2_predict
     monkeypatch.setenv("nnUNet_compile", "false")
     return paths
 
@@ -93,6 +93,7 @@ def plan_dataset(paths: dict[str, Path], tmp_path: Path, cases: int = 4) -> Path
     """Phantoms (32^3) in nnU-Net's raw layout, fingerprinted and planned as
     ``nnUNetv2_plan_and_preprocess -d ID --no_pp`` does; returns nnU-Net's plans file."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
+
 
     write_phantom_dataset(tmp_path / "phantoms", cases=cases, size=32, seed=3)
     write_nnunet_raw(paths["nnUNet_raw"], tmp_path / "phantoms")
@@ -234,9 +235,26 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def planned_once(tmp_path_factory):
+    """nnU-Net's plans of the phantom dataset, planned once for the module's tests."""
+    root = tmp_path_factory.mktemp("planned")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        paths = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+        for name, path in paths.items():
+            path.mkdir()
+            monkeypatch.setenv(name, str(path))
+        return plan_dataset(paths, root).parent
+
+
 @pytest.fixture
-def planned(nnunet_paths, tmp_path):
-    return plan_dataset(nnunet_paths, tmp_path)
+def planned(planned_once, nnunet_paths):
+    """A copy of those plans (and dataset.json) in this test's nnU-Net folders; returns the plans file."""
+    folder = nnunet_paths["nnUNet_preprocessed"] / planned_once.name
+    folder.mkdir()
+    for name in ("nnUNetPlans.json", "dataset.json", "dataset_fingerprint.json"):
+        shutil.copy(planned_once / name, folder / name)
+    return folder / "nnUNetPlans.json"
 
 
 def test_plans_refuse_an_encoder_pretrained_on_another_modality(planned, tmp_path):
