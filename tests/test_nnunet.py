@@ -292,6 +292,30 @@ def test_plans_refuse_a_checkpoint_without_a_plan_unless_normalisation_is_kept(p
     assert config["swinssl"]["network"] == {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 6, 12, 24]}
 
 
+def test_plans_normalise_each_channel_by_its_name_after_a_mixed_pretraining(planned, tmp_path):
+    """A CT + MRI pre-training (modality None, e.g. SwinFUSE) fits any channel: the CT channel gets the
+    pre-training's CT window, the T2 channel its MRI normalisation."""
+    dataset_json = planned.parent / "dataset.json"
+    dataset_json.write_text(json.dumps({**json.loads(dataset_json.read_text()), "channel_names": {"0": "CT", "1": "T2"}}))
+    source = pretrain_checkpoint(tmp_path / "mixed.pt", modality=None)
+    checkpoint = torch.load(source, weights_only=True)
+    checkpoint["plan"]["preprocess"]["mri_normalization"] = "zscore"
+    torch.save(checkpoint, source)
+    written, _ = write_swinssl_plans(planned, source)
+    plans = json.loads(written.read_text())
+    assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["SwinsslNormalization"] * 2
+    assert [plans["foreground_intensity_properties_per_channel"][c]["swinssl"] for c in "01"] == [
+        {"modality": "CT", "ct_window": WINDOW}, {"modality": "MRI", "mri_normalization": "zscore"}]
+
+
+def test_plans_refuse_a_2d_configuration(planned, tmp_path):
+    result = runner.invoke(app, ["nnunet", "plans", str(planned), "--pretrained", str(pretrain_checkpoint(tmp_path / "a.pt")),
+                                 "-c", "2d"])
+    assert result.exit_code == 2
+    assert one_line_error(result) == (f"error: {planned}: configuration '2d' is not 3D; SwinUNETR needs a 3D one "
+                                      "(3d_fullres or 3d_lowres)")
+
+
 def test_export_adapts_a_one_channel_stem_to_the_datasets_channels(planned, tmp_path):
     dataset_json = planned.parent / "dataset.json"
     dataset = json.loads(dataset_json.read_text())
