@@ -174,9 +174,8 @@ def test_install_twice_then_uninstall_leaves_nnunet_folder_as_it_was():
         removed = runner.invoke(app, ["nnunet", "install", "--uninstall"])
         assert removed.exit_code == 0 and removed.output.count("removed: ") == len(shims.SHIMS), removed.output
         assert tree_digest(folder) == before
-    finally:
-        if was_installed:
-            shims.install()
+    finally:  # as found, also when an assertion failed half-way
+        shims.install() if was_installed else shims.uninstall()
 
 
 def test_install_refuses_an_untested_nnunet_version(tmp_path, monkeypatch):
