@@ -54,6 +54,8 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "engine": frozenset({"infer", "cli", "study", "demo"}),
     "metrics": frozenset({"engine", "nn", "ssl", "methods", "infer", "cli"}),
     "infer": frozenset({"engine", "cli", "study", "demo"}),
+    # The nnU-Net bridge uses the network, the loader, plans and transforms; nnU-Net runs the training.
+    "nnunet": frozenset({"engine", "methods", "ssl", "infer", "cli", "study", "demo"}),
     # Leaves that every layer may use: the checkpoint plan, the run folder's names, the figures.
     "plan": frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "study", "demo"}),
     "runs": frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "study", "demo"}),
@@ -289,6 +291,34 @@ def test_no_forbidden_arrows(swinssl_graph):
             f"../shared/DESIGN.md, Layering):\n" + format_forbidden(bad),
             pytrace=False,
         )
+
+
+def third_party_importers(src_root: Path, package: str, name: str) -> list[str]:
+    """``file:line`` of every import of the third-party package ``name`` (or its submodules) in ``package``."""
+    found = []
+    for module, path in discover_modules(src_root, package).items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in _import_statements(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if not getattr(node, "level", 0) and any(n == name or n.startswith(name + ".") for n in names):
+                found.append(f"{path.relative_to(src_root.parent).as_posix()}:{node.lineno}")
+    return found
+
+
+def test_only_the_nnunet_bridge_imports_nnunet():
+    """nnU-Net is an optional extra (swinssl[nnunet]): only ``swinssl.nnunet`` may import it, and only the
+    bridge's trainer, normalisation and export modules, which nnU-Net or ``swinssl nnunet export`` load."""
+    importers = third_party_importers(SRC_ROOT, PACKAGE, "nnunetv2")
+    assert importers, "the bridge imports nnunetv2 somewhere; the scan saw none"
+    allowed = {f"src/{PACKAGE}/nnunet/{name}.py" for name in ("trainer", "normalization", "export")}
+    outside = [where for where in importers if where.rsplit(":", 1)[0] not in allowed]
+    assert not outside, f"nnunetv2 imported outside the bridge's nnU-Net-side modules: {outside}"
+
+
+def test_nothing_but_the_cli_imports_the_nnunet_bridge(swinssl_graph):
+    _, edges = swinssl_graph
+    users = [str(e) for e in edges if layer_of(e.imported) == "nnunet" and layer_of(e.importer) not in ("nnunet", "cli")]
+    assert not users, f"the nnU-Net bridge is imported outside the CLI: {users}"
 
 
 # --------------------------------------------------------------------------------------------------

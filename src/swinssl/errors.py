@@ -38,6 +38,13 @@ class CheckpointError(SwinsslError, ValueError):
     exit_code = 3
 
 
+class DependencyError(SwinsslError, RuntimeError):
+    """An optional dependency is missing or of a version swinssl was not tested with (e.g.
+    nnU-Net for ``swinssl nnunet``); the message names it and the tested range."""
+
+    exit_code = 2
+
+
 class OutputError(SwinsslError, OSError):
     """An output folder cannot be created or written (a file in the way, no permission,
     read-only or full disk). Checked before the work starts; the message names the folder."""

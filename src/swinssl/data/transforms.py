@@ -113,16 +113,23 @@ class LoadCased(MapTransform):
         return d
 
 
+def intensity_normalizer(cfg: PreprocessConfig, modality: str):
+    """The transform that scales a channel-first volume of ``modality`` (CT or MRI) for the network
+    (see module docstring); one definition, also run by nnU-Net's ``SwinsslNormalization``."""
+    if modality == "CT":
+        return ScaleIntensityRange(*cfg.ct_window, b_min=0.0, b_max=1.0, clip=True)
+    if cfg.mri_normalization == "percentile":
+        return ScaleIntensityRangePercentiles(*cfg.mri_percentiles, b_min=0.0, b_max=1.0, clip=True, channel_wise=True)
+    return NormalizeIntensity(nonzero=True, channel_wise=True)
+
+
 class NormalizeByModalityd(MapTransform):
     """Scale ``image`` by the modality named in the item (see module docstring)."""
 
     def __init__(self, cfg: PreprocessConfig):
         super().__init__(keys=["image"])
-        self.ct = ScaleIntensityRange(*cfg.ct_window, b_min=0.0, b_max=1.0, clip=True)
-        if cfg.mri_normalization == "percentile":
-            self.mri = ScaleIntensityRangePercentiles(*cfg.mri_percentiles, b_min=0.0, b_max=1.0, clip=True, channel_wise=True)
-        else:
-            self.mri = NormalizeIntensity(nonzero=True, channel_wise=True)
+        self.ct = intensity_normalizer(cfg, "CT")
+        self.mri = intensity_normalizer(cfg, "MRI")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

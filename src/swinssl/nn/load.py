@@ -187,6 +187,19 @@ def detect_layout(ckpt: Mapping, state: Mapping[str, torch.Tensor]) -> str:
     return "monai"
 
 
+def renamed_state(ckpt: Mapping, name: str = "<state dict>", layout: str | None = None) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors under SwinUNETR's key names (its layout's filter applied, the layout's
+    known extras dropped), without a model: for reading what a foreign checkpoint's encoder is."""
+    state, _ = _tensor_dict(ckpt, name)
+    layout = layout or detect_layout(ckpt, state)
+    renamed = {}
+    for key, value in state.items():
+        new = FILTERS[layout](key)
+        if new is not None:
+            renamed[new] = value
+    return renamed
+
+
 def load_pretrained(model: nn.Module, source: str | Path | Mapping, layout: str | None = None) -> LoadReport:
     """Load ``source`` (a path or an already loaded dict) into ``model``; see the module docstring."""
     name = str(source) if isinstance(source, (str, Path)) else "<state dict>"
