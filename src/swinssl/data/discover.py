@@ -183,7 +183,7 @@ def _modality_hint(path: Path, root: Path) -> str | None:
 # --- dataset.json: MSD and nnU-Net --------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -196,7 +196,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _from_dataset_json(path: Path) -> Dataset:
-    data = _read_json(path)
+    data = read_json_object(path)
     if "channel_names" in data:
         return _from_nnunet(path, data)
     if "training" in data or "test" in data or "validation" in data:

@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 from swinssl import __version__
 from swinssl.config import ModelConfig, PreprocessConfig
+from swinssl.data.discover import read_json_object
 from swinssl.errors import CheckpointError, ConfigError, DataError
 from swinssl.nn.build import build_network
 from swinssl.nn.load import read_checkpoint, renamed_state
@@ -133,15 +134,10 @@ def describe(record: Mapping[str, Any]) -> str:
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: {what} not found") from None
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot read {what} ({err})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: {what} is not a JSON object")
-    return data
+    """A JSON object (``data.discover.read_json_object``), saying which file is missing."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: {what} not found")
+    return read_json_object(Path(path))
 
 
 def read_plans(plans_file: str | Path, configuration: str) -> tuple[dict, dict, Path]:
