@@ -84,6 +84,40 @@ def test_padding_is_invisible_at_multiples_of_32():
         torch.testing.assert_close(net(x), net.decode(*net.encode(x)))
 
 
+def _network_input_shapes(net, x):
+    seen = []
+    handle = net.swinViT.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[2:])))
+    with torch.no_grad():
+        out = net(x)
+    handle.remove()
+    return seen, out
+
+
+def test_a_32_cube_runs_unpadded_with_the_one_voxel_instance_norm():
+    net = swin_unetr("tiny", out_channels=2).eval()
+    seen, out = _network_input_shapes(net, torch.randn(2, 1, 32, 32, 32))
+    assert seen == [(32, 32, 32)] and out.shape == (2, 2, 32, 32, 32)
+    # One bottleneck voxel: each instance norm of MONAI's residual block gives zero there, so the
+    # block is LeakyReLU(0 + its input).
+    bottom = torch.randn(2, 192, 1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(net.encoder10(bottom), torch.nn.functional.leaky_relu(bottom, 0.01))
+        # Above one voxel the swapped norm is torch's instance norm.
+        bigger = torch.randn(2, 192, 1, 1, 2)
+        reference = MonaiSwinUNETR(1, 2, feature_size=12).encoder10
+        reference.load_state_dict(net.encoder10.state_dict())
+        torch.testing.assert_close(net.encoder10(bigger), reference(bigger))
+
+
+def test_legacy_rule_pads_a_32_cube_to_64_along_the_last_axis():
+    net = swin_unetr("tiny", out_channels=2, single_voxel_bottleneck="pad").eval()
+    seen, out = _network_input_shapes(net, torch.randn(1, 1, 32, 32, 32))
+    assert seen == [(32, 32, 64)] and out.shape == (1, 2, 32, 32, 32)
+    assert net.config["single_voxel_bottleneck"] == "pad"  # part of the plan
+    with pytest.raises(ValueError, match="single_voxel_bottleneck must be 'exact' or 'pad', got 'crop'"):
+        swin_unetr("tiny", single_voxel_bottleneck="crop")
+
+
 def _count_attention_calls(monkeypatch, net, x):
     calls = {"chunked": 0, "sdpa": []}
     chunked, sdpa = swin_module.window_attention, torch.nn.functional.scaled_dot_product_attention

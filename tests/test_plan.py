@@ -5,6 +5,7 @@ import pytest
 
 from swinssl.config import MethodConfig, ModelConfig, PreprocessConfig, to_dict
 from swinssl.errors import CheckpointError
+from swinssl.nn.build import build_network
 from swinssl.plan import Plan, adopt_architecture, architecture_of
 from swinssl.runs import RunDir, resolve_checkpoint
 
@@ -22,13 +23,21 @@ def test_plan_round_trips_through_plain_data():
 
 def test_plan_of_an_older_checkpoint_is_read():
     # As version 0.x wrote them: network with out_channels (a ModelConfig field then), no method views.
-    old = {"network": {**to_dict(ModelConfig(feature_size=12)), "out_channels": 3, "patch_size": 2},
+    network = {k: v for k, v in to_dict(ModelConfig(feature_size=12)).items() if k != "single_voxel_bottleneck"}
+    old = {"network": {**network, "out_channels": 3, "patch_size": 2},
            "preprocess": to_dict(PreprocessConfig()), "labels": {0: "background", 1: "liver", 2: "kidney"},
            "method": {k: v for k, v in to_dict(MethodConfig()).items() if k != "views"}}
     plan = Plan.from_dict(old, "old.pt")
     assert plan.out_channels == 3 and plan.network.feature_size == 12 and plan.method.views == ""
     assert plan.labels == {"0": "background", "1": "liver", "2": "kidney"}  # JSON keys are text
     assert plan.modality is None and plan.cache is None
+    # Its segmentation network was trained padding 32^3 crops to 64 along the last axis: it keeps
+    # that; a plan without a segmentation head (pre-training) takes today's rule.
+    assert plan.network.single_voxel_bottleneck == "pad"
+    assert build_network(plan.network_fields()).config["single_voxel_bottleneck"] == "pad"
+    pretraining = {"network": {k: v for k, v in to_dict(ModelConfig()).items() if k != "single_voxel_bottleneck"},
+                   "preprocess": to_dict(PreprocessConfig())}
+    assert Plan.from_dict(pretraining).network.single_voxel_bottleneck == "exact"
 
 
 @pytest.mark.parametrize("raw, message", [

@@ -85,6 +85,9 @@ class ModelConfig:
     # shared attention layer with that many heads (swinssl.nn.dim).
     dim_heads: int | tuple[int, ...] = (3, 6, 12, 24)
     dim_pool: int = 4  # domain-invariance module: keys/values average-pooled by this per axis (memory)
+    # Inputs of at most 32 voxels per axis have a one-voxel bottleneck: exact = its instance norm's
+    # value there (zero); pad = pad the last axis to 64 (twice the work; what plans written before this key did)
+    single_voxel_bottleneck: Literal["exact", "pad"] = "exact"
 
 
 @dataclass

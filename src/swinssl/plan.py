@@ -85,6 +85,9 @@ class Plan:
             raise CheckpointError(f"{source}: the checkpoint's plan lacks its {' or '.join(map(repr, needs))} section")
         network = dict(raw.get("network") or {})
         out_channels, patch_size = network.pop("out_channels", None), network.pop("patch_size", 2)
+        if out_channels is not None:
+            # A segmentation network trained before the key existed was trained padding to 64.
+            network.setdefault("single_voxel_bottleneck", "pad")
         try:
             model = from_dict(ModelConfig, network, source=source, prefix="plan.network.")
             preprocess = from_dict(PreprocessConfig, dict(raw.get("preprocess") or {}), source=source,

@@ -2,9 +2,12 @@
 
 State-dict compatible with ``monai.networks.nets.SwinUNETR`` (``swinViT.*``,
 ``encoder1..4``, ``encoder10``, ``decoder5..1``, ``out``). Unlike MONAI it accepts any
-input size: the input is zero-padded to a multiple of 32 (and to 64 along the last axis
-when every axis fits in 32, since the bottleneck's instance norm needs more than one
-voxel) and the logits are cropped back.
+input size: the input is zero-padded to a multiple of 32 and the logits are cropped back.
+An input of at most 32 voxels per axis has a one-voxel bottleneck, where MONAI's instance
+norm refuses to run; there our ``encoder10`` takes the instance norm's value at one voxel
+(zero: the voxel minus its own mean), so a 32^3 window costs a 32^3 forward pass. Plans
+written before this rule padded the last axis to 64 instead (``single_voxel_bottleneck="pad"``,
+twice the work), and keep doing so.
 
 Sizes (``feature_size``): tiny 12, small 24, base 48, large 96; see ``swin_unetr``.
 """
@@ -33,8 +36,10 @@ class SwinUNETR(nn.Module):
                  norm_name: str = "instance", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  dropout_path_rate: float = 0.0, normalize: bool = True, use_checkpoint: bool = False,
                  domain_invariance: bool = False, dim_heads: int | Sequence[int] = (3, 6, 12, 24),
-                 dim_pool: int = 4):
+                 dim_pool: int = 4, single_voxel_bottleneck: str = "exact"):
         super().__init__()
+        if single_voxel_bottleneck not in ("exact", "pad"):
+            raise ValueError(f"single_voxel_bottleneck must be 'exact' or 'pad', got {single_voxel_bottleneck!r}")
         # Constructor arguments, as plain data: checkpoints store them as the network plan.
         self.config = dict(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size,
                            depths=list(depths), num_heads=list(num_heads), window_size=window_size,
@@ -42,7 +47,8 @@ class SwinUNETR(nn.Module):
                            drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                            dropout_path_rate=dropout_path_rate, normalize=normalize, use_checkpoint=use_checkpoint,
                            domain_invariance=domain_invariance,
-                           dim_heads=dim_heads if isinstance(dim_heads, int) else list(dim_heads), dim_pool=dim_pool)
+                           dim_heads=dim_heads if isinstance(dim_heads, int) else list(dim_heads), dim_pool=dim_pool,
+                           single_voxel_bottleneck=single_voxel_bottleneck)
         self.normalize = normalize
         self.multiple = patch_size**5  # five halvings: patch embedding + four stages
         f = feature_size
@@ -63,6 +69,8 @@ class SwinUNETR(nn.Module):
         self.encoder3 = enc(2 * f, 2 * f)
         self.encoder4 = enc(4 * f, 4 * f)
         self.encoder10 = enc(16 * f, 16 * f)
+        if single_voxel_bottleneck == "exact":
+            _define_one_voxel_instance_norm(self.encoder10)
         self.decoder5 = up(16 * f, 8 * f)
         self.decoder4 = up(8 * f, 4 * f)
         self.decoder3 = up(4 * f, 2 * f)
@@ -85,9 +93,8 @@ class SwinUNETR(nn.Module):
             raise ValueError(f"expected {self.config['in_channels']} input channels, got {x.shape[1]}")
         size = tuple(x.shape[2:])
         pads = [(-s) % self.multiple for s in size]
-        if all(s + p == self.multiple for s, p in zip(size, pads)):
-            # A single bottleneck voxel cannot be instance-normalised: give the last axis two.
-            pads[2] += self.multiple
+        if self.config["single_voxel_bottleneck"] == "pad" and all(s + p == self.multiple for s, p in zip(size, pads)):
+            pads[2] += self.multiple  # older plans: two bottleneck voxels along the last axis
         if any(pads):
             x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]))
         return x, size
@@ -121,6 +128,28 @@ class SwinUNETR(nn.Module):
         if self.config["use_checkpoint"] and self.training and torch.is_grad_enabled():
             return checkpoint(block, *inputs, use_reentrant=False)
         return block(*inputs)
+
+
+class OneVoxelInstanceNorm3d(nn.InstanceNorm3d):
+    """``nn.InstanceNorm3d`` that also normalises a single voxel: each channel minus its own mean is
+    zero there, so the output is zero (plus the affine bias), where torch raises instead."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2:].numel() == 1 and not self.track_running_stats:
+            out = torch.zeros_like(x)
+            return out + self.bias.view(1, -1, 1, 1, 1) if self.affine else out
+        return super().forward(x)
+
+
+def _define_one_voxel_instance_norm(block: nn.Module) -> None:
+    """Swap ``block``'s instance norms for ``OneVoxelInstanceNorm3d`` (same settings and state keys)."""
+    for name, module in list(block.named_modules()):
+        if type(module) is nn.InstanceNorm3d:
+            parent = block.get_submodule(name.rpartition(".")[0])
+            swapped = OneVoxelInstanceNorm3d(module.num_features, module.eps, module.momentum, module.affine,
+                                             module.track_running_stats)
+            swapped.load_state_dict(module.state_dict())
+            setattr(parent, name.rpartition(".")[2], swapped)
 
 
 def swin_unetr(size: str = "base", **kwargs) -> SwinUNETR:
