@@ -18,7 +18,7 @@ from swinssl.config import Config, from_dict, load_config, to_dict
 from swinssl.engine import estimate as est
 from swinssl.engine.memory import (ENV, GIB, Fit, fitting_setting, is_out_of_memory, largest_batch, largest_roi,
                                    smaller_setting)
-from swinssl.errors import ConfigError, TrainingError
+from swinssl.errors import TrainingError
 
 runner = CliRunner()
 
