@@ -15,7 +15,9 @@ For each config, one after the other (never two at once, so neither slows the ot
    in a subprocess of its own: peak memory is that process's ``ru_maxrss`` from ``os.wait4``
    (its largest finished child's if larger, as the probe counts it), on CUDA
    ``torch.cuda.max_memory_reserved`` is not readable from outside, so the run's own peak is
-   not compared there); step time the median ``step_s`` of steps 2 and 3 in its metrics.csv.
+   not compared there); step time the median ``step_s`` of steps 2 and 3 in its metrics.csv, and
+   the median ``cpu_s`` (the process's CPU seconds in the step, all threads), which other
+   processes on the same cores disturb far less than wall time.
 
 With ``--fit`` the tiny configs are also estimated with a memory budget (a second probe at one
 crop, the line ``peak = base + crops x per_crop``) and a real run at more crops than either
@@ -65,10 +67,12 @@ def real_run(stage: str, preset: str, overrides: list[str], out: Path, device: s
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"{' '.join(command)} failed ({code}); see {out.parent / f'{out.name}.log'}")
-    rows = sorted((r for r in read_metrics(out / "real") if r["name"] == "step_s"), key=lambda r: r["step"])
-    times = [r["value"] for r in rows]
+    rows = sorted(read_metrics(out / "real"), key=lambda r: r["step"])
+    times = [r["value"] for r in rows if r["name"] == "step_s"]
+    cpu = [r["value"] for r in rows if r["name"] == "cpu_s"]
     return {"peak": usage.ru_maxrss * 1024, "step_s": statistics.median(times[1:]), "times": times,
-            "wall_s": time.perf_counter() - began, "command": command}
+            "cpu_s": statistics.median(cpu[1:]), "cpu_times": cpu, "wall_s": time.perf_counter() - began,
+            "load": os.getloadavg(), "command": command}
 
 
 def measure(name: str, data: str, device: str, scratch: Path, fit: bool, fit_batch: int) -> dict:
@@ -78,16 +82,18 @@ def measure(name: str, data: str, device: str, scratch: Path, fit: bool, fit_bat
     stage, preset = CONFIGS[name]
     overrides = [f"data={data}"]
     cfg = load_config(preset, [*overrides, f"train.out={scratch / name}"])
-    began = time.perf_counter()
+    began, load = time.perf_counter(), os.getloadavg()
     predicted = estimate(cfg, stage, device, fit=fit)
     estimate_s = time.perf_counter() - began
     print(f"  {name}: estimate {predicted.summary()} in {estimate_s:.0f} s", file=sys.stderr, flush=True)
     measured = real_run(stage, preset, overrides, scratch / name, device)
-    print(f"  {name}: real run peak {measured['peak'] / GIB:.2f} GiB, {measured['step_s']:.3g} s/step",
+    print(f"  {name}: real run peak {measured['peak'] / GIB:.2f} GiB, {measured['step_s']:.3g} s/step "
+          f"({measured['cpu_s']:.3g} CPU s); estimate {predicted.cpu_s:.3g} CPU s/step",
           file=sys.stderr, flush=True)
     row = {"stage": stage, "preset": preset, "crops": predicted.crops, "predicted": predicted.to_dict(),
-           "estimate_s": estimate_s, "measured": measured,
-           "peak_ratio": predicted.peak / measured["peak"], "step_ratio": predicted.seconds / measured["step_s"]}
+           "estimate_s": estimate_s, "estimate_load": load, "measured": measured,
+           "peak_ratio": predicted.peak / measured["peak"], "step_ratio": predicted.seconds / measured["step_s"],
+           "cpu_ratio": predicted.cpu_s / measured["cpu_s"]}
     if fit and predicted.fit is not None:
         batch = fit_batch
         crops = batch * cfg.preprocess.num_crops
@@ -102,13 +108,17 @@ def measure(name: str, data: str, device: str, scratch: Path, fit: bool, fit_bat
 def table(rows: dict, header: str) -> list[str]:
     lines = [header, "",
              f"{'config':<15} {'preset':<26} {'crops':>5} {'peak GiB pred':>13} {'meas':>6} {'ratio':>6} "
-             f"{'s/step pred':>11} {'meas':>7} {'ratio':>6}  within 25%"]
+             f"{'s/step pred':>11} {'meas':>7} {'ratio':>6} {'CPU s/step pred':>15} {'meas':>7} {'ratio':>6} "
+             f"{'load':>9}  within 25%"]
     lines.append("-" * len(lines[-1]))
     for name, r in rows.items():
-        ok = all(abs(r[k] - 1) <= TOLERANCE for k in ("peak_ratio", "step_ratio"))
+        ok = {k: abs(r[k] - 1) <= TOLERANCE for k in ("peak_ratio", "step_ratio", "cpu_ratio")}
+        verdict = ", ".join(f"{k.split('_')[0]} {'yes' if v else 'NO'}" for k, v in ok.items())
+        load = f"{r['estimate_load'][0]:.1f}/{r['measured']['load'][0]:.1f}"
         lines.append(f"{name:<15} {r['preset']:<26} {r['crops']:>5} {r['predicted']['peak'] / GIB:>13.2f} "
                      f"{r['measured']['peak'] / GIB:>6.2f} {r['peak_ratio']:>6.2f} {r['predicted']['seconds']:>11.3g} "
-                     f"{r['measured']['step_s']:>7.3g} {r['step_ratio']:>6.2f}  {'yes' if ok else 'NO'}")
+                     f"{r['measured']['step_s']:>7.3g} {r['step_ratio']:>6.2f} {r['predicted']['cpu_s']:>15.3g} "
+                     f"{r['measured']['cpu_s']:>7.3g} {r['cpu_ratio']:>6.2f} {load:>9}  {verdict}")
     checks = {n: r["fit_check"] for n, r in rows.items() if "fit_check" in r}
     if checks:
         lines += ["", "memory fit (probes at the config's crops and at one crop) extrapolated to a larger batch:",
@@ -118,8 +128,10 @@ def table(rows: dict, header: str) -> list[str]:
                          f"{c['measured']['peak'] / GIB:>6.2f} {c['peak_ratio']:>6.2f}")
     lines += ["", "pred: swinssl estimate (3 steps of the real stage in a separate process, first step not timed); "
               "meas: a real 3-step run of the CLI in its own process (validation/checkpoint at step 3 as the preset "
-              "says); peak = the process's peak resident set size (CPU); s/step = median step_s of steps 2-3; "
-              "ratio = pred / meas"]
+              "says); peak = the process's peak resident set size (CPU); s/step = median step_s (wall) of steps 2-3; "
+              "CPU s/step = median cpu_s (the process's CPU seconds in the step, all threads: the work done, "
+              "much less sensitive to other processes on the same cores than wall time); ratio = pred / meas; "
+              "load = 1-minute load average when the estimate / the real run started (2 CPUs)"]
     return lines
 
 

@@ -178,6 +178,52 @@ def test_what_counts_as_out_of_memory(err, oom):
     assert is_out_of_memory(err) is oom
 
 
+def fake_probes(monkeypatch, peak_of, out_of_memory_above=None):
+    """Probes that 'measure' peak_of(crops) and 2 s/step; more crops than ``out_of_memory_above`` run out."""
+    calls = []
+
+    def probe(spec, tmp):
+        cfg = from_dict(Config, spec["config"])
+        crops = cfg.train.batch_size * cfg.preprocess.num_crops
+        calls.append(crops)
+        assert (cfg.train.steps, cfg.train.val_every, cfg.train.checkpoint_every) == (3, 0, 0)
+        if out_of_memory_above is not None and crops > out_of_memory_above:
+            raise est.ProbeFailed("out of memory at step 1 of 3 on cpu", out_of_memory=True)
+        return {"peak": peak_of(crops), "step_s": 2.0, "data_s": 0.1, "cpu_s": 3.9, "times": [5.0, 2.0, 2.0]}
+
+    monkeypatch.setattr(est, "run_probe", probe)
+    return calls
+
+
+def test_a_budget_adds_a_probe_at_one_crop_and_reads_the_fit(tmp_path, monkeypatch):
+    calls = fake_probes(monkeypatch, lambda crops: (1 + 0.5 * crops) * GIB)
+    cfg = load_config("finetune/tiny", [f"data={tmp_path}", "train.batch_size=2", "preprocess.num_crops=2"])
+    plain = est.estimate(cfg, "finetune", "cpu")
+    assert calls == [4] and plain.fit is None and plain.peak == 3 * GIB and plain.seconds == 2.0
+    calls.clear()
+    found = est.estimate(cfg, "finetune", "cpu", budget_gib=4.2)
+    assert calls == [4, 1]  # the config's crops, then one
+    assert found.fit.base == pytest.approx(GIB) and found.fit.per_crop == pytest.approx(0.5 * GIB)
+    assert found.batch.overrides == ["train.batch_size=3"]  # 1 + 3 x 2 x 0.5 = 4 GiB
+    assert found.roi.overrides == ["preprocess.roi_size=64"]  # 96^3: 1 + 4 x 0.5 x (96/64)^3 = 7.75 GiB
+    calls.clear()
+    one = load_config("finetune/tiny", [f"data={tmp_path}", "train.batch_size=1", "preprocess.num_crops=1"])
+    assert est.estimate(one, "finetune", "cpu", budget_gib=4.0).fit is not None and calls == [1, 2]
+
+
+def test_a_probe_that_runs_out_of_memory_gives_the_peak_from_smaller_ones(tmp_path, monkeypatch):
+    calls = fake_probes(monkeypatch, lambda crops: (2 + 3 * crops) * GIB, out_of_memory_above=2)
+    cfg = load_config("pretrain/swin_unetr", [f"data={tmp_path}", "train.accelerator=cpu"])  # 2 x 2 crops
+    monkeypatch.setattr(est, "device_memory", lambda device: 12 * GIB)
+    found = est.estimate(cfg, "pretrain", "cpu")
+    assert calls == [4, 1, 2]
+    assert found.peak == pytest.approx(14 * GIB) and not found.timed
+    assert found.batch.overrides == ["train.batch_size=1", "train.accumulate=2"]  # 2 + 2 x 3 = 8 GiB
+    line = found.line()
+    assert line.startswith("estimate: peak 14.0 GiB resident, s/step not measured (out of memory) on cpu")
+    assert "expect out of memory, train.batch_size=1 train.accumulate=2 (about 8.0 GiB) fits" in line
+
+
 # --- the line at start ----------------------------------------------------------------------------------------
 
 
@@ -324,8 +370,10 @@ def test_runs_log_step_and_data_seconds(phantoms, tmp_path):
                                         "train.steps=2", "train.checkpoint_every=0"])
     rows = read_metrics(finetune(cfg, progress=False))
     step_s = [r["value"] for r in rows if r["name"] == "step_s"]
+    cpu_s = [r["value"] for r in rows if r["name"] == "cpu_s"]
     data_s = [r["value"] for r in rows if r["name"] == "data_s"]
-    assert len(step_s) == len(data_s) == 2 and all(s > 0 for s in step_s) and all(d >= 0 for d in data_s)
+    assert len(step_s) == len(cpu_s) == len(data_s) == 2
+    assert all(s > 0 for s in step_s + cpu_s) and all(d >= 0 for d in data_s)
 
 
 # --- a real estimate against a real run ---------------------------------------------------------------------------

@@ -6,7 +6,8 @@ carry, the batches, the loss of a micro-step, validation and previews. The runne
 rest the same way for all: the run directory, AdamW with warm-up + cosine, resuming exactly
 where a run stopped, gradient accumulation, clipping, a stop (or skip) on a non-finite loss or
 gradient, averaged metrics (CSV, TensorBoard, progress bar; ``step_s``: seconds per optimiser
-step without waiting for data, ``data_s``: seconds waiting for batches), ``checkpoints/last.pt``
+step without waiting for data, ``cpu_s``: the process's CPU seconds in it, ``data_s``: seconds
+waiting for batches), ``checkpoints/last.pt``
 (and ``best.pt`` for a stage with a best metric), one clear line when a process of a distributed
 run fails, and one when a step runs out of memory (``engine.memory``: where, the estimate made at
 start, a setting that fits).
@@ -128,10 +129,10 @@ class Runner:
             batches = self.stage.batches(fabric, self.start)
             sums: dict[str, float] = {}
             count, tick, crops, skipped, in_a_row, metrics = 0, time.perf_counter(), 0, 0, 0, {}
-            busy, waited, timed = 0.0, 0.0, 0  # seconds computing and waiting for data, steps timed
+            busy, cpu, waited, timed = 0.0, 0.0, 0.0, 0  # seconds computing (wall, CPU), waiting for data; steps
             try:
                 for step in range(self.start, t.steps):
-                    began = time.perf_counter()
+                    began, began_cpu = time.perf_counter(), time.process_time()
                     with self.out_of_memory(f"step {step + 1} of {t.steps}"):
                         seen, previews, fault, crops_done = self.step(batches, step)
                     crops += crops_done
@@ -148,6 +149,7 @@ class Runner:
                                 sums[k] = sums.get(k, 0.0) + v.item()  # waits for the device: the step is done
                             count += 1
                     busy += time.perf_counter() - began - self.waited
+                    cpu += time.process_time() - began_cpu - self.waited_cpu
                     waited, timed = waited + self.waited, timed + 1
                     done = step + 1
                     if due(done, t.log_every, t.steps):
@@ -155,12 +157,13 @@ class Runner:
                         means = {k: float(fabric.all_reduce(torch.tensor(v), reduce_op="mean")) for k, v in means.items()}
                         rate = crops / (time.perf_counter() - tick)
                         metrics = {**means, "lr": self.scheduler.get_last_lr()[0], "crops_per_s": rate,
-                                   "skipped_steps": skipped, "step_s": busy / timed, "data_s": waited / timed}
+                                   "skipped_steps": skipped, "step_s": busy / timed, "cpu_s": cpu / timed,
+                                   "data_s": waited / timed}
                         if self.logger:
                             self.logger.log(done, "train", metrics)
                         self.bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", crops_s=f"{rate:.2f}")
                         sums, count, tick, crops = {}, 0, time.perf_counter(), 0
-                        busy, waited, timed = 0.0, 0.0, 0
+                        busy, cpu, waited, timed = 0.0, 0.0, 0.0, 0
                     with self.out_of_memory(f"the validation or checkpoint after step {done}"):
                         self.after_step(done, metrics, previews)
                     self.bar.update(1)
@@ -177,11 +180,12 @@ class Runner:
         t, fabric, model = self.t, self.fabric, self.model
         model.train()
         seen, previews, fault, crops = [], {}, "", 0
-        self.waited = 0.0  # seconds this step waits for its batches
+        self.waited = self.waited_cpu = 0.0  # seconds (wall, CPU) this step waits for its batches
         for micro in range(t.accumulate):
-            fetch = time.perf_counter()
+            fetch, fetch_cpu = time.perf_counter(), time.process_time()
             batch = next(batches)
             self.waited += time.perf_counter() - fetch
+            self.waited_cpu += time.process_time() - fetch_cpu
             with fabric.no_backward_sync(model, enabled=micro < t.accumulate - 1):
                 total, parts, previews = self.stage.losses(model, batch, step, micro, fabric)
                 if not fault and not torch.isfinite(total):
