@@ -289,7 +289,9 @@ def predict(
                                                   "match."),
     roi: Optional[int] = typer.Option(None, "--roi", help="Sliding-window size \\[default: the training crop]."),
     overlap: float = typer.Option(0.5, "--overlap", help="Sliding-window overlap (Gaussian blending)."),
-    sw_batch_size: int = typer.Option(1, "--sw-batch-size", help="Windows per forward pass."),
+    sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size", min=1, help="Windows per forward pass "
+                                                "\\[default: one per CPU thread, or what fits a quarter of the free "
+                                                "GPU memory; at most 16]."),
     flips: bool = typer.Option(False, "--flips", help="Test-time augmentation: average over the 8 axis flips."),
     views: ViewsChoice = typer.Option("auto", "--views", help="single (the identity axis order), fused (softmax of "
                                       "the three axis orders averaged), one order (identity, swap_xy, swap_xz), or "
