@@ -1,0 +1,29 @@
+// swinssl report: records the page's errors where a reader (and swinssl's browser tests) can see
+// them, in <pre id="page-errors">. Runs before anything else on the page.
+"use strict";
+(function () {
+  const errors = [];
+  function show() {
+    const box = document.getElementById("page-errors");
+    if (!box) return;
+    box.textContent = "Errors on this page:\n" + errors.join("\n");
+    box.hidden = errors.length === 0;
+  }
+  window.recordReportError = function (text) {
+    errors.push(String(text));
+    show();
+  };
+  window.addEventListener("error", function (event) {
+    window.recordReportError("error: " + (event.message || event.type));
+  });
+  window.addEventListener("unhandledrejection", function (event) {
+    const reason = event.reason;
+    window.recordReportError("unhandled rejection: " + ((reason && reason.message) || reason));
+  });
+  const consoleError = console.error.bind(console);
+  console.error = function (...args) {
+    window.recordReportError("console.error: " + args.map(String).join(" "));
+    consoleError(...args);
+  };
+  document.addEventListener("DOMContentLoaded", show);
+})();
