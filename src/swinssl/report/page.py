@@ -85,7 +85,7 @@ def render(report: Report, max_side: int = MAX_SIDE, max_cases: int = MAX_CASES)
         data=_script_json(viewer_data),
         volumes="\n".join(f'<script type="application/octet-stream" id="{vid}">{data}</script>'
                           for vid, data in volumes.items()),
-        niivue=niivue_bundle(),
+        niivue=niivue_bundle() if viewer_data["cases"] else "",  # a page without cases needs no viewer
         viewer=(ASSETS / "viewer.js").read_text(),
     )
 

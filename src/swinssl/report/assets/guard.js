@@ -1,12 +1,12 @@
 // swinssl report: records the page's errors where a reader (and swinssl's browser tests) can see
-// them, in <pre id="page-errors">. Runs before anything else on the page.
+// them, in the element with id page-errors. Runs before anything else on the page.
 "use strict";
 (function () {
   const errors = [];
   function show() {
     const box = document.getElementById("page-errors");
     if (!box) return;
-    box.textContent = "Errors on this page:\n" + errors.join("\n");
+    box.textContent = errors.length ? "Errors on this page:\n" + errors.join("\n") : "";
     box.hidden = errors.length === 0;
   }
   window.recordReportError = function (text) {

@@ -1,8 +1,9 @@
 // swinssl report: the case viewer (NiiVue, inlined above as window.niivue) and the sortable tables.
-// The page's data is the JSON in <script id="report-data">; each volume is a gzipped NIfTI, base64, in
-// <script type="application/octet-stream" id="...">, decoded only when its case is shown.
-// <body data-viewer> says where the viewer is: loading, ready (drawn), message (a problem is shown
-// instead of, or above, the images) or none (no cases on this page).
+// The page's data is the JSON in the script element with id report-data; each volume is a gzipped
+// NIfTI, base64, in a script element of type application/octet-stream, decoded only when its case is
+// shown. The body's data-viewer attribute says where the viewer is: loading, ready (drawn), message
+// (a problem is shown instead of, or above, the images) or none (no cases on this page); once drawn,
+// data-canvas holds the canvas's place on the page (x,y,width,height in CSS pixels).
 "use strict";
 (function () {
   const report = JSON.parse(document.getElementById("report-data").textContent);
@@ -121,6 +122,9 @@
     nv.drawScene();
     if (problems.length) say(`Not shown for case ${entry.id}: ${problems.join("; ")}`);
     requestAnimationFrame(() => {
+      const box = $("viewer-canvas").getBoundingClientRect();
+      body.dataset.canvas = [box.left + window.scrollX, box.top + window.scrollY, box.width, box.height]
+        .map(Math.round).join(",");
       body.dataset.viewer = problems.length ? "message" : "ready";
     });
   }
