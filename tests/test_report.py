@@ -446,7 +446,8 @@ def test_viewer_canvas_is_not_blank_and_shows_the_overlay_colours(shown):
     assert w > 400 and h > 400
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int32)[y:y + h, x:x + w]
     grey = pixels.mean(axis=2)
-    assert grey.std() > 20 and (grey > 40).mean() > 0.1, "the viewer's canvas is blank"
+    image = (pixels.max(axis=2) - pixels.min(axis=2) < 16) & (grey > 40)  # grey voxels of the image
+    assert grey.std() > 20 and image.mean() > 0.05, f"the viewer's canvas is blank ({image.mean():.3f} image pixels)"
     r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
     red = (r - g > 60) & (r - b > 40)  # liver (230, 25, 75) at half opacity over grey
     green = (g - r > 50) & (g - b > 40)  # kidney (60, 180, 75)

@@ -13,9 +13,15 @@
     errors.push(String(text));
     show();
   };
+  // Capturing: also sees an element's failed load (an image or script the page would fetch).
   window.addEventListener("error", function (event) {
-    window.recordReportError("error: " + (event.message || event.type));
-  });
+    const target = event.target;
+    if (target && target !== window && (target.src || target.href)) {
+      window.recordReportError("could not load " + (target.src || target.href));
+    } else {
+      window.recordReportError("error: " + (event.message || event.type));
+    }
+  }, true);
   window.addEventListener("unhandledrejection", function (event) {
     const reason = event.reason;
     window.recordReportError("unhandled rejection: " + ((reason && reason.message) || reason));

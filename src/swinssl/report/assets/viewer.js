@@ -190,6 +190,8 @@
     nv = new niivue.Niivue({
       backColor: [0, 0, 0, 1],
       crosshairColor: [0.3, 0.6, 1.0, 0.9],
+      crosshairWidth: 0.5,
+      crosshairWidthUnit: "percent",
       show3Dcrosshair: true,
       isColorbar: false,
       multiplanarShowRender: niivue.SHOW_RENDER.ALWAYS,
