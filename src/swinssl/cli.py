@@ -268,13 +268,14 @@ def demo(
     fresh: bool = typer.Option(False, "--fresh", help="Replace the contents of --out if it is not empty."),
 ) -> None:
     """The whole job on synthetic phantoms, CPU, in minutes: pre-train, fine-tune (pre-trained and
-    scratch), predict the test cases, evaluate, and write report.md with plots."""
+    scratch), predict the test cases, evaluate, and write report.md with plots and report.html with
+    the test cases in a 3D viewer."""
     from swinssl.demo import run_demo
 
     with _user_errors():
         report = run_demo(out, fresh=fresh)
     typer.echo(report.read_text().split("## Evaluation summaries")[0].rstrip())
-    typer.echo(f"\nreport: {report}")
+    typer.echo(f"\nreport: {report}\nin a browser: {report.with_name('report.html')}")
 
 
 @app.command()

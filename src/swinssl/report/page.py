@@ -74,7 +74,7 @@ def render(report: Report, max_side: int = MAX_SIDE, max_cases: int = MAX_CASES)
     return template.substitute(
         version=escape(swinssl.__version__),
         title=escape(report.title),
-        meta=escape(f"{report.source.resolve()} · written {time.strftime('%Y-%m-%d %H:%M')} by swinssl "
+        meta=escape(f"{report.source} · written {time.strftime('%Y-%m-%d %H:%M')} by swinssl "
                     f"{swinssl.__version__}"),
         nav="".join(f'<a href="#{a}">{escape(t)}</a>' for a, t, _ in sections),
         style=(ASSETS / "report.css").read_text(),
