@@ -132,6 +132,16 @@ def test_labels_come_from_labels_else_the_evaluation_else_a_note(tmp_path, datas
     assert given.scores and "scores computed for this report" in given.notes[0]
 
 
+def test_a_bare_folder_of_masks_with_labels_is_a_prediction_folder(tmp_path, dataset):
+    folder = predict_like(tmp_path / "masks", dataset, cases=1)
+    (folder / "predictions.json").unlink()  # another tool's output: masks named by case id, nothing else
+    with pytest.raises(DataError, match="a folder of masks needs --labels"):
+        collect(folder)
+    case = collect(folder, labels=dataset).cases[0]
+    assert case.image == find_dataset(dataset).labelled[0].images[0]
+    assert [layer.name for layer in case.layers] == ["label", "prediction"]
+
+
 def test_recorded_relative_paths_and_moved_inputs_are_found(tmp_path, dataset, monkeypatch):
     """predict run from another folder records masks relative to it; inputs moved away are found in the
     labels' dataset by case id."""
@@ -198,6 +208,23 @@ def test_demo_and_study_folders(tmp_path, dataset, evaluated):
     report = collect(study)
     assert report.kind == "study" and report.tables[0].columns == ["model", "view", "dice"]
     assert "# views study" in render(report)
+
+
+def test_cross_validation_folder_shows_its_folds_and_failed_inputs_are_noted(tmp_path, dataset):
+    folds = tmp_path / "cv"
+    for k in (0, 1):
+        write_run(folds / f"fold_{k}", "finetune")
+    (folds / "config.yaml").write_text("train: {}\n")
+    (folds / "folds.json").write_text(json.dumps({"folds": 2, "runs": ["fold_0", "fold_1"]}))
+    report = collect(folds)
+    assert report.kind == "cross-validation" and [r.name for r in report.runs] == ["fold_0", "fold_1"]
+
+    folder = predict_like(tmp_path / "predictions", dataset, cases=1)
+    record = json.loads((folder / "predictions.json").read_text())
+    record["failed"] = {"/data/x.nii.gz": "/data/x.nii.gz: empty file (0 bytes)"}
+    (folder / "predictions.json").write_text(json.dumps(record))
+    notes = collect(folder).notes
+    assert any("1 input(s) had no mask written (e.g. /data/x.nii.gz: empty file" in note for note in notes), notes
 
 
 def test_a_folder_of_no_known_kind_is_one_clear_line(tmp_path):

@@ -4,7 +4,9 @@ The folder's kind is read from its files:
 
 - a prediction folder: ``predictions.json`` (``swinssl predict``); its labels come from ``labels``
   or from the evaluation beside it (``summary.json``), its scores from that evaluation's
-  ``metrics.csv`` (or are computed here when labels are known and no evaluation is);
+  ``metrics.csv`` (or are computed here when labels are known and no evaluation is); with
+  ``labels``, also a bare folder of masks (``<case_id>.nii.gz``, e.g. another tool's), whose images
+  come from the labels' dataset;
 - a training run: ``config.yaml`` and ``metrics.csv`` (``swinssl pretrain`` / ``finetune``);
 - a cross-validation: ``folds.json`` (its folds are runs);
 - the demo or a study: ``report.md`` (``swinssl demo`` / ``swinssl study``); its prediction
@@ -21,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swinssl.data.discover import find_dataset, read_json_object, volume_stem
+from swinssl.data.discover import find_dataset, is_volume_file, read_json_object, volume_stem
 from swinssl.errors import DataError
 from swinssl.runs import RunDir
 
 PREDICTIONS = "predictions.json"
-EXPECTED = ("predictions.json (a prediction folder), config.yaml and metrics.csv (a training run), folds.json "
-            "(a cross-validation) or report.md (a demo or study folder)")
+EXPECTED = ("predictions.json (a prediction folder; a folder of masks needs --labels), config.yaml and metrics.csv "
+            "(a training run), folds.json (a cross-validation) or report.md (a demo or study folder)")
 SCORE_COLUMNS = ("dice", "hd95", "nsd")
 
 
@@ -110,7 +112,7 @@ def collect(path: str | Path, labels: str | Path | None = None, evaluation: str 
     if labels is not None and not labels.exists():
         raise DataError(f"{labels}: no such dataset or folder of labels")
     run = RunDir(path)
-    if (path / PREDICTIONS).is_file():
+    if (path / PREDICTIONS).is_file() or (labels is not None and _volume_files(path)):
         report = Report(path, "prediction folder")
         _add_predictions(report, path, "prediction", labels, Path(evaluation) if evaluation else path)
     elif run.config.is_file() and run.metrics.is_file():
@@ -134,10 +136,13 @@ def _add_predictions(report: Report, folder: Path, layer: str, labels: Path | No
     layer where the labels are known, and its scores."""
     from swinssl.metrics import label_files
 
-    record = read_json_object(folder / PREDICTIONS)
-    masks = record.get("predictions")
-    if not isinstance(masks, dict):
-        raise DataError(f"{folder / PREDICTIONS}: no 'predictions' mapping of input -> mask")
+    if (folder / PREDICTIONS).is_file():
+        record = read_json_object(folder / PREDICTIONS)
+        if not isinstance(record.get("predictions"), dict):
+            raise DataError(f"{folder / PREDICTIONS}: no 'predictions' mapping of input -> mask")
+        masks = list(record["predictions"].items())
+    else:  # a bare folder of masks: the images are found in the labels' dataset by case id
+        record, masks = {}, [("", str(p)) for p in _volume_files(folder)]
     summary = _json_or_none(evaluation / "summary.json")
     label_by_id: dict[str, Path] = {}
     images_by_id: dict[str, Path] = {}
@@ -159,13 +164,17 @@ def _add_predictions(report: Report, folder: Path, layer: str, labels: Path | No
         names = {}
         report.notes.append(f"{folder.name}: no labels (pass --labels DATASET, or evaluate the folder first)")
     report.classes.update({int(c): n for c, n in names.items() if int(c) != 0})
+    failed = record.get("failed") if isinstance(record.get("failed"), dict) else {}
+    if failed:
+        first = next(iter(failed.values()))
+        report.notes.append(f"{folder.name}: {len(failed)} input(s) had no mask written (e.g. {first})")
     plan_labels = record.get("labels") if isinstance(record.get("labels"), dict) else {}
     for key, name in plan_labels.items():
         if str(key).isdigit() and int(key) != 0:
             report.classes.setdefault(int(key), str(name))
 
     by_image = {_case_key(c): c for c in report.cases}
-    for source, target in masks.items():
+    for source, target in masks:
         mask = folder / Path(str(target)).name  # predict writes every mask into its folder
         if not mask.is_file():
             mask = _locate(target, folder) or mask
@@ -174,7 +183,7 @@ def _add_predictions(report: Report, folder: Path, layer: str, labels: Path | No
         key = str(image.resolve()) if image else f"id:{case_id}"
         case = by_image.get(key)
         if case is None:
-            problem = "" if image else f"image not found: {source}"
+            problem = "" if image else f"image not found: {source or f'no image of {case_id} in the labels'}"
             case = by_image[key] = Case(case_id, image, problem=problem)
             report.cases.append(case)
         if labels is not None and not any(lay.name == "label" for lay in case.layers):
@@ -190,6 +199,10 @@ def _add_predictions(report: Report, folder: Path, layer: str, labels: Path | No
     for row in rows or []:
         report.scores.append({**row, "layer": layer})
         report.classes.setdefault(int(row["class"]), row["class_name"])
+
+
+def _volume_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_volume_file(p))
 
 
 def _case_key(case: Case) -> str:

@@ -132,9 +132,11 @@ def _viewer_data(report: Report, max_side: int, max_cases: int) -> tuple[dict, d
                 except DataError as err:
                     item["problem"] = str(err)
                 else:
-                    values.update(int(v) for v in np.unique(mask) if v > 0)
-                    item["volume"] = _add(volumes, encode_mask(mask, affine, max_side).data)
-                    entry["centre"] = entry["centre"] or foreground_centre(mask, affine)
+                    embedded = encode_mask(mask, affine, max_side)
+                    values.update(int(v) for v in np.unique(mask[:: embedded.step[0], :: embedded.step[1],
+                                                                 :: embedded.step[2]]) if v > 0)
+                    item["volume"] = _add(volumes, embedded.data)
+                    entry["centre"] = entry["centre"] or foreground_centre(mask, affine, max_side)
             entry["layers"].append(item)
         cases.append(entry)
     classes = {**{v: f"class {v}" for v in values}, **report.classes}

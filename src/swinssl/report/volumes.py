@@ -80,14 +80,15 @@ def encode_mask(array: np.ndarray, affine: np.ndarray, max_side: int = MAX_SIDE)
                     tuple(shown.shape), step)
 
 
-def foreground_centre(mask: np.ndarray, affine: np.ndarray) -> list[float] | None:
-    """World position (mm) of the mean foreground voxel of a mask: where the viewer's crosshair starts,
-    so that all three planes cut the structures; None for an empty mask."""
-    voxels = np.argwhere(mask > 0)
+def foreground_centre(mask: np.ndarray, affine: np.ndarray, max_side: int = MAX_SIDE) -> list[float] | None:
+    """World position (mm) of the mean foreground voxel of a mask (on its display grid): where the
+    viewer's crosshair starts, so that all three planes cut the structures; None for an empty mask."""
+    step = display_step(mask.shape, max_side)
+    voxels = np.argwhere(_strided(mask, step) > 0)
     if not len(voxels):
         return None
     centre = voxels.mean(axis=0)
-    return [round(float(v), 3) for v in (affine @ np.append(centre, 1.0))[:3]]
+    return [round(float(v), 3) for v in (_scaled(affine, step) @ np.append(centre, 1.0))[:3]]
 
 
 def _strided(array: np.ndarray, step: Sequence[int]) -> np.ndarray:

@@ -201,7 +201,10 @@
     await nv.attachToCanvas($("viewer-canvas"));
     setView("planes");
     for (const link of document.querySelectorAll("a.case-link")) {
-      link.addEventListener("click", () => showCase(Number(link.dataset.case)));
+      link.addEventListener("click", () => {
+        $("viewer").scrollIntoView();
+        showCase(Number(link.dataset.case));
+      });
     }
     await showCase(caseFromHash());
   }
