@@ -174,12 +174,23 @@
     return found < 0 ? 0 : found;
   }
 
+  function hiddenFromHash() {
+    // A link may hide classes: report.html#case=ID&hide=2,4
+    const match = /hide=([0-9,]+)/.exec(window.location.hash);
+    for (const value of match ? match[1].split(",") : []) {
+      const box = document.querySelector(`input[data-class="${Number(value)}"]`);
+      if (box) box.checked = false;
+      state.hiddenClasses.add(Number(value));
+    }
+  }
+
   async function startViewer() {
     if (!report.cases.length) {
       body.dataset.viewer = "none";
       return;
     }
     wireControls();
+    hiddenFromHash();
     if (typeof niivue === "undefined") {
       $("canvas-box").hidden = true;
       say("The 3D viewer cannot start: its library (NiiVue) is missing from this page.");
