@@ -134,42 +134,14 @@ def collect(path: str | Path, labels: str | Path | None = None, evaluation: str 
 def _add_predictions(report: Report, folder: Path, layer: str, labels: Path | None, evaluation: Path) -> None:
     """Add one prediction folder's masks to the report's cases (one layer each), with its label
     layer where the labels are known, and its scores."""
-    from swinssl.metrics import label_files
-
-    if (folder / PREDICTIONS).is_file():
-        record = read_json_object(folder / PREDICTIONS)
-        if not isinstance(record.get("predictions"), dict):
-            raise DataError(f"{folder / PREDICTIONS}: no 'predictions' mapping of input -> mask")
-        masks = list(record["predictions"].items())
-    else:  # a bare folder of masks: the images are found in the labels' dataset by case id
-        record, masks = {}, [("", str(p)) for p in _volume_files(folder)]
-    summary = _json_or_none(evaluation / "summary.json")
-    label_by_id: dict[str, Path] = {}
-    images_by_id: dict[str, Path] = {}
-    if labels is not None:  # given: its problems are the user's to fix
-        label_by_id, names = label_files(labels)
-        images_by_id = _dataset_images(labels)
-    elif summary and summary.get("labels"):  # recorded by the evaluation: shown where still readable
-        labels = _locate(summary["labels"], folder)
-        try:
-            if labels is None:
-                raise DataError(f"{summary['labels']}: not found")
-            label_by_id, names = label_files(labels)
-            images_by_id = _dataset_images(labels)
-        except DataError as err:
-            report.notes.append(f"{folder.name}: the labels its evaluation used are not shown ({err}); pass "
-                                "--labels DATASET")
-            labels, names = None, {}
-    else:
-        names = {}
-        report.notes.append(f"{folder.name}: no labels (pass --labels DATASET, or evaluate the folder first)")
-    report.classes.update({int(c): n for c, n in names.items() if int(c) != 0})
+    record, masks = _read_masks(folder)
+    labels, label_by_id, images_by_id = _find_labels(report, folder, labels, evaluation)
     failed = record.get("failed") if isinstance(record.get("failed"), dict) else {}
     if failed:
-        first = next(iter(failed.values()))
-        report.notes.append(f"{folder.name}: {len(failed)} input(s) had no mask written (e.g. {first})")
+        report.notes.append(f"{folder.name}: {len(failed)} input(s) had no mask written "
+                            f"(e.g. {next(iter(failed.values()))})")
     plan_labels = record.get("labels") if isinstance(record.get("labels"), dict) else {}
-    for key, name in plan_labels.items():
+    for key, name in plan_labels.items():  # the model's plan names its classes too
         if str(key).isdigit() and int(key) != 0:
             report.classes.setdefault(int(key), str(name))
 
@@ -194,11 +166,51 @@ def _add_predictions(report: Report, folder: Path, layer: str, labels: Path | No
 
     rows = _read_scores(evaluation / "metrics.csv")
     if rows is None and labels is not None:
-        rows = _score_now(folder, labels)
-        report.notes.append(f"{folder.name}: scores computed for this report (no metrics.csv in {evaluation})")
+        try:
+            rows = _score_now(folder, labels)
+            report.notes.append(f"{folder.name}: scores computed for this report (no metrics.csv in {evaluation})")
+        except DataError as err:
+            report.notes.append(f"{folder.name}: no scores ({err})")
     for row in rows or []:
         report.scores.append({**row, "layer": layer})
         report.classes.setdefault(int(row["class"]), row["class_name"])
+
+
+def _read_masks(folder: Path) -> tuple[dict, list[tuple[str, str]]]:
+    """A prediction folder's record and its (input, mask) pairs as recorded; a bare folder of masks
+    has no record and no inputs (its images are found in the labels' dataset by case id)."""
+    if not (folder / PREDICTIONS).is_file():
+        return {}, [("", str(p)) for p in _volume_files(folder)]
+    record = read_json_object(folder / PREDICTIONS)
+    if not isinstance(record.get("predictions"), dict):
+        raise DataError(f"{folder / PREDICTIONS}: no 'predictions' mapping of input -> mask")
+    return record, list(record["predictions"].items())
+
+
+def _find_labels(report: Report, folder: Path, labels: Path | None,
+                 evaluation: Path) -> tuple[Path | None, dict[str, Path], dict[str, Path]]:
+    """The labels of a prediction folder's cases: (their dataset or folder, case id -> label file,
+    case id -> image file), from ``labels`` (its problems are the user's to fix) or else from the
+    evaluation's summary.json (shown where still readable; a note otherwise). Adds the class names."""
+    from swinssl.metrics import label_files
+
+    if labels is None:
+        summary = _json_or_none(evaluation / "summary.json")
+        if not summary or not summary.get("labels"):
+            report.notes.append(f"{folder.name}: no labels (pass --labels DATASET, or evaluate the folder first)")
+            return None, {}, {}
+        try:
+            labels = _locate(summary["labels"], folder)
+            if labels is None:
+                raise DataError(f"{summary['labels']}: not found")
+            return _find_labels(report, folder, labels, evaluation)
+        except DataError as err:
+            report.notes.append(f"{folder.name}: the labels its evaluation used are not shown ({err}); pass "
+                                "--labels DATASET")
+            return None, {}, {}
+    label_by_id, names = label_files(labels)
+    report.classes.update({int(c): n for c, n in names.items() if int(c) != 0})
+    return labels, label_by_id, _dataset_images(labels)
 
 
 def _volume_files(folder: Path) -> list[Path]:

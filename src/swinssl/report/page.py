@@ -22,7 +22,7 @@ import swinssl
 from swinssl.errors import DataError, DependencyError
 from swinssl.report.charts import line_chart, run_panels
 from swinssl.report.collect import Case, Report, Run
-from swinssl.report.volumes import MAX_SIDE, encode_image, encode_mask, foreground_centre, read_grid
+from swinssl.report.volumes import MAX_SIDE, Embedded, encode_image, encode_mask, read_grid
 
 ASSETS = Path(__file__).with_name("assets")
 NIIVUE = Path(__file__).with_name("vendor") / "niivue.umd.js"
@@ -133,16 +133,18 @@ def _viewer_data(report: Report, max_side: int, max_cases: int) -> tuple[dict, d
                     item["problem"] = str(err)
                 else:
                     embedded = encode_mask(mask, affine, max_side)
-                    values.update(int(v) for v in np.unique(mask[:: embedded.step[0], :: embedded.step[1],
-                                                                 :: embedded.step[2]]) if v > 0)
+                    values.update(embedded.values)
                     item["volume"] = _add(volumes, embedded.data)
-                    entry["centre"] = entry["centre"] or foreground_centre(mask, affine, max_side)
+                    entry["centre"] = entry["centre"] or embedded.centre  # the label's, else the first prediction's
             entry["layers"].append(item)
         cases.append(entry)
     classes = {**{v: f"class {v}" for v in values}, **report.classes}
     data = {"cases": cases, "classes": [{"value": v, "name": classes[v], "color": class_colour(v)}
                                         for v in sorted(classes)]}
-    return data, volumes, {case["id"]: i for i, case in reversed(list(enumerate(cases)))}
+    index: dict[str, int] = {}
+    for i, case in enumerate(cases):
+        index.setdefault(case["id"], i)
+    return data, volumes, index
 
 
 def _add(volumes: dict[str, str], data: str) -> str:
@@ -151,7 +153,7 @@ def _add(volumes: dict[str, str], data: str) -> str:
     return vid
 
 
-def _shape_note(path: Path, embedded) -> str:
+def _shape_note(path: Path, embedded: Embedded) -> str:
     shape = "×".join(map(str, embedded.shape))
     if not embedded.downsampled:
         return f"{path.name}: {shape} voxels, shown at full resolution"

@@ -35,6 +35,8 @@ class Embedded:
     shape: tuple[int, ...]  # the file's shape
     shown: tuple[int, ...]  # the embedded shape
     step: tuple[int, ...]  # every step-th voxel kept along each axis
+    values: tuple[int, ...] = ()  # a mask's nonzero values, as shown
+    centre: list[float] | None = None  # a mask's mean foreground position (mm, world), as shown
 
     @property
     def downsampled(self) -> bool:
@@ -76,19 +78,19 @@ def encode_mask(array: np.ndarray, affine: np.ndarray, max_side: int = MAX_SIDE)
     step = display_step(array.shape, max_side)
     shown = np.rint(np.nan_to_num(_strided(array, step))).clip(0, None)
     dtype = np.uint8 if shown.max(initial=0) <= 255 else np.uint16
+    values = tuple(int(v) for v in np.unique(shown) if v > 0)
     return Embedded(_nifti(shown.astype(dtype), _scaled(affine, step), dtype, label=True), tuple(array.shape),
-                    tuple(shown.shape), step)
+                    tuple(shown.shape), step, values, foreground_centre(shown, _scaled(affine, step)))
 
 
-def foreground_centre(mask: np.ndarray, affine: np.ndarray, max_side: int = MAX_SIDE) -> list[float] | None:
-    """World position (mm) of the mean foreground voxel of a mask (on its display grid): where the
-    viewer's crosshair starts, so that all three planes cut the structures; None for an empty mask."""
-    step = display_step(mask.shape, max_side)
-    voxels = np.argwhere(_strided(mask, step) > 0)
+def foreground_centre(mask: np.ndarray, affine: np.ndarray) -> list[float] | None:
+    """World position (mm) of the mean foreground voxel of a mask: where the viewer's crosshair starts,
+    so that all three planes cut the structures; None for an empty mask."""
+    voxels = np.argwhere(mask > 0)
     if not len(voxels):
         return None
     centre = voxels.mean(axis=0)
-    return [round(float(v), 3) for v in (_scaled(affine, step) @ np.append(centre, 1.0))[:3]]
+    return [round(float(v), 3) for v in (affine @ np.append(centre, 1.0))[:3]]
 
 
 def _strided(array: np.ndarray, step: Sequence[int]) -> np.ndarray:
