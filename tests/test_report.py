@@ -200,6 +200,8 @@ def test_demo_and_study_folders(tmp_path, dataset, evaluated):
     assert len(report.cases) == 2  # one case per image, each prediction a layer
     assert "no detectable difference: +0.01 Dice" in report.summary[0] and "0.400" in report.summary[1]
     assert {row["layer"] for row in report.scores} == {"pretrained", "scratch"}
+    (demo / "results.json").unlink()  # as older demos left it
+    assert collect(demo).kind == "demo" and not collect(demo).summary
 
     study = tmp_path / "study"
     study.mkdir()

@@ -341,9 +341,13 @@ def _checkpoint_head(path: Path) -> dict:
 def _collection(path: Path, labels: Path | None) -> Report:
     """A folder of runs and prediction folders with a report.md: the demo, or a study."""
     results = path / "results.json"
-    data = json.loads(results.read_text()) if results.is_file() else None
-    demo = isinstance(data, dict) and "verdict" in data
-    report = Report(path, "demo" if demo else "study", text=(path / "report.md").read_text())
+    try:
+        data = json.loads(results.read_text()) if results.is_file() else None
+    except ValueError as err:
+        raise DataError(f"{results}: not JSON ({err})") from None
+    text = (path / "report.md").read_text()
+    demo = text.startswith("# swinssl demo")  # older demos wrote no results.json
+    report = Report(path, "demo" if demo else "study", text=text)
     for sub in _subfolders(path):
         if (sub / PREDICTIONS).is_file():
             name = sub.name.removeprefix("predictions_") or sub.name
@@ -351,7 +355,7 @@ def _collection(path: Path, labels: Path | None) -> Report:
         elif _is_run(sub):
             report.runs.append(read_run(sub))
     report.figures = sorted(path.glob("*.png"))
-    if demo:
+    if demo and isinstance(data, dict) and "verdict" in data:
         _demo_summary(report, data)
     elif isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
         columns = list(dict.fromkeys(k for r in data for k in r))
