@@ -268,13 +268,14 @@ def demo(
     fresh: bool = typer.Option(False, "--fresh", help="Replace the contents of --out if it is not empty."),
 ) -> None:
     """The whole job on synthetic phantoms, CPU, in minutes: pre-train, fine-tune (pre-trained and
-    scratch), predict the test cases, evaluate, and write report.md with plots."""
+    scratch), predict the test cases, evaluate, and write report.md with plots and report.html with
+    the test cases in a 3D viewer."""
     from swinssl.demo import run_demo
 
     with _user_errors():
         report = run_demo(out, fresh=fresh)
     typer.echo(report.read_text().split("## Evaluation summaries")[0].rstrip())
-    typer.echo(f"\nreport: {report}")
+    typer.echo(f"\nreport: {report}\nin a browser: {report.with_name('report.html')}")
 
 
 @app.command()
@@ -339,6 +340,8 @@ def evaluate(
                                                 "class in the labels."),
     split: Optional[Split] = typer.Option(None, "--split", help="Only this split of a dataset: training, validation "
                                         "or test."),
+    html: bool = typer.Option(False, "--html", help="Also write report.html beside metrics.csv: a self-contained page "
+                              "with a 3D viewer of image, label and prediction (see swinssl report)."),
 ) -> None:
     """Dice, HD95 (mm) and NSD per case and class, in physical spacing; a summary table per class.
 
@@ -354,6 +357,42 @@ def evaluate(
                       split=split)
     typer.echo(format_summary(summary))
     typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'summary.json'}")
+    if html:
+        from swinssl.report import write_report
+
+        with _user_errors():
+            page = write_report(predictions, out / "report.html", labels=labels, evaluation=out)
+        typer.echo(f"wrote {page}")
+
+
+@app.command()
+def report(
+    path: Path = typer.Argument(..., help="A prediction folder (predictions.json), a training run, a cross-validation "
+                                "folder, a study folder or the demo folder."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The HTML file to write \\[default: PATH/report.html]."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="The dataset (dataset.json, nnU-Net raw folder) or "
+                                          "folder of label files of a prediction folder's cases \\[default: the one "
+                                          "its evaluation used]."),
+    max_cases: int = typer.Option(12, "--max-cases", min=1, help="Cases the viewer holds (those with the lowest mean "
+                                  "Dice); the table lists all."),
+    max_side: int = typer.Option(192, "--max-side", min=16, help="Volumes longer than this along an axis are "
+                                 "downsampled for display (the page says so)."),
+) -> None:
+    """One self-contained HTML page of results, opened from disk in any browser: no server, no network.
+
+    A 3D viewer (NiiVue) per case: the image with label and prediction as overlays, the three
+    planes and a 3D render, opacity and per-class visibility, the class legend and the case's
+    Dice, HD95 and NSD. Then a sortable table of scores per case and class, training curves
+    (losses, validation Dice, the probe), pre-training reconstruction previews, and each run's
+    provenance (plan, config, versions, data manifest hash). Volumes are embedded compressed.
+    For a prediction folder, labels and scores come from --labels or the evaluation beside it
+    (swinssl evaluate; scores are computed when only --labels is given).
+    """
+    from swinssl.report import write_report
+
+    with _user_errors():
+        page = write_report(path, out, labels=labels, max_side=max_side, max_cases=max_cases)
+    typer.echo(f"wrote {page} ({page.stat().st_size / 1e6:.1f} MB); open it in a browser")
 
 
 @app.command()
