@@ -480,7 +480,6 @@ def export(
         elif suffix in (".onnx", ".pt2"):
             from swinssl.infer.export import export_predictor
 
-            typer.echo(f"exporting the window network of {model} to {out} ...")
             written = export_predictor(model, out, views.value)
         else:
             raise ConfigError(f"{out}: the name's ending picks the format: .safetensors (weights and plan), "

@@ -46,6 +46,10 @@ from swinssl.utils import atomic_path, writable_dir
 # The newest ONNX opset that onnxruntime's current release (1.31) runs and torch's exporter writes;
 # opset 23 brought the Attention operator that the windows' attention maps onto.
 ONNX_OPSET = 25
+# Fold constant subgraphs whose inputs have up to this many elements (a 96^3 window's shift-mask regions:
+# 49^3); their outputs stay under the exporter's default limit, so the masks themselves (160 MB at 96^3)
+# are computed at run time, not stored.
+FOLD_INPUT_LIMIT = 2**20
 EXAMPLE_BATCH = 2  # traced with 2 windows: a batch of 1 would be specialised to 1 by torch.export
 
 
@@ -159,10 +163,18 @@ def _write_pt2(window: WindowNetwork, example: torch.Tensor, tmp: Path, meta: di
 
 
 def _write_onnx(window: WindowNetwork, example: torch.Tensor, tmp: Path, meta: dict[str, str]) -> None:
+    import onnxscript.optimizer
+
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(window, (example,), None, dynamo=True, opset_version=ONNX_OPSET,
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    dynamic_shapes=_batch_axis(), verbose=False)
+                                    dynamic_shapes=_batch_axis(), verbose=False, optimize=False)
+        # The shift masks are built from constants in every forward: fold those subgraphs first. The
+        # exporter's own optimisation (then) pattern-matches every node, in time growing faster than
+        # the graph: a SwinMM graph (six encoder-decoder passes) took 7 minutes unfolded.
+        onnxscript.optimizer.fold_constants(program.model, input_size_limit=FOLD_INPUT_LIMIT)
+        onnxscript.optimizer.remove_unused_nodes(program.model)
+        program.optimize()
     program.model.metadata_props.update(meta)
     program.save(str(tmp), external_data=False)  # one file: weights inside (under ONNX's 2 GB)
 
