@@ -30,6 +30,7 @@ from swinssl.infer.export import WindowNetwork, export_predictor
 from swinssl.infer.exported import exported_views
 from swinssl.nn.build import build_network
 from swinssl.plan import Plan
+from swinssl.runs import resolve_checkpoint
 
 runner = CliRunner()
 TOLERANCE = 1e-4  # max |logit difference|, float32
@@ -138,7 +139,7 @@ def test_metadata_holds_the_plan_views_and_window(exported, run, pt2_predictor, 
     meta = _metadata(predictor.path)
     assert meta["swinssl.format"] == "swinssl-predictor" and meta["swinssl.format_version"] == "1"
     assert meta["swinssl.version"] == swinssl.__version__
-    assert meta["swinssl.source"] == str(run / "checkpoints" / "best.pt")
+    assert meta["swinssl.source"] == str(resolve_checkpoint(run))
 
 
 def _metadata(path) -> dict:
