@@ -15,9 +15,11 @@ Two export-only choices, neither changing what is computed:
   exporters do not trace, and the network takes ``F.scaled_dot_product_attention`` while
   compiling or exporting);
 * ONNX only: instance normalisation is computed by ``InstanceNormByAxes`` (the same formula,
-  means taken one spatial axis at a time). onnxruntime's ``InstanceNormalization`` and
-  ``ReduceMean`` sum a whole 32^3-voxel channel in one float32 accumulator: on a window half
-  of zero padding the normalised values were 7e-5 off, and the logits 5e-5; by axes, 1e-6.
+  means taken one spatial axis at a time; zero at a one-voxel bottleneck, as the network's own
+  ``OneVoxelInstanceNorm3d``). onnxruntime's ``InstanceNormalization`` and ``ReduceMean`` sum
+  a whole channel of a window in one float32 accumulator: on windows half zero padding, half
+  tissue, the normalised values were 7e-5 off and the logits 5e-5; by axes, 2e-6
+  (tests/test_export.py).
 """
 
 from __future__ import annotations
