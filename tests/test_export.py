@@ -202,6 +202,14 @@ def test_exported_files_ensemble_with_one_plan(exported, run):
     assert exported_views(models, "auto", (ROI,) * 3) == "single" and plan.out_channels == 5
 
 
+def test_help_names_the_formats_and_the_extra():
+    wide = {"COLUMNS": "200", "TERMINAL_WIDTH": "200"}
+    helped = " ".join(runner.invoke(app, ["export", "--help"], env=wide).output.split())
+    assert all(s in helped for s in (".safetensors", ".onnx", ".pt2", 'pip install "swinssl[onnx]"', "--views"))
+    helped = " ".join(runner.invoke(app, ["predict", "--help"], env=wide).output.split())
+    assert "exported by swinssl export (.onnx or .pt2" in helped and "--views or --roi is refused" in helped
+
+
 # --- refusals, each one line -------------------------------------------------------------------------------------
 
 

@@ -285,8 +285,8 @@ def predict(
                                  "predictor exported by swinssl export (.onnx or .pt2, run on the CPU)."),
     inputs: List[Path] = typer.Argument(..., help="Volume files, folders of volumes, dataset.json or nnU-Net folders."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the masks (<case_id>.nii.gz) and predictions.json."),
-    ensemble: Optional[List[Path]] = typer.Option(None, "--ensemble", help="Another model (run, checkpoint or "
-                                                  "cross-validation folder) to ensemble with MODEL; repeat for more. "
+    ensemble: Optional[List[Path]] = typer.Option(None, "--ensemble", help="Another model (run, checkpoint, "
+                                                  "cross-validation folder or exported file) to ensemble with MODEL; repeat for more. "
                                                   "The models' softmax probabilities are averaged; their plans must "
                                                   "match."),
     roi: Optional[int] = typer.Option(None, "--roi", help="Sliding-window size \\[default: the training crop]."),
@@ -319,7 +319,7 @@ def predict(
     An exported predictor (swinssl export --out FILE.onnx or .pt2) predicts like its checkpoint:
     the plan in its metadata gives the preprocessing, classes and window size; its views choice
     is the one it was exported with (another --views or --roi is refused). ONNX files need
-    onnxruntime (pip install "swinssl[onnx]"); .pt2 files holding pickled objects are refused.
+    onnxruntime (pip install "swinssl\\[onnx]"); .pt2 files holding pickled objects are refused.
     """
     import torch
 
@@ -464,7 +464,7 @@ def export(
     the training crop, any number of windows per call, with the plan (preprocessing, classes,
     channels, window size) in the file's metadata. swinssl predict FILE runs it with the same
     preprocessing, sliding windows, flips and inversion as the checkpoint, on the CPU. ONNX
-    files run in onnxruntime (pip install "swinssl[onnx]"; exporting a SwinMM network takes
+    files run in onnxruntime (pip install "swinssl\\[onnx]"; exporting a SwinMM network takes
     minutes); .pt2 files in PyTorch (torch.export).
     """
     from swinssl.errors import ConfigError
