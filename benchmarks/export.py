@@ -15,8 +15,10 @@ window (batch 1) through:
   onnx      the ONNX file in onnxruntime (CPU execution provider, intra-op threads = --threads)
   pt2       the torch.export program (``torch.export.load``; attention through SDPA)
 
-Times are medians of ``--repeats`` after one warm-up; ``max |diff|`` is the largest logit difference
-from PyTorch on that window. Writes ``<out>.txt`` and ``<out>.json``.
+Times are medians of ``--repeats`` after one warm-up, the backends taking turns window by window (a
+busy spell of a shared machine hits each alike), as wall seconds and as CPU seconds of the process
+(all its threads: less sensitive to other processes on the machine). ``max |diff|`` is the largest
+logit difference from PyTorch on that window. Writes ``<out>.txt`` and ``<out>.json``.
 """
 
 from __future__ import annotations
@@ -52,48 +54,55 @@ def checkpoint(folder: Path, feature_size: int, roi: int) -> Path:
     return path
 
 
-def seconds(run, x: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
-    with torch.no_grad():
-        out = run(x)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+def timed(run, x: torch.Tensor) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds: all threads) of one window."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run(x)
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def measure(size: str, roi: int, formats: list[str], repeats: int, folder: Path) -> dict:
     source = checkpoint(folder, SIZES[size], roi)
     model, plan = load_model(source)
-    window = WindowNetwork(model, plan.network_fields()).eval()
-    x = torch.randn((1, 1, roi, roi, roi), generator=torch.Generator().manual_seed(0))
+    runs = {"pytorch": WindowNetwork(model, plan.network_fields()).eval()}
     row: dict = {"size": size, "feature_size": SIZES[size], "roi": roi}
-    row["pytorch_s"], reference = seconds(window, x, repeats)
     for fmt in formats:
         start = time.perf_counter()
         path = export_predictor(source, folder / f"{source.stem}.{fmt}")
         row[f"{fmt}_export_s"] = time.perf_counter() - start
         row[f"{fmt}_mb"] = path.stat().st_size / 2**20
-        predictor, _ = load_exported(path)
-        row[f"{fmt}_s"], out = seconds(predictor, x, repeats)
-        row[f"{fmt}_max_diff"] = (out - reference).abs().max().item()
-        del predictor
+        runs[fmt] = load_exported(path)[0]
+    x = torch.randn((1, 1, roi, roi, roi), generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    with torch.no_grad():
+        outputs = {name: run(x) for name, run in runs.items()}  # warm-up
+        for _ in range(repeats):  # round robin: a busy spell of the machine hits every backend alike
+            for name, run in runs.items():
+                times[name].append(timed(run, x))
+    for name in runs:
+        row[f"{name}_s"] = statistics.median(t[0] for t in times[name])
+        row[f"{name}_cpu_s"] = statistics.median(t[1] for t in times[name])
+        if name != "pytorch":
+            row[f"{name}_max_diff"] = (outputs[name] - outputs["pytorch"]).abs().max().item()
     print(f"  measured {size} {roi}^3: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
                                                      if isinstance(v, float)), file=sys.stderr, flush=True)
     return row
 
 
 def table(rows: list[dict], formats: list[str], header: str) -> str:
-    cols = ["network", "window", "pytorch s"] + [c for f in formats for c in (f"{f} s", f"x {f}", f"{f} |diff|")]
-    lines = [header, "", "  ".join(f"{c:>12}" for c in cols), "-" * (14 * len(cols))]
+    names = ["pytorch", *formats]
+    cols = ["network", "window"] + [f"{n} {kind}" for n in names for kind in ("s", "cpu s")] + \
+        [f"x {f}" for f in formats] + [f"{f} |diff|" for f in formats]
+    lines = [header, "", "  ".join(f"{c:>11}" for c in cols), "-" * (13 * len(cols))]
     for r in rows:
-        cells = [f"{r['size']} (f{r['feature_size']})", f"{r['roi']}^3", f"{r['pytorch_s']:.3f}"]
-        for f in formats:
-            cells += [f"{r[f + '_s']:.3f}", f"{r['pytorch_s'] / r[f + '_s']:.2f}x", f"{r[f + '_max_diff']:.1e}"]
-        lines.append("  ".join(f"{c:>12}" for c in cells))
-    lines += ["", "'x onnx' / 'x pt2': speed-up over PyTorch (PyTorch seconds / its seconds); |diff|: max logit "
-                  "difference from PyTorch on the timed window.",
+        cells = [f"{r['size']} (f{r['feature_size']})", f"{r['roi']}^3"]
+        cells += [f"{r[f'{n}_{kind}']:.3f}" for n in names for kind in ("s", "cpu_s")]
+        cells += [f"{r['pytorch_cpu_s'] / r[f + '_cpu_s']:.2f}x" for f in formats]
+        cells += [f"{r[f + '_max_diff']:.1e}" for f in formats]
+        lines.append("  ".join(f"{c:>11}" for c in cells))
+    lines += ["", "s: wall seconds per window; cpu s: CPU seconds of the process (all its threads) per window; "
+                  "'x onnx' / 'x pt2': speed-up over PyTorch in CPU seconds; |diff|: max logit difference from "
+                  "PyTorch on the timed window.",
               "export seconds and file sizes: " + "; ".join(
                   f"{r['size']} {r['roi']}^3 " + ", ".join(f"{f} {r[f + '_export_s']:.0f} s / {r[f + '_mb']:.0f} MB"
                                                           for f in formats) for r in rows)]
@@ -113,7 +122,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import onnxruntime
 
-    header = (f"swinssl exported predictors, CPU seconds per window (batch 1), median of {args.repeats} after a "
+    header = (f"swinssl exported predictors, seconds per window (batch 1) on the CPU, median of {args.repeats} after a "
               f"warm-up; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} threads, "
               f"{platform.processor() or platform.machine()}; depths 2,2,2,2, {CLASSES} classes. {args.note}").strip()
     rows = []
