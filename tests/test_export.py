@@ -258,15 +258,16 @@ def test_ensemble_of_files_with_different_views_is_refused(pt2_predictor):
 
 
 def test_onnx_without_or_with_corrupt_metadata_is_refused_naming_the_file(exported, phantoms, tmp_path):
+    source = exported_file(exported, ".onnx")
     import onnx
 
-    model = onnx.load(str(exported_file(exported, ".onnx")))
+    model = onnx.load(str(source))
     del model.metadata_props[:]
     onnx.save(model, str(tmp_path / "bare.onnx"))
     case = str(phantoms / "imagesTs" / CASE)
     line = one_line_error(runner.invoke(app, ["predict", str(tmp_path / "bare.onnx"), case, "-o", str(tmp_path / "o")]))
     assert str(tmp_path / "bare.onnx") in line and "no swinssl plan in its metadata" in line
-    model = onnx.load(str(exported_file(exported, ".onnx")))
+    model = onnx.load(str(source))
     for prop in model.metadata_props:
         if prop.key == "swinssl.plan":
             prop.value = prop.value[:40]
