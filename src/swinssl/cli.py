@@ -281,11 +281,12 @@ def demo(
 @app.command()
 def predict(
     model: Path = typer.Argument(..., help="A fine-tuning run directory (uses checkpoints/best.pt), checkpoint file, "
-                                 "or cross-validation folder (finetune.fold=all: the ensemble of its folds)."),
+                                 "cross-validation folder (finetune.fold=all: the ensemble of its folds), or a "
+                                 "predictor exported by swinssl export (.onnx or .pt2, run on the CPU)."),
     inputs: List[Path] = typer.Argument(..., help="Volume files, folders of volumes, dataset.json or nnU-Net folders."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the masks (<case_id>.nii.gz) and predictions.json."),
-    ensemble: Optional[List[Path]] = typer.Option(None, "--ensemble", help="Another model (run, checkpoint or "
-                                                  "cross-validation folder) to ensemble with MODEL; repeat for more. "
+    ensemble: Optional[List[Path]] = typer.Option(None, "--ensemble", help="Another model (run, checkpoint, "
+                                                  "cross-validation folder or exported file) to ensemble with MODEL; repeat for more. "
                                                   "The models' softmax probabilities are averaged; their plans must "
                                                   "match."),
     roi: Optional[int] = typer.Option(None, "--roi", help="Sliding-window size \\[default: the training crop]."),
@@ -299,7 +300,7 @@ def predict(
                                       "auto: fused for SwinMM multi-view models, else single."),
     output_format: OutputFormat = typer.Option("nifti", "--format", help="nifti, or 'same' to write NRRD for NRRD "
                                                "inputs."),
-    device: Device = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    device: Device = typer.Option("auto", "--device", help="cpu, cuda or auto (cpu for .onnx and .pt2 predictors)."),
     cache: str = typer.Option("auto", "--cache", help="Preprocessing cache folder; auto: the one the model was "
                               "trained with, if it still exists; off: preprocess every volume afresh."),
 ) -> None:
@@ -314,13 +315,19 @@ def predict(
     An ensemble (a cross-validation folder, or --ensemble) averages the softmax probabilities of
     its models, each after its own sliding windows, flips and views, then takes the argmax, as
     the Swin UNETR and SwinFUSE papers ensemble their five folds.
+
+    An exported predictor (swinssl export --out FILE.onnx or .pt2) predicts like its checkpoint:
+    the plan in its metadata gives the preprocessing, classes and window size; its views choice
+    is the one it was exported with (another --views or --roi is refused). ONNX files need
+    onnxruntime (pip install "swinssl\\[onnx]"); .pt2 files holding pickled objects are refused.
     """
     import torch
 
-    from swinssl.infer import PredictOptions, predict as run
+    from swinssl.infer import PredictOptions, is_exported, predict as run
 
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        exported = any(is_exported(m) for m in [model, *(ensemble or [])])
+        device = "cuda" if torch.cuda.is_available() and not exported else "cpu"
     options = PredictOptions(roi_size=roi, overlap=overlap, sw_batch_size=sw_batch_size, flips=flips, views=views.value,
                              output_format=output_format, device=device, cache=cache)
     with _user_errors():
@@ -440,18 +447,43 @@ def probe(
 @app.command()
 def export(
     model: Path = typer.Argument(..., help="A run directory (best.pt, else last.pt) or a swinssl checkpoint file."),
-    out: Path = typer.Option(..., "--out", "-o", help="The weights file to write, ending in .safetensors."),
+    out: Path = typer.Option(..., "--out", "-o", help="The file to write; its ending picks the format: .safetensors "
+                             "(weights and plan), .onnx (an onnxruntime predictor) or .pt2 (a torch.export "
+                             "predictor)."),
+    views: ViewsChoice = typer.Option("auto", "--views", help=".onnx/.pt2: the views choice baked into the predictor "
+                                      "(as predict's --views); auto: fused for SwinMM multi-view models, else single."),
 ) -> None:
-    """Export a checkpoint's model weights and plan as .safetensors (no pickle inside).
+    """Export a checkpoint: its weights and plan as .safetensors, or its predictor as .onnx or .pt2.
 
-    The file is safe to share and to open from anywhere: predict, finetune.pretrained and
-    load_pretrained read it like the checkpoint. Optimizer and RNG state stay behind, so a
-    run cannot be resumed from it. Needs the safetensors package.
+    .safetensors: the model weights and plan, no pickle inside, safe to share; predict,
+    finetune.pretrained and load_pretrained read it like the checkpoint. Optimizer and RNG state
+    stay behind, so a run cannot be resumed from it. Needs the safetensors package.
+
+    .onnx / .pt2: the network of one sliding window (the fine-tuned checkpoint's, with the views
+    choice baked in: SwinMM's fused views, SwinFUSE's domain-invariance module) for windows of
+    the training crop, any number of windows per call, with the plan (preprocessing, classes,
+    channels, window size) in the file's metadata. swinssl predict FILE runs it with the same
+    preprocessing, sliding windows, flips and inversion as the checkpoint, on the CPU. ONNX
+    files run in onnxruntime (pip install "swinssl\\[onnx]"; exporting a SwinMM network takes
+    minutes); .pt2 files in PyTorch (torch.export).
     """
-    from swinssl.engine.checkpoint import export_weights
+    from swinssl.errors import ConfigError
 
+    suffix = out.suffix.lower()
     with _user_errors():
-        written = export_weights(model, out)
+        if suffix == ".safetensors":
+            if views.value != "auto":
+                raise ConfigError("--views applies to .onnx and .pt2 predictors, not to .safetensors weights")
+            from swinssl.engine.checkpoint import export_weights
+
+            written = export_weights(model, out)
+        elif suffix in (".onnx", ".pt2"):
+            from swinssl.infer.export import export_predictor
+
+            written = export_predictor(model, out, views.value)
+        else:
+            raise ConfigError(f"{out}: the name's ending picks the format: .safetensors (weights and plan), "
+                              ".onnx (onnxruntime predictor) or .pt2 (torch.export predictor)")
     typer.echo(f"wrote {written}")
 
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from swinssl.data.discover import Case, find_dataset
 from swinssl.data.transforms import Pipeline, case_item, inference_transforms, invert
 from swinssl.errors import ConfigError, DataError, SwinsslError
+from swinssl.infer.exported import exported_views
 from swinssl.infer.model import load_ensemble
 from swinssl.infer.volume import predict_volume, window_batch
 from swinssl.infer.write import OutputFormat, output_suffix, write_mask
@@ -180,7 +181,9 @@ def predict(model_source: str | Path | Sequence[str | Path], inputs: str | Path 
     """Predict a mask for every case in ``inputs`` and write it to ``out_dir``; returns the written files.
 
     ``model_source``: a fine-tuned checkpoint or its run directory, a cross-validation folder
-    (``finetune.fold=all``: all its folds), or a list of these: an ensemble, whose softmax
+    (``finetune.fold=all``: all its folds), an exported predictor (``.onnx`` or ``.pt2``, written
+    by ``swinssl export``; its plan comes from its metadata, its views choice and window size are
+    fixed: ``swinssl.infer.exported``), or a list of these: an ensemble, whose softmax
     probabilities are averaged (``load_ensemble`` refuses models whose plans differ).
     ``inputs``: a volume file, a folder of volumes, an MSD ``dataset.json`` or nnU-Net raw folder (all cases, test ones
     included), or a list of these. Each mask is ``<out_dir>/<case_id>.nii.gz`` (``.nrrd`` for an
@@ -199,9 +202,11 @@ def predict(model_source: str | Path | Sequence[str | Path], inputs: str | Path 
     models, plan, checkpoints = load_ensemble(sources, options.device)
     if len(models) > 1:
         log.info("ensemble of %d models: %s", len(models), ", ".join(map(str, checkpoints)))
-    # auto resolved, so the record says which (one plan: the same for every model)
-    _, views = window_predictor(models[0], plan.network_fields(), options.views)
     roi = _roi(options.roi_size, plan)
+    # auto resolved, so the record says which (one plan: the same for every model); exported
+    # predictors hold theirs, baked into their graphs
+    views = exported_views(models, options.views, roi) or window_predictor(models[0], plan.network_fields(),
+                                                                           options.views)[1]
     options = dataclasses.replace(options, roi_size=roi, views=views,
                                   sw_batch_size=options.sw_batch_size or window_batch(models[0], roi))
     cache = prediction_cache(options.cache, plan.cache)

@@ -12,6 +12,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from swinssl.infer.exported import ExportedPredictor
 from swinssl.methods import window_predictor
 
 
@@ -70,7 +71,9 @@ def predict_volume(
     ``views``: what each window is predicted through, a choice of the methods' inference hooks
     (``swinssl.methods.window_predictor``): ``auto`` (the network's method decides: fused for
     SwinMM multi-view networks, else single), ``single``, ``fused`` (the softmax of the three
-    axis orders averaged) or one axis order (``identity``, ``swap_xy``, ``swap_xz``).
+    axis orders averaged) or one axis order (``identity``, ``swap_xy``, ``swap_xz``). An exported
+    predictor (``swinssl.infer.exported``) is that function already: ``views`` must be its own (or
+    ``auto``) and ``roi_size`` its window size.
     """
     if image.ndim != 4:
         raise ValueError(f"expected one image (C, X, Y, Z), got shape {tuple(image.shape)}")
@@ -79,7 +82,10 @@ def predict_volume(
     device = _device_of(model)
     roi = (roi_size,) * 3 if isinstance(roi_size, int) else tuple(roi_size)
     sw_batch_size = sw_batch_size or window_batch(model, roi)
-    predictor, _ = window_predictor(model, getattr(model, "config", {}), views)
+    if isinstance(model, ExportedPredictor):
+        predictor = model.window_function(views, roi)
+    else:
+        predictor, _ = window_predictor(model, getattr(model, "config", {}), views)
     total: torch.Tensor | None = None
     with torch.no_grad():
         for view in chosen:
