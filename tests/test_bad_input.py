@@ -396,7 +396,7 @@ def test_training_commands_stop_on_a_bad_case_with_one_line_naming_it(tmp_path, 
     extra = ["preprocess.roi_size=64"] if command == "pretrain" else ["preprocess.roi_size=32", "train.val_every=100"]
     if kind == "label value 7":  # declared classes 0..2 (a folder's classes are otherwise read from its labels)
         extra.append("data.num_classes=3")
-    result = CliRunner().invoke(app, [command, "--config", config, f"data={tmp_path / 'data'}",
+    result = CliRunner().invoke(app, [command, "--no-estimate", "--config", config, f"data={tmp_path / 'data'}",
                                       f"train.out={tmp_path / 'runs'}", "train.name=bad", *TINY_TRAINING, *extra])
     assert result.exit_code == 3, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]

@@ -90,7 +90,7 @@ def run_faulty_job(phantoms, tmp_path, rank: int, mode: str, timeout_s: int) -> 
     pids.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", FAULT_RANK=str(rank), FAULT_AT_CALL="2", FAULT_MODE=mode, FAULT_PIDS=str(pids))
-    command = [sys.executable, str(wrapper), "pretrain", *TINY, f"data={phantoms}", f"train.out={tmp_path / 'runs'}",
+    command = [sys.executable, str(wrapper), "pretrain", "--no-estimate", *TINY, f"data={phantoms}", f"train.out={tmp_path / 'runs'}",
                "train.name=fault", f"train.timeout_s={timeout_s}"]
     # stderr to a file, not a pipe: a process left behind would hold a pipe open and hang the reader.
     with open(stderr_path, "w") as stderr:

@@ -76,7 +76,7 @@ def wait_for_checkpoint(process, run_dir) -> float:
 
 
 def command(runner, root, name, *extra):
-    return [sys.executable, str(runner), "pretrain", f"data={root / 'data'}", f"train.out={root / 'runs'}",
+    return [sys.executable, str(runner), "pretrain", "--no-estimate", f"data={root / 'data'}", f"train.out={root / 'runs'}",
             f"train.name={name}", *OVERRIDES, *extra]
 
 
@@ -90,7 +90,7 @@ def cli(runner, root, name, *extra, **env):
 
 
 def resume(runner, root, name):
-    return subprocess.run([sys.executable, str(runner), "pretrain", "--resume", str(root / "runs" / name)],
+    return subprocess.run([sys.executable, str(runner), "pretrain", "--no-estimate", "--resume", str(root / "runs" / name)],
                           capture_output=True, text=True, timeout=600, env=environment())
 
 

@@ -131,8 +131,8 @@ def test_unwritable_output_folder_fails_first_with_exit_code_5(phantoms, tmp_pat
     blocker.write_text("in the way")
     out = blocker / "out"
     args = {
-        "pretrain": ["pretrain", f"data={phantoms}", f"train.out={out}"],
-        "finetune": ["finetune", f"data={phantoms}", f"train.out={out}"],
+        "pretrain": ["pretrain", "--no-estimate", f"data={phantoms}", f"train.out={out}"],
+        "finetune": ["finetune", "--no-estimate", f"data={phantoms}", f"train.out={out}"],
         # The model does not exist either: the output folder is checked before anything is loaded.
         "predict": ["predict", str(tmp_path / "no_model"), str(phantoms), "--out", str(out)],
         "evaluate": ["evaluate", str(phantoms / "labelsTr"), str(phantoms), "--out", str(out)],

@@ -199,6 +199,9 @@ def pretrain(
                                      "file (pretrain/swin_unetr, pretrain/swinmm, pretrain/swinfuse, their _tiny CPU "
                                      "versions, pretrain/swinmm_fuse_tiny); repeat to lay presets over one another."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
+    estimate_first: bool = typer.Option(True, "--estimate/--no-estimate", help="First measure a few steps in a "
+                                        "separate process and print the expected peak memory and time (swinssl "
+                                        "estimate)."),
 ) -> None:
     """Self-supervised pre-training of a Swin encoder (method from the config) on unlabelled volumes.
 
@@ -209,10 +212,14 @@ def pretrain(
     model.domain_invariance; e.g. pretrain/swinmm_fuse_tiny). Writes a run directory (config, data manifest, metrics.csv, TensorBoard, previews,
     checkpoints/last.pt, written atomically) and prints where it is. The encoder loads into
     SwinUNETR with swinssl.nn.load_pretrained. A killed run continues with --resume RUN_DIR.
+
+    At start it prints the estimate of swinssl estimate (peak memory, s/step, the whole run's time;
+    --no-estimate skips it); a run that runs out of memory ends with one line naming that
+    estimate and a setting that fits.
     """
     from swinssl.engine.pretrain import pretrain as run
 
-    _train(run, config, overrides, resume)
+    _train(run, config, overrides, resume, "pretrain", estimate_first)
 
 
 @app.command()
@@ -224,6 +231,9 @@ def finetune(
                                      "finetune/swinmm_tiny); repeat to lay presets over one another."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory (or cross-validation "
                                           "folder) from its last checkpoint."),
+    estimate_first: bool = typer.Option(True, "--estimate/--no-estimate", help="First measure a few steps in a "
+                                        "separate process and print the expected peak memory and time (swinssl "
+                                        "estimate)."),
 ) -> None:
     """Fine-tune SwinUNETR for segmentation, from scratch or from pre-trained weights.
 
@@ -244,22 +254,145 @@ def finetune(
     finetune.folds=5 finetune.fold=all trains every fold, one after the other, into one folder
     (fold_0 ... fold_4, each such a run directory, and folds.json): swinssl predict FOLDER
     ensembles them, and --resume FOLDER continues the folds.
+
+    At start it prints the estimate of swinssl estimate (peak memory, s/step, the whole run's time;
+    --no-estimate skips it); a run that runs out of memory ends with one line naming that
+    estimate and a setting that fits.
     """
     from swinssl.engine.finetune import finetune as run
 
-    _train(run, config, overrides, resume)
+    _train(run, config, overrides, resume, "finetune", estimate_first)
 
 
-def _train(run, config: List[str], overrides: Optional[List[str]], resume: Optional[Path]) -> None:
-    """Start a training stage from presets + overrides, or resume its run directory; print where it is."""
+def _train(run, config: List[str], overrides: Optional[List[str]], resume: Optional[Path], stage: str,
+           estimate_first: bool) -> None:
+    """Start a training stage from presets + overrides, or resume its run directory; print where it is.
+    With ``estimate_first``, print the estimate before and hand it to the run for its out-of-memory line."""
     from swinssl.config import load_config
 
     with _user_errors():
-        if resume is not None:
-            run_dir = run(resume=resume, overrides=overrides or [])
-        else:
-            run_dir = run(load_config(config, overrides or []))
+        cfg = load_config(config, overrides or []) if resume is None else None
+        hint = _estimate_at_start(stage, cfg, resume, overrides or []) if estimate_first else None
+        with _estimate_passed(hint):
+            run_dir = run(resume=resume, overrides=overrides or []) if resume is not None else run(cfg)
     typer.echo(f"run directory: {run_dir}")
+
+
+def _estimate_at_start(stage: str, cfg, resume: Optional[Path], overrides: List[str]) -> Optional[dict]:
+    """Print the estimate of a run about to start (one line), and return its hint for the run; None
+    when there is none. A config or data problem is left for the run to report; any other failure
+    of the probe is said in a line and the run starts anyway."""
+    import os
+
+    from swinssl.engine.estimate import PROBE_STEPS, ProbeFailed, device_of, estimate
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun started every process: no probe in each
+        return None
+    if resume is not None:
+        from swinssl.config import load_config
+        from swinssl.runs import RunDir
+
+        if not RunDir(resume).config.is_file():
+            return None
+        cfg = load_config(RunDir(resume).config, overrides)
+    device = device_of(cfg)
+    if not cfg.data.path or not Path(cfg.data.path).exists() or device is None:
+        return None
+    typer.echo(f"estimate: measuring {PROBE_STEPS} steps in a separate process (--no-estimate skips this)", err=True)
+    try:
+        found = estimate(cfg, stage, device)
+    except ProbeFailed as err:
+        if err.out_of_memory or err.exit_code not in (2, 3, 5):  # config, data, output: the run says which
+            typer.echo(f"estimate: not available ({err})", err=True)
+        return None
+    except SwinsslError:
+        return None
+    typer.echo(found.line())
+    return found.hint()
+
+
+@contextlib.contextmanager
+def _estimate_passed(hint: Optional[dict]) -> Iterator[None]:
+    """The run sees the estimate made at start (engine.memory.ENV) while it runs."""
+    import json
+    import os
+
+    from swinssl.engine.memory import ENV
+
+    before = os.environ.get(ENV)
+    if hint is not None:
+        os.environ[ENV] = json.dumps(hint)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
+
+
+@app.command()
+def estimate(
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="key=value overrides, e.g. data=PATH train.batch_size=4 preprocess.roi_size=128."),
+    config: Optional[List[str]] = typer.Option(None, "--config", "-c", help="Preset name or YAML file, as for "
+                                               "pretrain / finetune (a run's config.yaml too); repeat to lay presets "
+                                               "over one another \\[default: pretrain/swin_unetr_tiny for pretrain, "
+                                               "finetune/tiny for finetune and predict]."),
+    stage: str = typer.Option("pretrain", "--stage", help="pretrain, finetune or predict."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda \\[default: the config's "
+                                         "train.accelerator; auto: cuda when there is one]."),
+    memory_budget: Optional[float] = typer.Option(None, "--memory-budget", help="GiB to fit in: also measure at one "
+                                                  "crop and suggest the largest train.batch_size and cubic "
+                                                  "preprocess.roi_size that fit."),
+    steps: int = typer.Option(3, "--steps", help="Optimiser steps the probe runs (the first is a warm-up, not "
+                              "timed)."),
+    shape: Optional[List[int]] = typer.Option(None, "--shape", help="predict: the preprocessed volume, X Y Z (repeat "
+                                              "three times: --shape 256 --shape 256 --shape 128) \\[default: the "
+                                              "first test volume of data=, else 256 256 128]."),
+    overlap: float = typer.Option(0.5, "--overlap", help="predict: sliding-window overlap."),
+    sw_batch_size: int = typer.Option(1, "--sw-batch-size", help="predict: windows per forward pass."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the estimate as JSON to this file."),
+) -> None:
+    """Predict peak memory and seconds per step (per volume for predict) of a config on this device,
+    from a short measured probe in a separate process, never the whole job.
+
+    pretrain / finetune: the real stage runs a few optimiser steps (validation, previews and
+    checkpoints off) into a temporary folder, on data= when given (its preprocessing cache is
+    shared with the run), else on a few synthetic phantoms. Peak memory is the process's peak
+    resident set size on CPU and torch's reserved memory on CUDA; s/step is the median of the
+    steps after the first. With --memory-budget a second probe at one crop fits peak = base +
+    crops x per-crop memory and the largest batch and ROI that fit are printed.
+
+    predict: windows of the ROI through the config's network; seconds per volume = sliding
+    windows (as MONAI tiles them at --overlap) x seconds per window; peak = measured + the
+    output buffers of the stitching.
+    """
+    import json
+
+    from swinssl.config import load_config
+    from swinssl.engine.estimate import check_request, device_of, estimate as run
+    from swinssl.errors import ConfigError
+
+    with _user_errors():
+        presets = config or ["pretrain/swin_unetr_tiny" if stage == "pretrain" else "finetune/tiny"]
+        cfg = load_config(presets, overrides or [])
+        device = device or device_of(cfg)
+        if device is None:
+            raise ConfigError(f"train.accelerator {cfg.train.accelerator}: the estimate measures cpu or cuda; "
+                              "pass --device")
+        check_request(stage, device, memory_budget, steps)
+        if shape is not None and len(shape) != 3:
+            raise ConfigError(f"--shape: three sizes X Y Z, got {len(shape)}")
+        typer.echo(f"estimate: measuring {stage} of {' + '.join(presets)} on {device} in a separate process", err=True)
+        found = run(cfg, stage, device, memory_budget, steps, shape=tuple(shape) if shape else None, overlap=overlap,
+                    sw_batch_size=sw_batch_size)
+        if json_out is not None:
+            from swinssl.utils import atomic_write_text
+
+            atomic_write_text(json_out, json.dumps(found.to_dict(), indent=2) + "\n")
+    for line in found.report():
+        typer.echo(line)
 
 
 @app.command()

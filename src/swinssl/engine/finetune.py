@@ -102,6 +102,10 @@ class FinetuneStage:
         self.segmentation_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=ft.dice_weight,
                                             lambda_ce=ft.ce_weight)
 
+    @staticmethod
+    def check(cfg: Config) -> None:
+        network_method(dataclasses.asdict(cfg.model)).check_finetune(cfg)
+
     def splits(self) -> dict[str, list[Case]]:
         splits = {"train": self.train_cases, "validation": self.val_cases}
         if self.unlabeled:

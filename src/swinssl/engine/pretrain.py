@@ -62,6 +62,10 @@ class PretrainStage:
             self.probe_task = ProbeTask(probe_cfg, cfg.seed)
         self.validation_every = (cfg.train.val_every, cfg.train.probe_every if self.probe_task else 0)
 
+    @staticmethod
+    def check(cfg: Config) -> None:
+        get_method(cfg.method.name).check(cfg)
+
     def splits(self) -> dict[str, list[Case]]:
         return {"train": self.train_cases, "validation": self.val_cases}
 

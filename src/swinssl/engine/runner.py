@@ -5,13 +5,16 @@ its own: the data splits, the model and its parameter groups, the plan its check
 carry, the batches, the loss of a micro-step, validation and previews. The runner does the
 rest the same way for all: the run directory, AdamW with warm-up + cosine, resuming exactly
 where a run stopped, gradient accumulation, clipping, a stop (or skip) on a non-finite loss or
-gradient, averaged metrics (CSV, TensorBoard, progress bar), ``checkpoints/last.pt`` (and
-``best.pt`` for a stage with a best metric), and one clear line when a process of a
-distributed run fails.
+gradient, averaged metrics (CSV, TensorBoard, progress bar; ``step_s``: seconds per optimiser
+step without waiting for data, ``data_s``: seconds waiting for batches), ``checkpoints/last.pt``
+(and ``best.pt`` for a stage with a best metric), one clear line when a process of a distributed
+run fails, and one when a step runs out of memory (``engine.memory``: where, the estimate made at
+start, a setting that fits).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -29,6 +32,7 @@ from swinssl.engine.checkpoint import restore_rng, rng_state, save_checkpoint
 from swinssl.engine.distributed import DistributedFaults
 from swinssl.engine.logging import MetricLogger
 from swinssl.engine.loop import due, nonfinite_gradients, progress_bar, setup_fabric, warmup_cosine
+from swinssl.engine.memory import is_out_of_memory, out_of_memory_line
 from swinssl.engine.run_dir import open_run_dir, resume_state
 from swinssl.nn.load import load_exactly
 from swinssl.errors import TrainingError
@@ -67,6 +71,10 @@ class Stage(Protocol):
 
     def validate(self, model: nn.Module, fabric, run: RunDir, step: int) -> dict[str, float]:
         """Validation metrics after optimiser step ``step`` (those due then; {} without validation data)."""
+
+    @staticmethod
+    def check(cfg: Config) -> None:
+        """Refuse (ConfigError) a config this stage cannot train, without reading data (which smaller ROI would do)."""
 
 
 def run_stage(stage_of, cfg: Config | None = None, resume: str | Path | None = None, overrides=(),
@@ -120,9 +128,12 @@ class Runner:
             batches = self.stage.batches(fabric, self.start)
             sums: dict[str, float] = {}
             count, tick, crops, skipped, in_a_row, metrics = 0, time.perf_counter(), 0, 0, 0, {}
+            busy, waited, timed = 0.0, 0.0, 0  # seconds computing and waiting for data, steps timed
             try:
                 for step in range(self.start, t.steps):
-                    seen, previews, fault, crops_done = self.step(batches, step)
+                    began = time.perf_counter()
+                    with self.out_of_memory(f"step {step + 1} of {t.steps}"):
+                        seen, previews, fault, crops_done = self.step(batches, step)
                     crops += crops_done
                     if fault:
                         skipped, in_a_row = skipped + 1, in_a_row + 1
@@ -134,20 +145,24 @@ class Runner:
                         in_a_row = 0
                         for parts in seen:
                             for k, v in parts.items():
-                                sums[k] = sums.get(k, 0.0) + v.item()
+                                sums[k] = sums.get(k, 0.0) + v.item()  # waits for the device: the step is done
                             count += 1
+                    busy += time.perf_counter() - began - self.waited
+                    waited, timed = waited + self.waited, timed + 1
                     done = step + 1
                     if due(done, t.log_every, t.steps):
                         means = {k: v / max(count, 1) for k, v in sums.items()}
                         means = {k: float(fabric.all_reduce(torch.tensor(v), reduce_op="mean")) for k, v in means.items()}
                         rate = crops / (time.perf_counter() - tick)
                         metrics = {**means, "lr": self.scheduler.get_last_lr()[0], "crops_per_s": rate,
-                                   "skipped_steps": skipped}
+                                   "skipped_steps": skipped, "step_s": busy / timed, "data_s": waited / timed}
                         if self.logger:
                             self.logger.log(done, "train", metrics)
                         self.bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", crops_s=f"{rate:.2f}")
                         sums, count, tick, crops = {}, 0, time.perf_counter(), 0
-                    self.after_step(done, metrics, previews)
+                        busy, waited, timed = 0.0, 0.0, 0
+                    with self.out_of_memory(f"the validation or checkpoint after step {done}"):
+                        self.after_step(done, metrics, previews)
                     self.bar.update(1)
             finally:  # ends the bar's line, so an error message starts on its own line
                 self.bar.close()
@@ -162,8 +177,11 @@ class Runner:
         t, fabric, model = self.t, self.fabric, self.model
         model.train()
         seen, previews, fault, crops = [], {}, "", 0
+        self.waited = 0.0  # seconds this step waits for its batches
         for micro in range(t.accumulate):
+            fetch = time.perf_counter()
             batch = next(batches)
+            self.waited += time.perf_counter() - fetch
             with fabric.no_backward_sync(model, enabled=micro < t.accumulate - 1):
                 total, parts, previews = self.stage.losses(model, batch, step, micro, fabric)
                 if not fault and not torch.isfinite(total):
@@ -179,6 +197,17 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # a skipped step still advances the schedule: steps stay (seed, step) addressable
         return seen, previews, fault, crops
+
+    @contextlib.contextmanager
+    def out_of_memory(self, where: str):
+        """An allocation that fails inside becomes a TrainingError of one line (``engine.memory``)."""
+        try:
+            yield
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            raise TrainingError(out_of_memory_line(where, self.fabric.device, self.cfg, self.stage.kind,
+                                                   self.run.config, self.run.last, self.stage.check)) from None
 
     def after_step(self, done: int, metrics: dict, previews: dict) -> None:
         t, run = self.t, self.run

@@ -1,0 +1,359 @@
+"""swinssl estimate: the probe's config, window counting, the memory fit and what fits a budget,
+the line at the start of a run, the one line a run that runs out of memory ends with, and (slow)
+a real tiny estimate against a real 3-step run."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from swinssl.cli import app
+from swinssl.config import Config, from_dict, load_config, to_dict
+from swinssl.engine import estimate as est
+from swinssl.engine.memory import (ENV, GIB, Fit, fitting_setting, is_out_of_memory, largest_batch, largest_roi,
+                                   smaller_setting)
+from swinssl.errors import TrainingError
+
+runner = CliRunner()
+
+
+# --- the probe's config and the request -----------------------------------------------------------------
+
+
+def test_probe_config_runs_only_training_steps_on_one_device(tmp_path):
+    cfg = load_config("finetune/tiny", ["data=/some/data.json", "train.devices=4", "train.probe_data=/p",
+                                        "finetune.folds=5", "finetune.fold=all", "train.batch_size=3"])
+    data = {"path": "/some/data.json", "cache": "/cache", "what": ""}
+    probe = est._probe_config(cfg, "cpu", 3, tmp_path, data)
+    t = probe.train
+    assert (t.steps, t.val_every, t.checkpoint_every, t.preview_every, t.log_every) == (3, 0, 0, 0, 1)
+    assert (t.devices, t.num_nodes, t.accelerator, t.probe_data) == (1, 1, "cpu", "")
+    assert Path(t.out).parent == tmp_path and probe.finetune.fold == 0
+    assert (probe.data.path, probe.data.cache) == ("/some/data.json", "/cache")
+    # What the user asked for stays: batch, crops, ROI, network, precision.
+    assert (t.batch_size, probe.preprocess, probe.model, t.precision) == (3, cfg.preprocess, cfg.model,
+                                                                           cfg.train.precision)
+    # The spec the probe process reads back is the same config.
+    assert from_dict(Config, json.loads(json.dumps(to_dict(probe)))) == probe
+
+
+def test_probe_data_shares_the_runs_cache_or_writes_phantoms(tmp_path):
+    cfg = load_config("pretrain/swin_unetr_tiny", [f"data={tmp_path}", f"train.out={tmp_path / 'runs'}"])
+    data = est._probe_data(cfg, "pretrain", tmp_path / "probe")
+    assert data["path"] == str(tmp_path) and data["cache"] == str((tmp_path / "runs" / "cache").resolve())
+    off = est._probe_data(load_config("pretrain/swin_unetr_tiny", [f"data={tmp_path}", "data.cache='off'"]), "pretrain",
+                          tmp_path)
+    assert off["cache"] == "off"
+    phantoms = est._probe_data(load_config("finetune/tiny", ["preprocess.roi_size=32"]), "finetune", tmp_path / "p")
+    assert Path(phantoms["path"]).is_file() and "phantoms of 64^3" in phantoms["what"]
+    labels = json.loads(Path(phantoms["path"]).read_text())["training"]
+    assert len(labels) >= 3 and all(case["label"] for case in labels)  # labelled, for fine-tuning
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stage", "train"], "stage 'train': choose one of pretrain, finetune, predict"),
+    (["--device", "tpu"], "device 'tpu': choose one of cpu, cuda"),
+    (["--memory-budget", "0"], "memory budget 0.0 GiB: must be a positive number of GiB"),
+    (["--memory-budget", "-2"], "memory budget -2.0 GiB: must be a positive number of GiB"),
+    (["--steps", "1"], "1 probe steps: at least 2"),
+    (["--stage", "predict", "--shape", "64", "--shape", "64"], "--shape: three sizes X Y Z, got 2"),
+    (["train.batchsize=2"], "unknown key 'train.batchsize'"),
+])
+def test_bad_requests_are_one_line(args, message):
+    result = runner.invoke(app, ["estimate", *args])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_cuda_without_a_gpu_is_one_line():
+    result = runner.invoke(app, ["estimate", "--device", "cuda"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: device cuda: no CUDA GPU is visible to torch here; estimate on --device cpu"
+
+
+def test_estimate_help_names_stages_budget_and_predict_options():
+    text = " ".join(runner.invoke(app, ["estimate", "--help"], env={"COLUMNS": "200"}).output.split())
+    for words in ("--stage", "pretrain, finetune or predict", "--memory-budget", "largest train.batch_size",
+                  "--shape", "--overlap", "--sw-batch-size", "separate process"):
+        assert words in text, words
+
+
+# --- sliding windows ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, roi, overlap", [
+    ((64, 64, 64), (32, 32, 32), 0.5),
+    ((100, 77, 45), (32, 32, 32), 0.5),
+    ((100, 77, 45), (32, 32, 32), 0.25),
+    ((20, 70, 33), (32, 32, 32), 0.5),  # smaller than the ROI along one axis: padded, one window there
+    ((96, 40, 64), (64, 32, 48), 0.7),
+    ((33, 33, 33), (32, 32, 32), 0.0),
+])
+def test_window_count_is_monai_sliding_windows(shape, roi, overlap):
+    from monai.inferers import sliding_window_inference
+
+    seen = []
+
+    def count(x):
+        seen.append(x.shape[0])
+        return x
+
+    sliding_window_inference(torch.zeros(1, 1, *shape), roi, 1, count, overlap=overlap)
+    assert est.count_windows(shape, roi, overlap) == sum(seen)
+
+
+# --- the memory fit and what fits ----------------------------------------------------------------------------
+
+
+def test_fit_through_two_probes_and_what_fits_a_budget():
+    fit = Fit.through((1, 3 * GIB), (4, 6 * GIB), (96, 96, 96))  # 2 GiB + 1 GiB per crop
+    assert fit.base == pytest.approx(2 * GIB) and fit.per_crop == pytest.approx(GIB)
+    assert fit.peak(4, (192, 96, 96)) == pytest.approx(10 * GIB)  # a crop of twice the voxels costs twice
+    # 2 crops per volume: 9 GiB holds 7 crops -> 3 volumes; fewer volumes than asked keep the step's crops.
+    batch = largest_batch(fit, 9 * GIB, batch_size=4, num_crops=2)
+    assert batch.overrides == ["train.batch_size=3", "train.accumulate=2"] and batch.peak == pytest.approx(8 * GIB)
+    assert largest_batch(fit, 16 * GIB, batch_size=4, num_crops=2).overrides == ["train.batch_size=7"]
+    # One volume does not fit (2 crops = 4 GiB > 3.5): one crop does.
+    assert largest_batch(fit, 3.5 * GIB, 2, 2).overrides == ["train.batch_size=1", "preprocess.num_crops=1",
+                                                            "train.accumulate=4"]
+    # At 4 crops, a ROI of side s costs 2 + 4 * (s / 96)^3 GiB: 10 GiB holds 120^3 -> 96 (a multiple of 32).
+    assert largest_roi(fit, 10 * GIB, 4).overrides == ["preprocess.roi_size=96"]
+    assert largest_roi(fit, 10.1 * GIB, 4).overrides == ["preprocess.roi_size=96"]
+    assert largest_roi(fit, 40 * GIB, 4).overrides == ["preprocess.roi_size=192"]  # 2 + 4 * 8 = 34; 224: 52.8
+    assert largest_roi(fit, 40 * GIB, 4, allowed=lambda side: side % 128 == 0).overrides == ["preprocess.roi_size=128"]
+    assert largest_roi(fit, 40 * GIB, 4, most=100).overrides == ["preprocess.roi_size=96"]
+
+
+def test_nothing_fits_a_budget_below_the_base():
+    fit = Fit.through((1, 3 * GIB), (2, 4 * GIB), (96, 96, 96))
+    assert largest_batch(fit, 1.5 * GIB, 1, 1) is None
+    assert largest_roi(fit, 1.5 * GIB, 1) is None
+    assert largest_batch(Fit(GIB, 0.0, (64, 64, 64)), 8 * GIB, 1, 1) is None  # no growth measured: no guess
+
+
+def test_the_report_says_when_nothing_fits():
+    fit = Fit.through((1, 3 * GIB), (2, 4 * GIB), (96, 96, 96))
+    e = est.Estimate(stage="pretrain", device="cpu", peak=4 * GIB, seconds=2.0, steps=100, device_memory=16 * GIB,
+                     probe_steps=3, probe_s=10, crops=2, fit=fit, budget=GIB, fit_points=[(1, 3 * GIB), (2, 4 * GIB)])
+    text = "\n".join(e.report())
+    assert "the config's 2 crops do not fit" in text and "nothing fits" in text
+    assert "memory fit   2.0 GiB + 1.0 GiB per crop (measured at 1 and 2 crops per micro-step)" in text
+
+
+def test_out_of_memory_setting_from_the_fit_else_half_the_crops():
+    cfg = load_config("pretrain/swin_unetr", ["train.batch_size=4"])  # 4 volumes x 2 crops at 96^3
+    fit = Fit.through((1, 3 * GIB), (8, 10 * GIB), (96, 96, 96))
+    overrides, text = fitting_setting(cfg, 8 * GIB, fit)
+    assert overrides == ["train.batch_size=3", "train.accumulate=2"] and text.endswith("(about 8.0 GiB)")
+    # Without a fit, or one that says the config fits although it ran out: half the crops, then a smaller ROI.
+    assert fitting_setting(cfg, 8 * GIB, None)[0] == ["train.batch_size=2", "train.accumulate=2"]
+    assert fitting_setting(cfg, 12 * GIB, fit)[0] == ["train.batch_size=2", "train.accumulate=2"]
+    one = load_config("pretrain/swin_unetr", ["train.batch_size=1", "preprocess.num_crops=1"])
+    assert smaller_setting(one) == ["preprocess.roi_size=64"]
+    assert fitting_setting(one, 2.5 * GIB, fit)[0] == ["preprocess.roi_size=64"]  # 2 + (64/96)^3 = 2.3 GiB
+    assert smaller_setting(load_config("pretrain/swin_unetr", ["train.batch_size=1", "preprocess.num_crops=4"])) == [
+        "preprocess.num_crops=2"]
+    tiny = load_config("finetune/tiny", ["train.batch_size=1", "preprocess.num_crops=1", "preprocess.roi_size=32"])
+    assert fitting_setting(tiny, GIB, None) == ([], "none smaller than one 32^3 crop: try model.use_checkpoint=true "
+                                                    "or a smaller model.feature_size")
+
+
+@pytest.mark.parametrize("err, oom", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 4000000000000 bytes. Error code 12 (Cannot allocate memory)"), True),
+    (MemoryError(), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+    (ValueError("out of range"), False),
+])
+def test_what_counts_as_out_of_memory(err, oom):
+    assert is_out_of_memory(err) is oom
+
+
+# --- the line at start ----------------------------------------------------------------------------------------
+
+
+def fake_estimate(**changes):
+    values = dict(stage="pretrain", device="cpu", peak=3.1 * GIB, seconds=4.2, steps=1000, device_memory=32 * GIB,
+                  probe_steps=3, probe_s=20.0, crops=4, fit=Fit(GIB, 0.5 * GIB, (64, 64, 64)))
+    values.update(changes)
+    return est.Estimate(**values)
+
+
+def test_pretrain_prints_the_estimate_at_start_and_hands_it_to_the_run(tmp_path, monkeypatch):
+    import swinssl.engine.pretrain
+
+    asked, seen = [], []
+    monkeypatch.setattr(est, "estimate", lambda cfg, stage, device: asked.append((stage, device)) or fake_estimate())
+    monkeypatch.setattr(swinssl.engine.pretrain, "pretrain",
+                        lambda cfg=None, **kw: seen.append(os.environ.get(ENV)) or tmp_path / "run")
+    result = runner.invoke(app, ["pretrain", f"data={tmp_path}", "train.accelerator=cpu", "train.steps=1000"])
+    assert result.exit_code == 0, result.output
+    assert asked == [("pretrain", "cpu")]
+    assert ("estimate: peak 3.1 GiB resident, 4.2 s/step on cpu -> about 1.2 h for 1000 steps "
+            "(swinssl estimate measured 3 steps)") in result.output.splitlines()
+    hint = json.loads(seen[0])
+    assert hint["summary"] == "peak 3.1 GiB resident, 4.2 s/step on cpu" and hint["fit"]["per_crop"] == 0.5 * GIB
+    assert ENV not in os.environ  # only while the run runs
+
+    asked.clear()
+    result = runner.invoke(app, ["pretrain", f"data={tmp_path}", "--no-estimate"])
+    assert result.exit_code == 0 and asked == [] and "estimate:" not in result.output
+
+
+def test_finetune_estimate_says_when_the_run_will_not_fit(tmp_path, monkeypatch):
+    import swinssl.engine.finetune
+
+    over = fake_estimate(stage="finetune", peak=40 * GIB)
+    over.batch = largest_batch(over.fit, over.device_memory, 80, 1)
+    monkeypatch.setattr(est, "estimate", lambda cfg, stage, device: over)
+    monkeypatch.setattr(swinssl.engine.finetune, "finetune", lambda cfg=None, **kw: tmp_path / "run")
+    result = runner.invoke(app, ["finetune", f"data={tmp_path}", "train.accelerator=cpu"])
+    assert result.exit_code == 0, result.output
+    assert ("more than the 32.0 GiB the cpu has: expect out of memory, train.batch_size=62 train.accumulate=2 "
+            "(about 32.0 GiB) fits") in result.output
+
+
+def test_a_failed_probe_does_not_stop_the_run(tmp_path, monkeypatch):
+    import swinssl.engine.pretrain
+
+    def fails(cfg, stage, device):
+        raise est.ProbeFailed("the probe process was killed (SIGKILL), most likely by the system for want of "
+                              "memory", out_of_memory=True)
+
+    monkeypatch.setattr(est, "estimate", fails)
+    monkeypatch.setattr(swinssl.engine.pretrain, "pretrain", lambda cfg=None, **kw: tmp_path / "run")
+    result = runner.invoke(app, ["pretrain", f"data={tmp_path}", "train.accelerator=cpu"])
+    assert result.exit_code == 0 and "estimate: not available (the probe process was killed" in result.output
+    # A config or data problem is the run's to report, once.
+    monkeypatch.setattr(est, "estimate", lambda *a: (_ for _ in ()).throw(est.ProbeFailed("bad", exit_code=3)))
+    result = runner.invoke(app, ["pretrain", f"data={tmp_path}", "train.accelerator=cpu"])
+    assert result.exit_code == 0 and "estimate: not available" not in result.output
+
+
+# --- out of memory during a run ---------------------------------------------------------------------------------
+
+TINY = ["model.feature_size=12", "model.depths=[1,1,1,1]", "preprocess.roi_size=32", "preprocess.num_crops=1",
+        "train.num_workers=0", "train.log_every=1", "train.val_every=0", "train.checkpoint_every=1",
+        "train.warmup_steps=1", "train.steps=3", "train.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    from swinssl.data.phantom import write_phantom_dataset
+
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantom_dataset(out, cases=5, size=32, seed=2)
+    return out / "dataset.json"
+
+
+def run_out_of_memory_at_step_3(monkeypatch, error):
+    from swinssl.engine.runner import Runner
+
+    step = Runner.step
+
+    def step_3_runs_out(self, batches, index):
+        if index == 2:
+            raise error
+        return step(self, batches, index)
+
+    monkeypatch.setattr(Runner, "step", step_3_runs_out)
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 21474836480 bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_out_of_memory_ends_the_run_with_one_line_and_keeps_the_checkpoint(phantoms, tmp_path, monkeypatch, error):
+    from swinssl.engine.checkpoint import load_checkpoint
+    from swinssl.engine.finetune import finetune
+
+    run_out_of_memory_at_step_3(monkeypatch, error)
+    cfg = load_config("finetune/tiny", [f"data={phantoms}", f"train.out={tmp_path}", "train.name=r", *TINY])
+    with pytest.raises(TrainingError) as caught:
+        finetune(cfg, progress=False)
+    line = str(caught.value)
+    run = tmp_path / "r"
+    assert "\n" not in line
+    assert line.startswith("out of memory at step 3 of 3 on cpu (")
+    assert "no estimate was made at start" in line
+    assert "a setting that fits: train.batch_size=1 train.accumulate=2" in line
+    assert (f"(check: swinssl estimate --stage finetune --config {run / 'config.yaml'} train.batch_size=1 "
+            "train.accumulate=2 --device cpu --memory-budget ") in line
+    assert line.endswith(f"the last good checkpoint is {run / 'checkpoints' / 'last.pt'}")
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2  # the one before, intact
+
+
+def test_out_of_memory_through_the_cli_names_the_estimate_made_at_start(phantoms, tmp_path, monkeypatch):
+    run_out_of_memory_at_step_3(monkeypatch, torch.OutOfMemoryError("CUDA out of memory"))
+    big = fake_estimate(stage="finetune", peak=30 * GIB, fit=Fit(0.5 * GIB, 100 * GIB, (32, 32, 32)))
+    monkeypatch.setattr(est, "estimate", lambda cfg, stage, device: big)
+    monkeypatch.setattr("swinssl.engine.memory.device_memory", lambda device: 150 * GIB)
+    result = runner.invoke(app, ["finetune", f"data={phantoms}", f"train.out={tmp_path}", "train.name=r", *TINY])
+    assert result.exit_code == 4, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "Traceback" not in result.output
+    assert error[0].startswith("error: out of memory at step 3 of 3 on cpu (150.0 GiB); the estimate at start: "
+                               "peak 30.0 GiB resident, 4.2 s/step on cpu; a setting that fits: train.batch_size=1 "
+                               "train.accumulate=2 (about 100.5 GiB)"), error[0]
+
+
+def test_other_errors_in_a_step_keep_their_traceback(phantoms, tmp_path, monkeypatch):
+    from swinssl.engine.finetune import finetune
+
+    run_out_of_memory_at_step_3(monkeypatch, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    cfg = load_config("finetune/tiny", [f"data={phantoms}", f"train.out={tmp_path}", "train.name=r", *TINY])
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        finetune(cfg, progress=False)
+
+
+def test_runs_log_step_and_data_seconds(phantoms, tmp_path):
+    from swinssl.engine.finetune import finetune
+    from swinssl.engine.logging import read_metrics
+
+    cfg = load_config("finetune/tiny", [f"data={phantoms}", f"train.out={tmp_path}", "train.name=r", *TINY,
+                                        "train.steps=2", "train.checkpoint_every=0"])
+    rows = read_metrics(finetune(cfg, progress=False))
+    step_s = [r["value"] for r in rows if r["name"] == "step_s"]
+    data_s = [r["value"] for r in rows if r["name"] == "data_s"]
+    assert len(step_s) == len(data_s) == 2 and all(s > 0 for s in step_s) and all(d >= 0 for d in data_s)
+
+
+# --- a real estimate against a real run ---------------------------------------------------------------------------
+
+
+def measured_run(command: list[str], run_dir: Path) -> tuple[float, float]:
+    """(peak resident bytes of the process, median step_s after the first) of a real CLI run."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    out, err = process.communicate()
+    assert process.returncode == 0, err.decode()[-2000:]
+    from swinssl.engine.logging import read_metrics
+
+    step_s = [r["value"] for r in sorted(read_metrics(run_dir), key=lambda r: r["step"]) if r["name"] == "step_s"]
+    return usage.ru_maxrss * 1024, statistics.median(step_s[1:])
+
+
+@pytest.mark.slow
+def test_tiny_estimate_is_within_a_quarter_of_a_real_three_step_run(tmp_path):
+    from swinssl.data.phantom import write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "data", cases=4, size=64, seed=0)
+    overrides = [f"data={data}", "train.num_workers=0"]
+    cfg = load_config("pretrain/swin_unetr_tiny", overrides)
+    predicted = est.estimate(cfg, "pretrain", "cpu")
+    peak, step_s = measured_run([sys.executable, "-m", "swinssl.cli", "pretrain", "--no-estimate", *overrides,
+                                 f"train.out={tmp_path / 'runs'}", "train.name=real", "train.steps=3",
+                                 "train.log_every=1"], tmp_path / "runs" / "real")
+    assert predicted.peak == pytest.approx(peak, rel=0.25)
+    assert predicted.seconds == pytest.approx(step_s, rel=0.25)
