@@ -13,7 +13,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from swinssl.infer.exported import ExportedPredictor
-from swinssl.methods import window_predictor
+from swinssl.methods import network_method, window_predictor
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def predict_volume(
 
 
 # Bytes one window holds at its inference peak, per voxel and feature channel (measured on CPU:
-# 27-42 at feature 12-48, ROI 64-96, batch 1-4); a multi-view window holds three times that.
+# 27-42 at feature 12-48, ROI 64-96, batch 1-4), times the method's streams per window.
 WINDOW_BYTES_PER_VOXEL_FEATURE = 40
 MAX_WINDOW_BATCH = 16
 
@@ -111,8 +111,8 @@ def window_batch(model: nn.Module, roi_size: Sequence[int], memory_share: float 
     ``memory_share`` of the free GPU memory on a GPU; on either, no more than fit that share of
     the free memory, at least 1 and at most ``MAX_WINDOW_BATCH``."""
     config = getattr(model, "config", {})
-    views = 3 if config.get("multiview") else 2 if config.get("domain_invariance") else 1
-    per_window = WINDOW_BYTES_PER_VOXEL_FEATURE * math.prod(roi_size) * config.get("feature_size", 48) * views
+    streams = network_method(config).window_streams(config)
+    per_window = WINDOW_BYTES_PER_VOXEL_FEATURE * math.prod(roi_size) * config.get("feature_size", 48) * streams
     device = _device_of(model)
     if device.type == "cuda":
         wanted, free = MAX_WINDOW_BATCH, torch.cuda.mem_get_info(device)[0]
