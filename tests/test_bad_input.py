@@ -6,7 +6,6 @@ import json
 import re
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 from conftest import write_volume

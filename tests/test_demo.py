@@ -35,3 +35,6 @@ def test_micro_demo_reports_dice_probe_and_verdict_as_measured(tmp_path):
     text = report.read_text()
     assert verdict in text and f"{results['probe']['random']:.3f}" in text and "probe_curve.png" in text
     assert (tmp_path / "demo" / "probe_curve.png").is_file()
+    page = (tmp_path / "demo" / "report.html").read_text()  # beside report.md, which points to it
+    assert "`report.html`" in text and "swinssl demo: demo" in page and verdict in page
+    assert page.count('type="application/octet-stream"') == 2 * 4  # 2 test cases: image, label, 2 predictions

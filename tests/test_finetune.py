@@ -117,7 +117,7 @@ def test_an_encoder_pretrained_on_another_modality_is_refused_unless_allowed(pha
 
 
 def test_pretrained_plan_is_adopted_and_encoder_loaded(phantoms, tmp_path, capsys):
-    source = _pretrain_checkpoint(tmp_path / "pre" / "checkpoints" / "last.pt")
+    _pretrain_checkpoint(tmp_path / "pre" / "checkpoints" / "last.pt")
     # feature 24 in the config: the plan's 12 wins (the weights only fit it), and it is said.
     cfg = tiny_config(phantoms, tmp_path, "ft", "model.feature_size=24", f"finetune.pretrained={tmp_path / 'pre'}",
                       "train.steps=1", "train.lr=0", "train.weight_decay=0")

@@ -416,5 +416,34 @@ def test_every_prediction_option_reaches_the_sliding_window_and_the_record(tmp_p
     record = json.loads((tmp_path / "out" / "predictions.json").read_text())["options"]
     assert record == {"roi_size": [24, 24, 24], "overlap": 0.25, "sw_batch_size": 3, "mode": "constant", "flips": True,
                       "views": "swap_xy", "output_format": "nifti", "device": "cpu", "cache": None}
+    monkeypatch.setattr(predict_module, "window_batch", lambda model, roi: 5)
     predict(threshold_checkpoint, path, tmp_path / "default", progress=False)
     assert seen["roi_size"] == (16, 16, 16) and seen["views"] == "single"  # the plan's crop; auto -> plain: single
+    assert seen["sw_batch_size"] == 5  # no window batch given: window_batch's, and the record says which
+    assert json.loads((tmp_path / "default" / "predictions.json").read_text())["options"]["sw_batch_size"] == 5
+
+
+def test_window_batch_is_one_per_cpu_thread_within_a_quarter_of_free_memory(monkeypatch):
+    from swinssl.infer import volume
+
+    net = SwinUNETR(1, 2, feature_size=12)
+    roi = (32, 32, 32)
+    per_window = volume.WINDOW_BYTES_PER_VOXEL_FEATURE * 32**3 * 12
+    monkeypatch.setattr(volume.torch, "get_num_threads", lambda: 6)
+    monkeypatch.setattr(volume, "_available_memory", lambda: 2**40)
+    assert volume.window_batch(net, roi) == 6
+    monkeypatch.setattr(volume.torch, "get_num_threads", lambda: 64)
+    assert volume.window_batch(net, roi) == volume.MAX_WINDOW_BATCH
+    monkeypatch.setattr(volume, "_available_memory", lambda: 4 * 3 * per_window)  # a quarter holds 3 windows
+    assert volume.window_batch(net, roi) == 3
+    multiview = SwinUNETR(1, 2, feature_size=12)
+    multiview.config = {**multiview.config, "multiview": True}  # three views per window: one fits
+    assert volume.window_batch(multiview, roi) == 1
+    monkeypatch.setattr(volume, "_available_memory", lambda: per_window)  # not even one: still one
+    assert volume.window_batch(net, roi) == 1
+    seen = []
+    monkeypatch.setattr(volume, "sliding_window_inference",
+                        lambda x, roi, batch, *args, **kwargs: seen.append(batch) or torch.zeros(1, 2, *x.shape[2:]))
+    monkeypatch.setattr(volume, "window_batch", lambda model, roi: 7)
+    volume.predict_volume(net, torch.zeros(1, 8, 8, 8), 8)
+    assert seen == [7]

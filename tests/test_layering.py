@@ -47,20 +47,27 @@ import pytest
 
 # The declared layering: layer -> layers it must never import (see ../shared/DESIGN.md, Layering).
 FORBIDDEN: dict[str, frozenset[str]] = {
-    "nn": frozenset({"engine", "data", "ssl", "methods", "cli", "infer", "metrics", "study", "demo"}),
-    "data": frozenset({"nn", "engine", "ssl", "methods", "cli", "infer", "metrics"}),
-    "ssl": frozenset({"engine", "cli", "methods", "infer", "data"}),
-    "methods": frozenset({"engine", "cli", "infer", "study", "demo"}),
-    "engine": frozenset({"infer", "cli", "study", "demo"}),
-    "metrics": frozenset({"engine", "nn", "ssl", "methods", "infer", "cli"}),
-    "infer": frozenset({"engine", "cli", "study", "demo"}),
+    "nn": frozenset({"engine", "data", "ssl", "methods", "cli", "infer", "metrics", "study", "demo", "report"}),
+    "data": frozenset({"nn", "engine", "ssl", "methods", "cli", "infer", "metrics", "report"}),
+    "ssl": frozenset({"engine", "cli", "methods", "infer", "data", "report"}),
+    "methods": frozenset({"engine", "cli", "infer", "study", "demo", "report"}),
+    "engine": frozenset({"infer", "cli", "study", "demo", "report"}),
+    "metrics": frozenset({"engine", "nn", "ssl", "methods", "infer", "cli", "report"}),
+    "infer": frozenset({"engine", "cli", "study", "demo", "report"}),
     # The nnU-Net bridge uses the network, the loader, plans and transforms; nnU-Net runs the training.
-    "nnunet": frozenset({"engine", "methods", "ssl", "infer", "cli", "study", "demo"}),
+    "nnunet": frozenset({"engine", "methods", "ssl", "infer", "cli", "study", "demo", "report"}),
+    # The HTML report reads what the other stages wrote (volumes, metrics.csv, run folders); it runs
+    # no network, loss or prediction, and only the CLI and the demo write it.
+    "report": frozenset({"nn", "ssl", "methods", "infer", "cli", "study", "demo", "nnunet"}),
     # Leaves that every layer may use: the checkpoint plan, the run folder's names, the figures.
-    "plan": frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "study", "demo"}),
-    "runs": frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "study", "demo"}),
-    "plots": frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "study", "demo"}),
+    "plan": frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "study", "demo",
+                       "report"}),
+    "runs": frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "study", "demo",
+                       "report"}),
+    "plots": frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "study", "demo",
+                        "report"}),
 }
+
 
 PACKAGE = "swinssl"
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -401,35 +401,39 @@ def demo(
     fresh: bool = typer.Option(False, "--fresh", help="Replace the contents of --out if it is not empty."),
 ) -> None:
     """The whole job on synthetic phantoms, CPU, in minutes: pre-train, fine-tune (pre-trained and
-    scratch), predict the test cases, evaluate, and write report.md with plots."""
+    scratch), predict the test cases, evaluate, and write report.md with plots and report.html with
+    the test cases in a 3D viewer."""
     from swinssl.demo import run_demo
 
     with _user_errors():
         report = run_demo(out, fresh=fresh)
     typer.echo(report.read_text().split("## Evaluation summaries")[0].rstrip())
-    typer.echo(f"\nreport: {report}")
+    typer.echo(f"\nreport: {report}\nin a browser: {report.with_name('report.html')}")
 
 
 @app.command()
 def predict(
     model: Path = typer.Argument(..., help="A fine-tuning run directory (uses checkpoints/best.pt), checkpoint file, "
-                                 "or cross-validation folder (finetune.fold=all: the ensemble of its folds)."),
+                                 "cross-validation folder (finetune.fold=all: the ensemble of its folds), or a "
+                                 "predictor exported by swinssl export (.onnx or .pt2, run on the CPU)."),
     inputs: List[Path] = typer.Argument(..., help="Volume files, folders of volumes, dataset.json or nnU-Net folders."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the masks (<case_id>.nii.gz) and predictions.json."),
-    ensemble: Optional[List[Path]] = typer.Option(None, "--ensemble", help="Another model (run, checkpoint or "
-                                                  "cross-validation folder) to ensemble with MODEL; repeat for more. "
+    ensemble: Optional[List[Path]] = typer.Option(None, "--ensemble", help="Another model (run, checkpoint, "
+                                                  "cross-validation folder or exported file) to ensemble with MODEL; repeat for more. "
                                                   "The models' softmax probabilities are averaged; their plans must "
                                                   "match."),
     roi: Optional[int] = typer.Option(None, "--roi", help="Sliding-window size \\[default: the training crop]."),
     overlap: float = typer.Option(0.5, "--overlap", help="Sliding-window overlap (Gaussian blending)."),
-    sw_batch_size: int = typer.Option(1, "--sw-batch-size", help="Windows per forward pass."),
+    sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size", min=1, help="Windows per forward pass "
+                                                "\\[default: one per CPU thread, or what fits a quarter of the free "
+                                                "GPU memory; at most 16]."),
     flips: bool = typer.Option(False, "--flips", help="Test-time augmentation: average over the 8 axis flips."),
     views: ViewsChoice = typer.Option("auto", "--views", help="single (the identity axis order), fused (softmax of "
                                       "the three axis orders averaged), one order (identity, swap_xy, swap_xz), or "
                                       "auto: fused for SwinMM multi-view models, else single."),
     output_format: OutputFormat = typer.Option("nifti", "--format", help="nifti, or 'same' to write NRRD for NRRD "
                                                "inputs."),
-    device: Device = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    device: Device = typer.Option("auto", "--device", help="cpu, cuda or auto (cpu for .onnx and .pt2 predictors)."),
     cache: str = typer.Option("auto", "--cache", help="Preprocessing cache folder; auto: the one the model was "
                               "trained with, if it still exists; off: preprocess every volume afresh."),
 ) -> None:
@@ -444,13 +448,19 @@ def predict(
     An ensemble (a cross-validation folder, or --ensemble) averages the softmax probabilities of
     its models, each after its own sliding windows, flips and views, then takes the argmax, as
     the Swin UNETR and SwinFUSE papers ensemble their five folds.
+
+    An exported predictor (swinssl export --out FILE.onnx or .pt2) predicts like its checkpoint:
+    the plan in its metadata gives the preprocessing, classes and window size; its views choice
+    is the one it was exported with (another --views or --roi is refused). ONNX files need
+    onnxruntime (pip install "swinssl\\[onnx]"); .pt2 files holding pickled objects are refused.
     """
     import torch
 
-    from swinssl.infer import PredictOptions, predict as run
+    from swinssl.infer import PredictOptions, is_exported, predict as run
 
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        exported = any(is_exported(m) for m in [model, *(ensemble or [])])
+        device = "cuda" if torch.cuda.is_available() and not exported else "cpu"
     options = PredictOptions(roi_size=roi, overlap=overlap, sw_batch_size=sw_batch_size, flips=flips, views=views.value,
                              output_format=output_format, device=device, cache=cache)
     with _user_errors():
@@ -470,6 +480,8 @@ def evaluate(
                                                 "class in the labels."),
     split: Optional[Split] = typer.Option(None, "--split", help="Only this split of a dataset: training, validation "
                                         "or test."),
+    html: bool = typer.Option(False, "--html", help="Also write report.html beside metrics.csv: a self-contained page "
+                              "with a 3D viewer of image, label and prediction (see swinssl report)."),
 ) -> None:
     """Dice, HD95 (mm) and NSD per case and class, in physical spacing; a summary table per class.
 
@@ -485,6 +497,42 @@ def evaluate(
                       split=split)
     typer.echo(format_summary(summary))
     typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'summary.json'}")
+    if html:
+        from swinssl.report import write_report
+
+        with _user_errors():
+            page = write_report(predictions, out / "report.html", labels=labels, evaluation=out)
+        typer.echo(f"wrote {page}")
+
+
+@app.command()
+def report(
+    path: Path = typer.Argument(..., help="A prediction folder (predictions.json), a training run, a cross-validation "
+                                "folder, a study folder or the demo folder."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The HTML file to write \\[default: PATH/report.html]."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="The dataset (dataset.json, nnU-Net raw folder) or "
+                                          "folder of label files of a prediction folder's cases \\[default: the one "
+                                          "its evaluation used]."),
+    max_cases: int = typer.Option(12, "--max-cases", min=1, help="Cases the viewer holds (those with the lowest mean "
+                                  "Dice); the table lists all."),
+    max_side: int = typer.Option(192, "--max-side", min=16, help="Volumes longer than this along an axis are "
+                                 "downsampled for display (the page says so)."),
+) -> None:
+    """One self-contained HTML page of results, opened from disk in any browser: no server, no network.
+
+    A 3D viewer (NiiVue) per case: the image with label and prediction as overlays, the three
+    planes and a 3D render, opacity and per-class visibility, the class legend and the case's
+    Dice, HD95 and NSD. Then a sortable table of scores per case and class, training curves
+    (losses, validation Dice, the probe), pre-training reconstruction previews, and each run's
+    provenance (plan, config, versions, data manifest hash). Volumes are embedded compressed.
+    For a prediction folder, labels and scores come from --labels or the evaluation beside it
+    (swinssl evaluate; scores are computed when only --labels is given).
+    """
+    from swinssl.report import write_report
+
+    with _user_errors():
+        page = write_report(path, out, labels=labels, max_side=max_side, max_cases=max_cases)
+    typer.echo(f"wrote {page} ({page.stat().st_size / 1e6:.1f} MB); open it in a browser")
 
 
 @app.command()
@@ -532,18 +580,43 @@ def probe(
 @app.command()
 def export(
     model: Path = typer.Argument(..., help="A run directory (best.pt, else last.pt) or a swinssl checkpoint file."),
-    out: Path = typer.Option(..., "--out", "-o", help="The weights file to write, ending in .safetensors."),
+    out: Path = typer.Option(..., "--out", "-o", help="The file to write; its ending picks the format: .safetensors "
+                             "(weights and plan), .onnx (an onnxruntime predictor) or .pt2 (a torch.export "
+                             "predictor)."),
+    views: ViewsChoice = typer.Option("auto", "--views", help=".onnx/.pt2: the views choice baked into the predictor "
+                                      "(as predict's --views); auto: fused for SwinMM multi-view models, else single."),
 ) -> None:
-    """Export a checkpoint's model weights and plan as .safetensors (no pickle inside).
+    """Export a checkpoint: its weights and plan as .safetensors, or its predictor as .onnx or .pt2.
 
-    The file is safe to share and to open from anywhere: predict, finetune.pretrained and
-    load_pretrained read it like the checkpoint. Optimizer and RNG state stay behind, so a
-    run cannot be resumed from it. Needs the safetensors package.
+    .safetensors: the model weights and plan, no pickle inside, safe to share; predict,
+    finetune.pretrained and load_pretrained read it like the checkpoint. Optimizer and RNG state
+    stay behind, so a run cannot be resumed from it. Needs the safetensors package.
+
+    .onnx / .pt2: the network of one sliding window (the fine-tuned checkpoint's, with the views
+    choice baked in: SwinMM's fused views, SwinFUSE's domain-invariance module) for windows of
+    the training crop, any number of windows per call, with the plan (preprocessing, classes,
+    channels, window size) in the file's metadata. swinssl predict FILE runs it with the same
+    preprocessing, sliding windows, flips and inversion as the checkpoint, on the CPU. ONNX
+    files run in onnxruntime (pip install "swinssl\\[onnx]"; exporting a SwinMM network takes
+    minutes); .pt2 files in PyTorch (torch.export).
     """
-    from swinssl.engine.checkpoint import export_weights
+    from swinssl.errors import ConfigError
 
+    suffix = out.suffix.lower()
     with _user_errors():
-        written = export_weights(model, out)
+        if suffix == ".safetensors":
+            if views.value != "auto":
+                raise ConfigError("--views applies to .onnx and .pt2 predictors, not to .safetensors weights")
+            from swinssl.engine.checkpoint import export_weights
+
+            written = export_weights(model, out)
+        elif suffix in (".onnx", ".pt2"):
+            from swinssl.infer.export import export_predictor
+
+            written = export_predictor(model, out, views.value)
+        else:
+            raise ConfigError(f"{out}: the name's ending picks the format: .safetensors (weights and plan), "
+                              ".onnx (onnxruntime predictor) or .pt2 (torch.export predictor)")
     typer.echo(f"wrote {written}")
 
 

@@ -9,7 +9,8 @@ The setting the papers describe, at toy scale: many unlabelled volumes, few labe
    from scratch, with the same steps, data and seed.
 4. Predict the held-out test cases with both models and evaluate them (Dice, HD95, NSD); the
    paired verdict (``swinssl.verdict``) on their per-case mean Dice.
-5. Write ``report.md`` and ``results.json`` (Dice per class and init, the probe, the verdict).
+5. Write ``report.md`` and ``results.json`` (Dice per class and init, the probe, the verdict), and
+   ``report.html`` (``swinssl.report``: the test cases in a 3D viewer, the curves, the provenance).
 
 Each stage is the same library call that ``swinssl pretrain | finetune | predict | evaluate``
 makes; the report lists those commands. Sizes are in ``DEMO`` (plain data).
@@ -28,6 +29,7 @@ from swinssl.data.phantom import write_phantom_dataset
 from swinssl.engine.finetune import finetune
 from swinssl.engine.logging import read_metrics
 from swinssl.plots import figure, save_figure, save_overlay, save_probe_curve
+from swinssl.report import write_report as write_html_report
 from swinssl.runs import RunDir
 from swinssl.engine.pretrain import pretrain
 from swinssl.engine.probe import probe_curve
@@ -92,7 +94,9 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, progress: bool 
     timings["total"] = time.perf_counter() - started
     results = demo_results(pre_run, summaries, {init: case_dice(out / f"predictions_{init}") for init in INITS})
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    return write_report(out, data, demo, pre_run, runs, summaries, results, test_images, timings)
+    report = write_report(out, data, demo, pre_run, runs, summaries, results, test_images, timings)
+    write_html_report(out, out / "report.html")
+    return report
 
 
 def demo_results(pre_run: Path, summaries: dict[str, dict], cases: dict[str, dict[str, float]]) -> dict:
@@ -145,6 +149,9 @@ def write_report(out: Path, data: Path, demo: dict, pre_run: Path, runs: dict[st
         "",
         f"Synthetic CT phantoms ({demo['cases']} cases, {demo['size']}^3): `{data}`. "
         f"{len(test_images)} test cases are held out from pre-training and fine-tuning.",
+        "",
+        "The same results in a browser, with the test cases in a 3D viewer (image, label and both "
+        "predictions): open `report.html` (one file, no network needed).",
         "",
         "## Did pre-training pay off?",
         "",

@@ -235,8 +235,8 @@ def evaluate(
     if out_dir is not None:
         out_dir = writable_dir(out_dir)
     predictions = _predictions(pred_dir)
-    label_files, dataset_names = _label_files(labels, split)
-    pairs = _pair(predictions, label_files, pred_dir, labels)
+    labelled, dataset_names = label_files(labels, split)
+    pairs = _pair(predictions, labelled, pred_dir, labels)
     names = {**dataset_names, **(dict(class_names) if class_names else {})}
 
     per_case, found, predicted = _score_pairs(pairs, wanted, nsd_tolerance)
@@ -256,7 +256,7 @@ def evaluate(
         {
             "pred_dir": str(pred_dir),
             "labels": str(labels),
-            "missing_predictions": sorted(set(label_files) - set(pairs)),
+            "missing_predictions": sorted(set(labelled) - set(pairs)),
             "unlabelled_predictions": sorted(str(p) for cid, p in predictions.items() if cid not in pairs),
             "conventions": dict(CONVENTIONS),
         }
@@ -317,7 +317,7 @@ def _predictions(pred_dir: Path) -> dict[str, Path]:
     return predictions
 
 
-def _label_files(labels: Path, split: str | None = None) -> tuple[dict[str, Path], dict[int, str]]:
+def label_files(labels: Path, split: str | None = None) -> tuple[dict[str, Path], dict[int, str]]:
     """Label file per case id (of one split of a dataset, if given), and class names where declared."""
     if not labels.exists():
         raise DataError(f"{labels}: no such file or folder")

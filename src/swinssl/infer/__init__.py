@@ -17,7 +17,9 @@
    ``output_format="same"``), uint8 (uint16 beyond 256 classes).
 
 Modules: ``model`` (loading), ``volume`` (windows, flips, views), ``write`` (files),
-``cases`` (options, one case, many cases).
+``cases`` (options, one case, many cases), ``export`` and ``exported`` (a model's window network
+as an ONNX or torch.export file with its plan in the metadata, written and read back: ``predict``
+takes such a file for a checkpoint and runs the same steps 1-4 with it).
 
 A bad input (unreadable, truncated, NaN voxels...) is reported on one line and skipped;
 ``DataError`` is raised only when no mask at all could be written. ``predictions.json``
@@ -29,6 +31,7 @@ Checkpoints are the fine-tuning engine's: ``{"format": "swinssl", "kind": "finet
 """
 
 from swinssl.infer.model import load_ensemble, load_model
+from swinssl.infer.exported import ExportedPredictor, is_exported, load_exported
 from swinssl.infer.cases import (
     PredictOptions,
     collect_cases,
@@ -39,10 +42,11 @@ from swinssl.infer.cases import (
     predict_case,
     prediction_cache,
 )
+from swinssl.infer.export import export_predictor
 from swinssl.infer.volume import flip_view, flip_views, predict_volume
 from swinssl.infer.write import output_suffix, write_mask
 
-__all__ = ["PredictOptions", "collect_cases", "ensemble_probabilities", "flip_view", "flip_views",
-           "inference_pipeline", "load_ensemble", "load_model",
+__all__ = ["ExportedPredictor", "PredictOptions", "collect_cases", "ensemble_probabilities", "export_predictor", "flip_view", "flip_views",
+           "inference_pipeline", "is_exported", "load_ensemble", "load_exported", "load_model",
            "output_names", "output_suffix", "predict", "predict_case", "predict_volume", "prediction_cache",
            "write_mask"]

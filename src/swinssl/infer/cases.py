@@ -20,8 +20,9 @@ from tqdm import tqdm
 from swinssl.data.discover import Case, find_dataset
 from swinssl.data.transforms import Pipeline, case_item, inference_transforms, invert
 from swinssl.errors import ConfigError, DataError, SwinsslError
+from swinssl.infer.exported import exported_views
 from swinssl.infer.model import load_ensemble
-from swinssl.infer.volume import predict_volume
+from swinssl.infer.volume import predict_volume, window_batch
 from swinssl.infer.write import OutputFormat, output_suffix, write_mask
 from swinssl.methods import view_choices, window_predictor
 from swinssl.plan import Plan
@@ -39,7 +40,8 @@ class PredictOptions:
 
     ``roi_size``: the sliding window (an int is a cube; None: the plan's training crop);
     ``overlap`` and ``mode`` (``gaussian`` weights window centres, ``constant`` averages);
-    ``sw_batch_size``: windows per forward pass; ``flips``: average over the 8 axis flips;
+    ``sw_batch_size``: windows per forward pass (None: from the cores and memory,
+    ``infer.volume.window_batch``); ``flips``: average over the 8 axis flips;
     ``views``: a choice of ``swinssl.methods.view_choices()`` (``auto``: the network's method
     decides); ``output_format``: ``nifti``, or ``same`` to keep NRRD for NRRD inputs;
     ``device`` of the network; ``cache``: the preprocessing cache folder, ``auto`` (the one
@@ -48,7 +50,7 @@ class PredictOptions:
 
     roi_size: Sequence[int] | int | None = None
     overlap: float = 0.5
-    sw_batch_size: int = 1
+    sw_batch_size: int | None = None
     mode: str = "gaussian"
     flips: bool = False
     views: str = "auto"
@@ -179,7 +181,9 @@ def predict(model_source: str | Path | Sequence[str | Path], inputs: str | Path 
     """Predict a mask for every case in ``inputs`` and write it to ``out_dir``; returns the written files.
 
     ``model_source``: a fine-tuned checkpoint or its run directory, a cross-validation folder
-    (``finetune.fold=all``: all its folds), or a list of these: an ensemble, whose softmax
+    (``finetune.fold=all``: all its folds), an exported predictor (``.onnx`` or ``.pt2``, written
+    by ``swinssl export``; its plan comes from its metadata, its views choice and window size are
+    fixed: ``swinssl.infer.exported``), or a list of these: an ensemble, whose softmax
     probabilities are averaged (``load_ensemble`` refuses models whose plans differ).
     ``inputs``: a volume file, a folder of volumes, an MSD ``dataset.json`` or nnU-Net raw folder (all cases, test ones
     included), or a list of these. Each mask is ``<out_dir>/<case_id>.nii.gz`` (``.nrrd`` for an
@@ -198,9 +202,13 @@ def predict(model_source: str | Path | Sequence[str | Path], inputs: str | Path 
     models, plan, checkpoints = load_ensemble(sources, options.device)
     if len(models) > 1:
         log.info("ensemble of %d models: %s", len(models), ", ".join(map(str, checkpoints)))
-    # auto resolved, so the record says which (one plan: the same for every model)
-    _, views = window_predictor(models[0], plan.network_fields(), options.views)
-    options = dataclasses.replace(options, roi_size=_roi(options.roi_size, plan), views=views)
+    roi = _roi(options.roi_size, plan)
+    # auto resolved, so the record says which (one plan: the same for every model); exported
+    # predictors hold theirs, baked into their graphs
+    views = exported_views(models, options.views, roi) or window_predictor(models[0], plan.network_fields(),
+                                                                           options.views)[1]
+    options = dataclasses.replace(options, roi_size=roi, views=views,
+                                  sw_batch_size=options.sw_batch_size or window_batch(models[0], roi))
     cache = prediction_cache(options.cache, plan.cache)
     pipeline = inference_pipeline(plan, cache)  # one for all cases: an unusable cache is found (and said) once
     cases, failed = collect_cases(inputs)

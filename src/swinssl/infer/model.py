@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from swinssl.errors import CheckpointError
+from swinssl.infer.exported import is_exported, load_exported
 from swinssl.nn.build import build_network
 from swinssl.nn.load import filter_swinssl, load_exactly, read_checkpoint
 from swinssl.nn.swin_unetr import SwinUNETR
@@ -32,10 +33,10 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[
 
 
 def load_ensemble(sources: Sequence[str | Path], device: str | torch.device = "cpu"
-                  ) -> tuple[list[SwinUNETR], Plan, list[Path]]:
-    """The models of ``sources`` (checkpoints, run directories, or cross-validation folders standing
-    for each of their folds: ``swinssl.runs.resolve_checkpoints``), their common plan, and their
-    checkpoint files.
+                  ) -> tuple[list[nn.Module], Plan, list[Path]]:
+    """The models of ``sources`` (checkpoints, run directories, cross-validation folders standing
+    for each of their folds: ``swinssl.runs.resolve_checkpoints``, or exported predictors: ``.onnx``
+    and ``.pt2`` files, ``load_exported``), their common plan, and their files.
 
     Raises ``CheckpointError`` naming two checkpoints and the first plan key where they differ: the
     members of an ensemble must see the same preprocessed input and predict the same classes.
@@ -45,7 +46,7 @@ def load_ensemble(sources: Sequence[str | Path], device: str | torch.device = "c
     checkpoints = [checkpoint for source in sources for checkpoint in resolve_checkpoints(source)]
     models, plans = [], []
     for checkpoint in checkpoints:
-        model, plan = load_model(checkpoint, device)
+        model, plan = load_exported(checkpoint, device) if is_exported(checkpoint) else load_model(checkpoint, device)
         difference = plan_difference(plans[0], plan) if plans else None
         if difference:
             key, first, this = difference

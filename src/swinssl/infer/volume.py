@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -11,7 +12,8 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from swinssl.methods import window_predictor
+from swinssl.infer.exported import ExportedPredictor
+from swinssl.methods import network_method, window_predictor
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def predict_volume(
     image: torch.Tensor,
     roi_size: Sequence[int] | int,
     overlap: float = 0.5,
-    sw_batch_size: int = 1,
+    sw_batch_size: int | None = None,
     mode: str = "gaussian",
     flips: bool = False,
     views: str = "auto",
@@ -62,31 +64,71 @@ def predict_volume(
 
     Sliding windows of ``roi_size`` with ``overlap``, blended with ``mode`` (``gaussian``
     weights window centres, ``constant`` averages); an image smaller than the ROI is padded.
+    ``sw_batch_size``: windows per forward pass (None: ``window_batch``).
     Windows run on the model's device and are stitched on the image's device (CPU for the
     pipeline's output), so a large volume does not have to fit in GPU memory at once.
     ``flips``: average the softmax over the 8 flips of the spatial axes (flip, predict, flip back).
     ``views``: what each window is predicted through, a choice of the methods' inference hooks
     (``swinssl.methods.window_predictor``): ``auto`` (the network's method decides: fused for
     SwinMM multi-view networks, else single), ``single``, ``fused`` (the softmax of the three
-    axis orders averaged) or one axis order (``identity``, ``swap_xy``, ``swap_xz``).
+    axis orders averaged) or one axis order (``identity``, ``swap_xy``, ``swap_xz``). An exported
+    predictor (``swinssl.infer.exported``) is that function already: ``views`` must be its own (or
+    ``auto``) and ``roi_size`` its window size.
     """
     if image.ndim != 4:
         raise ValueError(f"expected one image (C, X, Y, Z), got shape {tuple(image.shape)}")
     chosen = flip_views() if flips else [flip_view(())]
     x = (image.as_tensor() if isinstance(image, MetaTensor) else image).float().unsqueeze(0)
     device = _device_of(model)
-    predictor, _ = window_predictor(model, getattr(model, "config", {}), views)
+    roi = (roi_size,) * 3 if isinstance(roi_size, int) else tuple(roi_size)
+    sw_batch_size = sw_batch_size or window_batch(model, roi)
+    if isinstance(model, ExportedPredictor):
+        predictor = model.window_function(views, roi)
+    else:
+        predictor, _ = window_predictor(model, getattr(model, "config", {}), views)
     total: torch.Tensor | None = None
     with torch.no_grad():
         for view in chosen:
             logits = sliding_window_inference(
-                view.forward(x), roi_size, sw_batch_size, predictor, overlap=overlap, mode=mode, sw_device=device, device=x.device
+                view.forward(x), roi, sw_batch_size, predictor, overlap=overlap, mode=mode, sw_device=device, device=x.device
             )
             # Averaged as probabilities, not logits: one confident view must not outvote the others.
             probs = view.inverse(torch.softmax(logits.float(), dim=1))
             total = probs if total is None else total.add_(probs)
     assert total is not None
     return (total / len(chosen))[0].cpu()
+
+
+# Bytes one window holds at its inference peak, per voxel and feature channel (measured on CPU:
+# 27-42 at feature 12-48, ROI 64-96, batch 1-4), times the method's streams per window.
+WINDOW_BYTES_PER_VOXEL_FEATURE = 40
+MAX_WINDOW_BATCH = 16
+
+
+def window_batch(model: nn.Module, roi_size: Sequence[int], memory_share: float = 0.25) -> int:
+    """Windows per forward pass when none is given: one per CPU thread (a batch of small windows
+    keeps the cores busy where one window's many small operations do not), as many as fit
+    ``memory_share`` of the free GPU memory on a GPU; on either, no more than fit that share of
+    the free memory, at least 1 and at most ``MAX_WINDOW_BATCH``."""
+    config = getattr(model, "config", {})
+    streams = network_method(config).window_streams(config)
+    per_window = WINDOW_BYTES_PER_VOXEL_FEATURE * math.prod(roi_size) * config.get("feature_size", 48) * streams
+    device = _device_of(model)
+    if device.type == "cuda":
+        wanted, free = MAX_WINDOW_BATCH, torch.cuda.mem_get_info(device)[0]
+    else:
+        wanted, free = torch.get_num_threads(), _available_memory()
+    return max(1, min(wanted, MAX_WINDOW_BATCH, int(memory_share * free // per_window)))
+
+
+def _available_memory() -> int:
+    """Bytes the kernel could hand out now (Linux ``MemAvailable``); elsewhere, as if plenty."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 2**40
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -223,6 +223,11 @@ class Method:
         """The function sliding windows call: a window's logits (or log-probabilities) in its frame."""
         return model
 
+    def window_streams(self, network: Mapping[str, Any]) -> int:
+        """How many inputs' worth of activations one window holds at once in inference (the
+        memory ``infer.volume.window_batch`` plans for)."""
+        return 1
+
 
 def task_losses(step: TaskInput, weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
     """The losses of the tasks in ``weights`` (with the values they only log) for one step."""

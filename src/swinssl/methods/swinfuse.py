@@ -46,6 +46,9 @@ class SwinFUSE(Method):
         second = cutout(x, torch.Generator().manual_seed(seed), cfg.finetune.dim_cutout)
         return segmentation_loss(model(x, second=second), y), {}
 
+    def window_streams(self, network: Mapping[str, Any]) -> int:
+        return 2  # the input goes through the module as both of its streams
+
 
 METHOD = SwinFUSE("swinfuse", view_maker="cutout", needs_dim=True)
 

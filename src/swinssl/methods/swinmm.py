@@ -83,6 +83,9 @@ class SwinMM(Method):
     def default_views(self, network: Mapping[str, Any]) -> str:
         return "fused"
 
+    def window_streams(self, network: Mapping[str, Any]) -> int:
+        return 3  # the three axis orders of a fused window
+
     def window_predictor(self, model: nn.Module, views: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """``fused``: the three axis orders' softmax averaged -- through the cross-view pairs for a
         ``MultiViewSwinUNETR``, as an ensemble of permuted inputs for a plain SwinUNETR. Otherwise

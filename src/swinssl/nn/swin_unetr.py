@@ -136,7 +136,9 @@ class OneVoxelInstanceNorm3d(nn.InstanceNorm3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[2:].numel() == 1 and not self.track_running_stats:
-            out = torch.zeros_like(x)
+            # Exactly zero, but computed from x: the layers before it stay in the graph (with zero
+            # gradients), so DDP does not stop on parameters that were not used.
+            out = x - x.mean(dim=(2, 3, 4), keepdim=True)
             return out + self.bias.view(1, -1, 1, 1, 1) if self.affine else out
         return super().forward(x)
 
