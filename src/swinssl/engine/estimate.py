@@ -71,6 +71,7 @@ class Estimate:
     probe_steps: int  # optimiser steps (or window batches) the probe ran
     probe_s: float  # wall seconds of the probe(s), start-up included
     data_s: float = 0.0  # seconds per step the probe waited for batches (first visits, uncached)
+    cpu_s: float = 0.0  # CPU seconds of the process per step (all its threads): the work, whatever else runs
     crops: int = 0  # crops per micro-step (training) or windows per batch (predict)
     fit: Fit | None = None
     budget: float | None = None  # bytes the suggestions fit into
@@ -82,6 +83,7 @@ class Estimate:
     classes: int = 0  # predict
     output_bytes: float = 0.0  # predict: the stitching's buffers, included in peak
     data: str = ""  # what the probe trained on
+    times: list[float] = field(default_factory=list)  # seconds of each probe step (or window batch), warm-up first
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -92,13 +94,20 @@ class Estimate:
     def unit(self) -> str:
         return "volume" if self.stage == "predict" else "step"
 
+    @property
+    def timed(self) -> bool:
+        """False when the config's own probe ran out of memory: its peak is then the fit's, its time unknown."""
+        return not math.isnan(self.seconds)
+
     def summary(self) -> str:
         """``peak 3.1 GiB resident, 4.2 s/step on cpu``"""
-        return f"peak {gib(self.peak)} {self.memory_kind}, {self.seconds:.3g} s/{self.unit} on {self.device}"
+        time_part = f"{self.seconds:.3g} s/{self.unit}" if self.timed else "s/step not measured (out of memory)"
+        return f"peak {gib(self.peak)} {self.memory_kind}, {time_part} on {self.device}"
 
     def line(self) -> str:
         """The one line ``swinssl pretrain`` / ``finetune`` print at start."""
-        whole = f" -> about {duration(self.seconds * self.steps)} for {self.steps} steps" if self.steps else ""
+        whole = f" -> about {duration(self.seconds * self.steps)} for {self.steps} steps" if self.steps and self.timed \
+            else ""
         out = f"estimate: {self.summary()}{whole} (swinssl estimate measured {self.probe_steps} steps)"
         if self.peak > self.device_memory:
             fits = self.batch or self.roi
@@ -126,17 +135,17 @@ class Estimate:
                 f"  measured     {self.probe_steps} window batches in a separate process, {self.probe_s:.0f} s",
             ]
         else:
-            lines += [
-                f"  peak memory  {gib(self.peak)} {self.memory_kind}"
-                + (" (the process's peak resident set size: interpreter, imports, data and model included)"
-                   if self.device == "cpu" else " (torch.cuda.max_memory_reserved)"),
-                f"  time         {self.seconds:.3g} s/step (median of {self.probe_steps - 1} timed steps; the first "
-                f"is a warm-up), {self.data_s:.2g} s/step waiting for data in the probe",
-                f"  whole run    about {duration(self.seconds * self.steps)} for {self.steps} steps "
-                "(validation and checkpoints not included)",
-                f"  measured     {self.probe_steps} steps of the real stage in a separate process, "
-                f"{self.probe_s:.0f} s, on {self.data}",
-            ]
+            lines.append(f"  peak memory  {gib(self.peak)} {self.memory_kind}"
+                         + (" (the process's peak resident set size: interpreter, imports, data and model included)"
+                            if self.device == "cpu" else " (torch.cuda.max_memory_reserved)"))
+            if self.timed:
+                lines += [f"  time         {self.seconds:.3g} s/step (median of {self.probe_steps - 1} timed steps; the "
+                          f"first is a warm-up; {self.cpu_s:.3g} CPU s), {self.data_s:.2g} s/step waiting for data in "
+                          "the probe",
+                          f"  whole run    about {duration(self.seconds * self.steps)} for {self.steps} steps "
+                          "(validation and checkpoints not included)"]
+            lines.append(f"  measured     {self.probe_steps} steps of the real stage in a separate process, "
+                         f"{self.probe_s:.0f} s, on {self.data}")
         if self.fit is not None:
             points = " and ".join(f"{c}" for c, _ in sorted(self.fit_points))
             lines.append(f"  memory fit   {gib(self.fit.base)} + {gib(self.fit.per_crop)} per crop "
@@ -273,8 +282,9 @@ def _estimate_training(cfg: Config, stage: str, device: str, budget: float | Non
     peak = main["peak"] if main else line.peak(crops)
     est = Estimate(stage=stage, device=device, peak=peak, seconds=main["step_s"] if main else math.nan,
                    steps=t.steps, device_memory=memory, probe_steps=steps, probe_s=time.perf_counter() - started,
-                   data_s=main["data_s"] if main else math.nan, crops=crops, fit=line, fit_points=points,
-                   data=data["what"])
+                   data_s=main["data_s"] if main else math.nan, cpu_s=main["cpu_s"] if main else math.nan,
+                   crops=crops, fit=line, fit_points=points,
+                   data=data["what"], times=main["times"] if main else [])
     if main is None:
         est.notes.append(f"the config's own probe ran out of memory ({failure}); its peak is the fit's")
     if line is not None:
@@ -351,7 +361,7 @@ def _estimate_predict(cfg: Config, device: str, budget: float | None, tmp: Path,
     est = Estimate(stage="predict", device=device, peak=result["peak"] + output, seconds=seconds, steps=0,
                    device_memory=memory, probe_steps=PREDICT_BATCHES, probe_s=time.perf_counter() - started,
                    crops=sw_batch_size, windows=windows, shape=shape, classes=result["classes"], output_bytes=output,
-                   data=result["what"])
+                   data=result["what"], times=result["times"])
     if device == "cuda":
         est.notes.append(f"windows run on the GPU; the output buffers ({gib(output)}) are in host memory")
         est.peak = result["peak"]
@@ -399,8 +409,10 @@ def run_probe(spec: dict, tmp: Path) -> dict:
     if done.returncode < 0:
         import signal
 
-        name = signal.Signals(-done.returncode).name if -done.returncode in signal.Signals._value2member_map_ else \
-            f"signal {-done.returncode}"
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:
+            name = f"signal {-done.returncode}"
         raise ProbeFailed(f"the probe process was killed ({name}), most likely by the system for want of memory",
                           out_of_memory=done.returncode == -9)
     last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -429,8 +441,9 @@ def _train_probe(spec: dict) -> dict:
     rows = sorted((r for r in read_metrics(run_dir) if r["split"] == "train"), key=lambda r: r["step"])
     step_s = [r["value"] for r in rows if r["name"] == "step_s"]
     data_s = [r["value"] for r in rows if r["name"] == "data_s"]
+    cpu_s = [r["value"] for r in rows if r["name"] == "cpu_s"]
     return {"peak": peak_memory(spec["device"]), "step_s": statistics.median(step_s[1:]),
-            "data_s": statistics.median(data_s[1:]), "times": step_s}
+            "data_s": statistics.median(data_s[1:]), "cpu_s": statistics.median(cpu_s[1:]), "times": step_s}
 
 
 def _predict_probe(spec: dict) -> dict:
@@ -477,7 +490,7 @@ def _predict_probe(spec: dict) -> dict:
         peaks.append(peak_memory(spec["device"]))
     per_window = (peaks[-1] - peaks[0]) / (sw - 1) if sw > 1 else 0.0
     return {"peak": peaks[-1], "batch_s": statistics.median(times[1:]), "shape": shape, "classes": classes,
-            "input_loaded": loaded, "what": what, "per_window": per_window}
+            "input_loaded": loaded, "what": what, "per_window": per_window, "times": times}
 
 
 def main(argv: list[str]) -> int:
