@@ -1,7 +1,7 @@
 """CPU prediction of a clinical CT: seconds per volume, swinssl against MONAI, in the same run.
 
     python benchmarks/predict_cpu.py                      # 512x512x61, tiny + base, results/predict_cpu2.*
-    python benchmarks/predict_cpu.py --shape 256 256 61 --base-windows 4
+    python benchmarks/predict_cpu.py --shape 256 256 61 --max-windows 50 10 2
 
 The volume is a 512x512x61 CT at its native spacing (the case of issue 25: a tiny model trained on
 32^3 crops did not finish in 20 minutes on 2 cores). Only the sliding-window step is timed (the
@@ -17,8 +17,10 @@ Rows:
                 (its default), same weights. MONAI's SwinUNETR cannot run a 32^3 window (its
                 one-voxel bottleneck's instance norm raises), so at ROI 32 there is no MONAI row;
                 at ROI 64 and 96 there is.
-Base at 96^3 on 2 cores takes seconds per window: ``--base-windows N`` times N windows of the
-volume's tiling and scales by the number of windows (said in the table); 0 runs all of them.
+The first row (the default a user gets) predicts the whole volume. The others time a part of
+the volume's tiling, at most ``--max-windows`` windows of 32^3, 64^3 and 96^3 (base at 96^3 on 2
+cores takes seconds per window), and scale by windows / timed windows (said in the table): a
+window costs the same wherever it lies. ``--whole`` times every window of every row.
 """
 
 from __future__ import annotations
@@ -97,13 +99,16 @@ def worker(spec: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 61])
-    parser.add_argument("--base-windows", type=int, default=8, help="windows timed at base size (0: all)")
+    parser.add_argument("--max-windows", type=int, nargs=3, default=[400, 60, 8], metavar=("ROI32", "ROI64", "ROI96"),
+                        help="windows timed per row after the first, by ROI (the rest is scaled)")
+    parser.add_argument("--whole", action="store_true", help="time every window of every row")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "predict_cpu2")
     args = parser.parse_args(argv)
     results = []
-    for size, feature, roi, variant in ROWS:
+    caps = dict(zip((32, 64, 96), args.max_windows))
+    for i, (size, feature, roi, variant) in enumerate(ROWS):
         spec = {"shape": args.shape, "feature": feature, "roi": roi, "variant": variant,
-                "max_windows": args.base_windows if size == "base" else 0}
+                "max_windows": 0 if args.whole or i == 0 else caps[roi]}
         done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                               text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if done.returncode:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from swinssl.nn.heads import ContrastiveHead, ReconstructionHead, RotationHead
+from swinssl.nn.heads import ContrastiveHead, PointwiseConv3d, ReconstructionHead, RotationHead
 
 FEATURE = 12
 DIM = 16 * FEATURE  # bottleneck channels of a feature-12 encoder
@@ -58,6 +58,28 @@ def test_reconstruction_head_channel_plan_for_feature_12():
     assert [c.kernel_size for c in convs] == [(3, 3, 3)] * 5 + [(1, 1, 1)]
     # conv -> instance norm -> LeakyReLU -> 2x trilinear upsampling, five times, then the 1x1x1 conv.
     kinds = [type(m) for m in head.layers]
-    assert kinds == [nn.Conv3d, nn.InstanceNorm3d, nn.LeakyReLU, nn.Upsample] * 5 + [nn.Conv3d]
+    assert kinds == [nn.Conv3d, nn.InstanceNorm3d, nn.LeakyReLU, nn.Upsample] * 5 + [PointwiseConv3d]
     ups = [m for m in head.layers if isinstance(m, nn.Upsample)]
     assert all(u.scale_factor == 2 and u.mode == "trilinear" and u.align_corners is False for u in ups)
+
+
+@pytest.mark.parametrize("out_channels", [1, 5])
+def test_pointwise_conv_equals_a_1x1x1_convolution_forward_and_backward(out_channels):
+    torch.manual_seed(0)
+    ours = PointwiseConv3d(12, out_channels)
+    reference = nn.Conv3d(12, out_channels, kernel_size=1)
+    assert list(ours.state_dict()) == list(reference.state_dict())  # checkpoints load either way
+    with torch.no_grad():
+        ours.bias.normal_()  # a bias far from zero, so dropping it shows
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 12, 6, 5, 4, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), reference(x_ref)
+    assert y.shape == (2, out_channels, 6, 5, 4)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.bias.grad, reference.bias.grad, rtol=1e-4, atol=1e-4)

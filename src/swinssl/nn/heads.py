@@ -75,6 +75,28 @@ def _upsample_level(cin: int, cout: int) -> list[nn.Module]:
     ]
 
 
+class PointwiseConv3d(nn.Conv3d):
+    """A 1x1x1 convolution computed as a product with the ``(out, in)`` weight matrix.
+
+    ``(B, in, d, h, w) -> (B, out, d, h, w)``; the parameters and state keys of ``nn.Conv3d``.
+    On CPU, oneDNN's convolution is slow at a 1x1x1 kernel with one output channel (the
+    reconstruction's last layer): forward and backward, the product is 3-14x faster, from the
+    tiny demo's crops to the base model's (``benchmarks/pointwise_conv.py``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, *size = x.shape
+        o = self.out_channels
+        # One batched product with the bias as its addend; an unbatched weight broadcast by matmul
+        # has a backward several times slower.
+        y = torch.baddbmm(self.bias.view(1, o, 1).expand(n, o, x[0, 0].numel()),
+                          self.weight.view(1, o, c).expand(n, o, c), x.reshape(n, c, -1))
+        return y.view(n, o, *size)
+
+
 class ReconstructionHead(nn.Module):
     """Masked-volume inpainting (Tang et al., CVPR 2022, sec. 3.2): restore the un-cut view.
 
@@ -93,7 +115,7 @@ class ReconstructionHead(nn.Module):
         self.in_dim = in_dim
         channels = [in_dim] + [in_dim // 2 ** min(i, levels - 1) for i in range(1, levels + 1)]
         modules = [m for cin, cout in zip(channels, channels[1:]) for m in _upsample_level(cin, cout)]
-        modules.append(nn.Conv3d(channels[-1], out_channels, kernel_size=1, stride=1))
+        modules.append(PointwiseConv3d(channels[-1], out_channels))
         self.layers = nn.Sequential(*modules)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
