@@ -3,13 +3,15 @@
 import json
 
 import pytest
+import torch
+import yaml
 
 from swinssl.demo import INITS, run_demo
 from swinssl.engine.logging import read_metrics
 
 MICRO = {"cases": 6, "size": 32, "test_fraction": 0.34,
          "overrides": ["train.steps=4", "train.warmup_steps=1", "train.val_every=2", "train.probe_every=2",
-                       "train.probe_steps=5", "train.checkpoint_every=2", "train.log_every=1", "train.num_workers=0",
+                       "train.probe_steps=5", "train.checkpoint_every=2", "train.log_every=1",
                        "train.val_fraction=0.25"]}
 
 
@@ -38,3 +40,16 @@ def test_micro_demo_reports_dice_probe_and_verdict_as_measured(tmp_path):
     page = (tmp_path / "demo" / "report.html").read_text()  # beside report.md, which points to it
     assert "`report.html`" in text and "swinssl demo: demo" in page and verdict in page
     assert page.count('type="application/octet-stream"') == 2 * 4  # 2 test cases: image, label, 2 predictions
+    # The two fine-tunings, each from its own start: at once in two processes of half the threads each.
+    threads = torch.get_num_threads()
+    for init in INITS:
+        run = tmp_path / "demo" / f"finetune_{init}"
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        predicted = json.loads((tmp_path / "demo" / f"predictions_{init}" / "predictions.json").read_text())
+        assert predicted["model"] == str(run)  # each arm's test cases predicted by that arm
+        assert bool(config["finetune"]["pretrained"]) == (init == "pretrained")
+        environment = json.loads((run / "environment.json").read_text())
+        assert environment["torch_threads"] == (threads // 2 if threads >= 2 else threads)
+        if threads in (2, 3):  # one thread each, so no core for a data worker
+            assert config["train"]["num_workers"] == 0
+        assert f"| finetune {init} |" in text  # its own seconds in the time table

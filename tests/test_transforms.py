@@ -202,3 +202,20 @@ def test_invert_rejects_output_of_wrong_shape(ct_case):
     data = pipeline(item(ct_case[0]))
     with pytest.raises(ValueError, match="differs from the transformed image"):
         invert(pipeline, data, torch.zeros(1, 4, 4, 4))
+
+
+@pytest.mark.parametrize("cache", [None, "cache"])
+def test_every_pipeline_pickles_for_spawned_data_workers(tmp_path, cache):
+    """DataLoader workers started by spawn (macOS, Windows, a spawned process such as the demo's
+    fine-tuning arms; forkserver from Python 3.14) receive the pipeline pickled."""
+    import pickle
+
+    from swinssl.data.transforms import finetune_transforms, inference_transforms, pretrain_transforms
+
+    cfg = PreprocessConfig(crop_foreground=True, crop_sampling="classes")
+    root = tmp_path / cache if cache else None
+    pipelines = [pretrain_transforms(cfg, cache=root), inference_transforms(cfg, cache=root),
+                 finetune_transforms(cfg, classes=[0, 1, 2], train=True, cache=root),
+                 finetune_transforms(cfg, classes=[0, 1, 2], train=False, cache=root)]
+    for pipeline in pipelines:
+        assert type(pickle.loads(pickle.dumps(pipeline))) is type(pipeline)

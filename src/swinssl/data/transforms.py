@@ -20,6 +20,7 @@ and a cached inference volume inverts to the file's grid as an uncached one does
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
 
@@ -149,11 +150,23 @@ def _geometry(cfg: PreprocessConfig, keys: list[str]) -> list:
     return steps
 
 
+@dataclass(frozen=True)
+class Above:
+    """``x > threshold``. A class, not a lambda: DataLoader workers started by ``spawn`` (macOS,
+    Windows, a process that is itself spawned; ``forkserver`` from Python 3.14 on Linux) receive
+    the pipeline pickled."""
+
+    threshold: float
+
+    def __call__(self, x):
+        return x > self.threshold
+
+
 def _foreground(cfg: PreprocessConfig, keys: list[str]) -> list:
     if not cfg.crop_foreground:
         return []
-    threshold = cfg.foreground_threshold
-    return [CropForegroundd(keys=keys, source_key="image", select_fn=lambda x: x > threshold, allow_smaller=True)]
+    return [CropForegroundd(keys=keys, source_key="image", select_fn=Above(cfg.foreground_threshold),
+                            allow_smaller=True)]
 
 
 def _head(cfg: PreprocessConfig, keys: list[str], load: LoadCased) -> list:
