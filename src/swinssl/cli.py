@@ -401,8 +401,8 @@ def demo(
     fresh: bool = typer.Option(False, "--fresh", help="Replace the contents of --out if it is not empty."),
 ) -> None:
     """The whole job on synthetic phantoms, CPU, in minutes: pre-train, fine-tune (pre-trained and
-    scratch), predict the test cases, evaluate, and write report.md with plots and report.html with
-    the test cases in a 3D viewer."""
+    scratch; at once, each with half the threads, on 2 or more), predict the test cases, evaluate,
+    and write report.md with plots and report.html with the test cases in a 3D viewer."""
     from swinssl.demo import run_demo
 
     with _user_errors():

@@ -1,4 +1,4 @@
-"""``swinssl demo``: the whole job on synthetic phantoms, CPU only, in about ten minutes.
+"""``swinssl demo``: the whole job on synthetic phantoms, CPU only, in about 11 minutes on 2 cores.
 
 The setting the papers describe, at toy scale: many unlabelled volumes, few labelled ones.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from swinssl.config import load_config
+from swinssl.config import Config, load_config
 from swinssl.data.discover import find_dataset
 from swinssl.data.io import read_volume
 from swinssl.data.phantom import write_phantom_dataset
@@ -50,7 +50,7 @@ DEMO = {
     "test_fraction": 0.2,  # 6 test cases, 24 training volumes
     "size": 64,  # voxels per side
     # Overlay presets (configs/demo/) laid over pretrain/swin_unetr_tiny and finetune/tiny: small
-    # enough for about 10 minutes on 2 CPU cores. Fine-tuning takes 3 of the labelled cases.
+    # enough for about 11 minutes on 2 CPU cores. Fine-tuning takes 3 of the labelled cases.
     "pretrain": ["pretrain/swin_unetr_tiny", "demo/pretrain"],
     "finetune": ["finetune/tiny", "demo/finetune"],  # the same for both initialisations
     "overrides": [],  # key=value laid over both stages (tests run a smaller demo with them)
@@ -104,18 +104,17 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, progress: bool 
     return report
 
 
-def finetune_arms(configs: dict[str, object], progress: bool, timings: dict[str, float]) -> dict[str, Path]:
+def finetune_arms(configs: dict[str, Config], progress: bool, timings: dict[str, float]) -> dict[str, Path]:
     """Fine-tune each arm and return its run directory; each arm's seconds go into ``timings``.
 
     With two or more CPU threads the arms run at once, each in a process of its own with half
     the threads: the tiny network's small tensors leave a second thread idle much of a step
     (a 1-thread step costs 1.55x a 2-thread one on 2 cores), so together they finish about a
-    fifth sooner than one after the other (516 s against 626 s on 2 cores). On a GPU, or one
-    thread, they run in turn.
+    fifth sooner than one after the other (480-516 s against 626 s on 2 cores). Off the CPU, or
+    on one thread, they run in turn.
     """
     threads = torch.get_num_threads()
-    if threads < 2 or any(c.train.accelerator not in ("cpu", "auto") or torch.cuda.is_available()
-                          for c in configs.values()):
+    if threads < 2 or any(c.train.accelerator != "cpu" for c in configs.values()):
         runs = {}
         for init, cfg in configs.items():
             runs[init], timings[f"finetune {init}"] = _finetune_arm(cfg, threads, progress)
@@ -137,13 +136,13 @@ def finetune_arms(configs: dict[str, object], progress: bool, timings: dict[str,
     return {init: run for init, (run, _) in done.items()}
 
 
-def _finetune_arm(cfg, threads: int, progress: bool) -> tuple[Path, float]:
+def _finetune_arm(cfg: Config, threads: int, progress: bool) -> tuple[Path, float]:
     torch.set_num_threads(threads)
     tick = time.perf_counter()
     return finetune(cfg, progress=progress), time.perf_counter() - tick
 
 
-def _follow(configs: dict[str, object], jobs: dict) -> None:
+def _follow(configs: dict[str, Config], jobs: dict) -> None:
     """One progress bar for the arms running in other processes: the last logged step of each
     (their ``metrics.csv``)."""
     from tqdm import tqdm

@@ -80,7 +80,7 @@ class PointwiseConv3d(nn.Conv3d):
 
     ``(B, in, d, h, w) -> (B, out, d, h, w)``; the parameters and state keys of ``nn.Conv3d``.
     On CPU, oneDNN's convolution is slow at a 1x1x1 kernel with one output channel (the
-    reconstruction's last layer): forward and backward, the product is 3-14x faster, from the
+    reconstruction's last layer): forward and backward, the product is 5-17x faster, from the
     tiny demo's crops to the base model's (``benchmarks/pointwise_conv.py``).
     """
 
