@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -42,14 +41,6 @@ ROWS = [  # (size name, feature, roi, variant)
 ]
 
 
-def windows_per_axis(size: int, roi: int, overlap: float = 0.5) -> int:
-    """Windows along one axis as MONAI's sliding_window_inference tiles it (a short axis: one)."""
-    if size <= roi:
-        return 1
-    step = max(int(roi * (1 - overlap)), 1)
-    return math.ceil((size - roi) / step) + 1
-
-
 def worker(spec: dict) -> dict:
     import resource
 
@@ -57,19 +48,20 @@ def worker(spec: dict) -> dict:
     from monai.inferers import sliding_window_inference
     from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
 
+    from swinssl.engine.estimate import count_windows
     from swinssl.infer.volume import predict_volume, window_batch
     from swinssl.nn.swin_unetr import SwinUNETR
 
     torch.manual_seed(0)
     roi, variant = spec["roi"], spec["variant"]
     shape = list(spec["shape"])
-    total = math.prod(windows_per_axis(s, roi) for s in shape)
+    total = count_windows(shape, (roi,) * 3, 0.5)
     if spec["max_windows"] and total > spec["max_windows"]:
         # A sub-volume along the first axes with about max_windows windows; the time is scaled back.
         for axis in range(3):
-            while math.prod(windows_per_axis(s, roi) for s in shape) > spec["max_windows"] and shape[axis] > roi:
+            while count_windows(shape, (roi,) * 3, 0.5) > spec["max_windows"] and shape[axis] > roi:
                 shape[axis] = max(roi, shape[axis] - roi // 2)
-    timed = math.prod(windows_per_axis(s, roi) for s in shape)
+    timed = count_windows(shape, (roi,) * 3, 0.5)
     ours = SwinUNETR(1, 4, spec["feature"], single_voxel_bottleneck="pad" if variant == "ours, padded" else "exact")
     image = torch.randn(1, *shape)
     with torch.inference_mode():

@@ -72,3 +72,14 @@ def phantoms(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantoms")
     write_phantom_dataset(out, cases=4, size=64, seed=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_phantoms(tmp_path_factory):
+    """5 phantom cases of 32^3 (seed 2), written once per session: their ``dataset.json``.
+    Read-only for the tests (copy the folder to change it)."""
+    from swinssl.data.phantom import write_phantom_dataset
+
+    out = tmp_path_factory.mktemp("small_phantoms")
+    write_phantom_dataset(out, cases=5, size=32, seed=2)
+    return out / "dataset.json"

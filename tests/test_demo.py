@@ -53,3 +53,35 @@ def test_micro_demo_reports_dice_probe_and_verdict_as_measured(tmp_path):
         if threads in (2, 3):  # one thread each, so no core for a data worker
             assert config["train"]["num_workers"] == 0
         assert f"| finetune {init} |" in text  # its own seconds in the time table
+
+
+def test_one_progress_bar_follows_both_arms_through_their_metrics(tmp_path, capsys):
+    """The arms run in other processes: the bar reads each one's metrics.csv; a file caught while
+    the other process is half way through a row keeps the count read before, and a run that has
+    not written one yet counts 0."""
+    from types import SimpleNamespace
+
+    from swinssl.demo import _follow
+
+    header = "step,split,name,value\n"
+
+    def arm(name, text):
+        run = tmp_path / name
+        if text is not None:
+            run.mkdir()
+            (run / "metrics.csv").write_text(header + text)
+        return SimpleNamespace(train=SimpleNamespace(steps=30, out=str(tmp_path), name=name))
+
+    class Job:  # done at its third poll; at its second, arm b is caught writing a row
+        polls = 0
+
+        def done(self):
+            self.polls += 1
+            if self.polls == 2:
+                (tmp_path / "b" / "metrics.csv").write_text(header + "8,train,loss,1.0\n16,train,lo")
+            return self.polls > 2
+
+    configs = {"scratch": arm("a", "10,train,loss,1.0\n20,train,loss,0.5\n"),
+               "pretrained": arm("b", "8,train,loss,1.0\n"), "third": arm("c", None)}
+    _follow(configs, {init: Job() for init in configs})
+    assert "28/90" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]

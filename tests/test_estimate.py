@@ -292,14 +292,6 @@ TINY = ["model.feature_size=12", "model.depths=[1,1,1,1]", "preprocess.roi_size=
         "train.warmup_steps=1", "train.steps=3", "train.batch_size=2"]
 
 
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    from swinssl.data.phantom import write_phantom_dataset
-
-    out = tmp_path_factory.mktemp("phantoms")
-    write_phantom_dataset(out, cases=5, size=32, seed=2)
-    return out / "dataset.json"
-
 
 def run_out_of_memory_at_step_3(monkeypatch, error):
     from swinssl.engine.runner import Runner
@@ -319,12 +311,13 @@ def run_out_of_memory_at_step_3(monkeypatch, error):
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
                  "to allocate 21474836480 bytes. Error code 12 (Cannot allocate memory)"),
 ])
-def test_out_of_memory_ends_the_run_with_one_line_and_keeps_the_checkpoint(phantoms, tmp_path, monkeypatch, error):
+def test_out_of_memory_ends_the_run_with_one_line_and_keeps_the_checkpoint(small_phantoms, tmp_path, monkeypatch,
+                                                                             error):
     from swinssl.engine.checkpoint import load_checkpoint
     from swinssl.engine.finetune import finetune
 
     run_out_of_memory_at_step_3(monkeypatch, error)
-    cfg = load_config("finetune/tiny", [f"data={phantoms}", f"train.out={tmp_path}", "train.name=r", *TINY])
+    cfg = load_config("finetune/tiny", [f"data={small_phantoms}", f"train.out={tmp_path}", "train.name=r", *TINY])
     with pytest.raises(TrainingError) as caught:
         finetune(cfg, progress=False)
     line = str(caught.value)
@@ -339,12 +332,12 @@ def test_out_of_memory_ends_the_run_with_one_line_and_keeps_the_checkpoint(phant
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2  # the one before, intact
 
 
-def test_out_of_memory_through_the_cli_names_the_estimate_made_at_start(phantoms, tmp_path, monkeypatch):
+def test_out_of_memory_through_the_cli_names_the_estimate_made_at_start(small_phantoms, tmp_path, monkeypatch):
     run_out_of_memory_at_step_3(monkeypatch, torch.OutOfMemoryError("CUDA out of memory"))
     big = fake_estimate(stage="finetune", peak=30 * GIB, fit=Fit(0.5 * GIB, 100 * GIB, (32, 32, 32)))
     monkeypatch.setattr(est, "estimate", lambda cfg, stage, device: big)
     monkeypatch.setattr("swinssl.engine.memory.device_memory", lambda device: 150 * GIB)
-    result = runner.invoke(app, ["finetune", f"data={phantoms}", f"train.out={tmp_path}", "train.name=r", *TINY])
+    result = runner.invoke(app, ["finetune", f"data={small_phantoms}", f"train.out={tmp_path}", "train.name=r", *TINY])
     assert result.exit_code == 4, result.output
     error = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "Traceback" not in result.output
@@ -353,20 +346,20 @@ def test_out_of_memory_through_the_cli_names_the_estimate_made_at_start(phantoms
                                "train.accumulate=2 (about 100.5 GiB)"), error[0]
 
 
-def test_other_errors_in_a_step_keep_their_traceback(phantoms, tmp_path, monkeypatch):
+def test_other_errors_in_a_step_keep_their_traceback(small_phantoms, tmp_path, monkeypatch):
     from swinssl.engine.finetune import finetune
 
     run_out_of_memory_at_step_3(monkeypatch, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
-    cfg = load_config("finetune/tiny", [f"data={phantoms}", f"train.out={tmp_path}", "train.name=r", *TINY])
+    cfg = load_config("finetune/tiny", [f"data={small_phantoms}", f"train.out={tmp_path}", "train.name=r", *TINY])
     with pytest.raises(RuntimeError, match="mat1 and mat2"):
         finetune(cfg, progress=False)
 
 
-def test_runs_log_step_and_data_seconds(phantoms, tmp_path):
+def test_runs_log_step_and_data_seconds(small_phantoms, tmp_path):
     from swinssl.engine.finetune import finetune
     from swinssl.engine.logging import read_metrics
 
-    cfg = load_config("finetune/tiny", [f"data={phantoms}", f"train.out={tmp_path}", "train.name=r", *TINY,
+    cfg = load_config("finetune/tiny", [f"data={small_phantoms}", f"train.out={tmp_path}", "train.name=r", *TINY,
                                         "train.steps=2", "train.checkpoint_every=0"])
     rows = read_metrics(finetune(cfg, progress=False))
     step_s = [r["value"] for r in rows if r["name"] == "step_s"]

@@ -346,22 +346,14 @@ FINETUNE_TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    from swinssl.data.phantom import write_phantom_dataset
 
-    out = tmp_path_factory.mktemp("phantoms")
-    write_phantom_dataset(out, cases=5, size=32, seed=2)
-    return out / "dataset.json"
-
-
-def test_swinmm_pretraining_runs_logs_every_task_and_feeds_multiview_finetuning(tmp_path, phantoms):
+def test_swinmm_pretraining_runs_logs_every_task_and_feeds_multiview_finetuning(tmp_path, small_phantoms):
     from swinssl.engine.finetune import finetune
     from swinssl.engine.logging import read_metrics
     from swinssl.engine.pretrain import pretrain
 
     pre = pretrain(load_config("pretrain/swinmm_tiny", [
-        f"data={phantoms.parent}", f"train.out={tmp_path}", "train.name=pre", "model.depths=[1,1,1,1]",
+        f"data={small_phantoms.parent}", f"train.out={tmp_path}", "train.name=pre", "model.depths=[1,1,1,1]",
         "preprocess.num_crops=1", "preprocess.spacing=null", "train.steps=2", "train.num_workers=0",
         "train.log_every=1", "train.val_every=2", "train.checkpoint_every=2", "train.warmup_steps=1",
     ]), progress=False)
@@ -369,7 +361,8 @@ def test_swinmm_pretraining_runs_logs_every_task_and_feeds_multiview_finetuning(
     for task in ("inpaint", "rotate", "contrast", "mutual"):
         assert ("train", task) in names and ("val", task) in names, task
     run = finetune(load_config("finetune/swinmm_tiny", [
-        f"data={phantoms}", f"train.out={tmp_path}", "train.name=ft", f"finetune.pretrained={pre}", "train.steps=2",
+        f"data={small_phantoms}", f"train.out={tmp_path}", "train.name=ft", f"finetune.pretrained={pre}",
+        "train.steps=2",
         *FINETUNE_TINY,
     ]), progress=False)
     rows = read_metrics(run)
@@ -378,18 +371,18 @@ def test_swinmm_pretraining_runs_logs_every_task_and_feeds_multiview_finetuning(
     assert any(r["name"] == "dice" and r["split"] == "val" for r in rows)
 
 
-def test_multiview_finetuning_predicts_fused_by_default_and_single_on_request(tmp_path, phantoms):
+def test_multiview_finetuning_predicts_fused_by_default_and_single_on_request(tmp_path, small_phantoms):
     import json
 
     from swinssl.engine.finetune import finetune
     from swinssl.infer import PredictOptions, load_model, predict
 
-    run = finetune(load_config("finetune/swinmm_tiny", [f"data={phantoms}", f"train.out={tmp_path}",
+    run = finetune(load_config("finetune/swinmm_tiny", [f"data={small_phantoms}", f"train.out={tmp_path}",
                                                          "train.name=mv", "train.steps=2", *FINETUNE_TINY]),
                    progress=False)
     model, plan = load_model(run)
     assert isinstance(model, MultiViewSwinUNETR) and plan.network.multiview is True
-    test_image = phantoms.parent / "imagesTs" / "phantom_004_ct.nii.gz"
+    test_image = small_phantoms.parent / "imagesTs" / "phantom_004_ct.nii.gz"
     for views, asked in (("fused", "auto"), ("identity", "identity")):
         out = tmp_path / views
         [mask] = predict(run, test_image, out, PredictOptions(views=asked), progress=False)
@@ -397,7 +390,7 @@ def test_multiview_finetuning_predicts_fused_by_default_and_single_on_request(tm
         assert json.loads((out / "predictions.json").read_text())["options"]["views"] == views
 
 
-def test_semi_supervised_training_never_reads_unlabelled_labels(tmp_path, phantoms, monkeypatch):
+def test_semi_supervised_training_never_reads_unlabelled_labels(tmp_path, small_phantoms, monkeypatch):
     import shutil
 
     from swinssl.data import transforms
@@ -405,7 +398,7 @@ def test_semi_supervised_training_never_reads_unlabelled_labels(tmp_path, phanto
     from swinssl.engine.logging import read_metrics
 
     poisoned = tmp_path / "unlabelled"
-    shutil.copytree(phantoms.parent, poisoned)
+    shutil.copytree(small_phantoms.parent, poisoned)
     labels = sorted((poisoned / "labelsTr").iterdir())
     assert labels
     for label in labels:
@@ -421,7 +414,7 @@ def test_semi_supervised_training_never_reads_unlabelled_labels(tmp_path, phanto
     monkeypatch.setattr(transforms, "read_label", guard(real_label))
     monkeypatch.setattr(engine, "read_volume", guard(real_volume))
     run = engine.finetune(load_config("finetune/swinmm_tiny", [
-        f"data={phantoms}", f"train.out={tmp_path}", "train.name=semi", "train.steps=2",
+        f"data={small_phantoms}", f"train.out={tmp_path}", "train.name=semi", "train.steps=2",
         f"finetune.unlabeled={poisoned / 'dataset.json'}", *FINETUNE_TINY,
     ]), progress=False)
     train = {r["name"] for r in read_metrics(run) if r["split"] == "train"}
@@ -430,16 +423,16 @@ def test_semi_supervised_training_never_reads_unlabelled_labels(tmp_path, phanto
     assert "unlabeled" in manifest and "labelsTr" not in manifest.split('"unlabeled"')[1]
 
 
-def test_unlabelled_data_needs_the_multiview_model(tmp_path, phantoms):
+def test_unlabelled_data_needs_the_multiview_model(tmp_path, small_phantoms):
     from swinssl.engine.finetune import finetune
     from swinssl.errors import ConfigError
 
     with pytest.raises(ConfigError, match="multiview"):
-        finetune(load_config("finetune/tiny", [f"data={phantoms}", f"train.out={tmp_path}", "train.steps=1",
-                                               f"finetune.unlabeled={phantoms}", *FINETUNE_TINY]), progress=False)
+        finetune(load_config("finetune/tiny", [f"data={small_phantoms}", f"train.out={tmp_path}", "train.steps=1",
+                                               f"finetune.unlabeled={small_phantoms}", *FINETUNE_TINY]), progress=False)
 
 
-def test_unlabelled_rest_is_the_training_cases_left_out_without_their_labels(tmp_path, phantoms):
+def test_unlabelled_rest_is_the_training_cases_left_out_without_their_labels(tmp_path, small_phantoms):
     """``finetune.unlabeled=rest``: the dataset's training cases that neither train (outside the label
     ratio) nor validate, labels dropped; never a test case. A ratio of 1 leaves none, with a warning."""
     from swinssl.data.discover import find_dataset
@@ -447,14 +440,15 @@ def test_unlabelled_rest_is_the_training_cases_left_out_without_their_labels(tmp
 
     def stage(ratio):
         return FinetuneStage(load_config("finetune/swinmm_tiny", [
-            f"data={phantoms}", f"train.out={tmp_path}", f"finetune.label_ratio={ratio}", "finetune.unlabeled=rest"]))
+            f"data={small_phantoms}", f"train.out={tmp_path}", f"finetune.label_ratio={ratio}",
+            "finetune.unlabeled=rest"]))
 
     half = stage(0.5)  # 4 training phantoms: 1 validates, 2 of the other 3 train, 1 is left
 
     def ids(cases):
         return {c.case_id for c in cases}
 
-    training = ids(find_dataset(phantoms).split("training", "validation"))
+    training = ids(find_dataset(small_phantoms).split("training", "validation"))
     assert len(half.train_cases) == 2 and len(half.val_cases) == 1
     assert ids(half.unlabeled) == training - ids(half.train_cases) - ids(half.val_cases) and len(half.unlabeled) == 1
     assert all(c.label is None for c in half.unlabeled)

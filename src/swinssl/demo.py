@@ -148,21 +148,16 @@ def _follow(configs: dict[str, Config], jobs: dict) -> None:
     from tqdm import tqdm
 
     total = sum(c.train.steps for c in configs.values())
+    last = dict.fromkeys(configs, 0)
     with tqdm(total=total, desc="finetune, both", unit="step", dynamic_ncols=True) as bar:
         while not all(job.done() for job in jobs.values()):
             time.sleep(1.0)
-            steps = sum(_last_step(Path(c.train.out) / c.train.name) for c in configs.values())
-            bar.update(steps - bar.n)
-
-
-def _last_step(run: Path) -> int:
-    """The last training step in ``run``'s metrics.csv, while another process writes it (0 before)."""
-    try:
-        rows = RunDir(run).metrics.read_text().splitlines()[1:]
-    except OSError:
-        return 0
-    steps = [int(r.split(",")[0]) for r in rows if r.count(",") == 3 and r.split(",")[0].isdigit()]
-    return max(steps, default=0)
+            for init, cfg in configs.items():
+                try:
+                    last[init] = max(row["step"] for row in read_metrics(Path(cfg.train.out) / cfg.train.name))
+                except (OSError, ValueError, TypeError):  # not written yet, no row yet, or a row half written
+                    pass
+            bar.update(sum(last.values()) - bar.n)
 
 
 def demo_results(pre_run: Path, summaries: dict[str, dict], cases: dict[str, dict[str, float]]) -> dict:

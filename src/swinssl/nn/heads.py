@@ -89,11 +89,11 @@ class PointwiseConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, *size = x.shape
-        o = self.out_channels
+        o, flat = self.out_channels, x.reshape(n, c, -1)
         # One batched product with the bias as its addend; an unbatched weight broadcast by matmul
         # has a backward several times slower.
-        y = torch.baddbmm(self.bias.view(1, o, 1).expand(n, o, x[0, 0].numel()),
-                          self.weight.view(1, o, c).expand(n, o, c), x.reshape(n, c, -1))
+        y = torch.baddbmm(self.bias.view(1, o, 1).expand(n, o, flat.shape[-1]),
+                          self.weight.view(1, o, c).expand(n, o, c), flat)
         return y.view(n, o, *size)
 
 
