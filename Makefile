@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow bench install install-nnunet clean
 
 $(BIN)/swinssl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(BIN)/swinssl: pyproject.toml
 	touch $@
 
 install: $(BIN)/swinssl
+
+# The nnU-Net bridge's extra, keeping the venv's torch: unpinned, nnU-Net's dependencies (timm ->
+# torchvision) would pull the newest torch, a CUDA build of several GB, over it.
+install-nnunet: install
+	$(BIN)/pip install -q -e ".[nnunet]" "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__.split("+")[0])')"
 
 demo: install
 	$(BIN)/swinssl demo --out runs/demo --fresh

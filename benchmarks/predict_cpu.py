@@ -48,7 +48,7 @@ def worker(spec: dict) -> dict:
     from monai.inferers import sliding_window_inference
     from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
 
-    from swinssl.engine.estimate import count_windows
+    from swinssl.utils import count_windows
     from swinssl.infer.volume import predict_volume, window_batch
     from swinssl.nn.swin_unetr import SwinUNETR
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import re
 from pathlib import Path
 
@@ -382,25 +384,91 @@ def _bad_case(folder: Path, kind: str) -> Path:
     return label_path if kind.startswith("label") else image_path
 
 
-@pytest.mark.parametrize("command, kind, fragment", [
+BAD_CASES = [
     ("pretrain", "truncated gzip", "cannot read"),
     ("pretrain", "nan voxels", "non-finite voxel"),
     ("pretrain", "4D image", "4D"),
     ("finetune", "nan voxels", "non-finite voxel"),
     ("finetune", "label of another shape", "shape"),
     ("finetune", "label value 7", "7"),
-])
-def test_training_commands_stop_on_a_bad_case_with_one_line_naming_it(tmp_path, command, kind, fragment):
+]
+
+
+@contextlib.contextmanager
+def start_method(method: str | None):
+    """Data workers started by ``method`` (fork, spawn) for the block: DataLoader takes the default."""
+    if method is None:
+        yield
+        return
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method(method, force=True)
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+
+
+def _stop_on_bad_case(tmp_path, command, kind, fragment, workers: int, method: str | None, debug: bool = False):
     bad = _bad_case(tmp_path / "data", kind)
     config = {"pretrain": "pretrain/swin_unetr_tiny", "finetune": "finetune/tiny"}[command]
     extra = ["preprocess.roi_size=64"] if command == "pretrain" else ["preprocess.roi_size=32", "train.val_every=100"]
     if kind == "label value 7":  # declared classes 0..2 (a folder's classes are otherwise read from its labels)
         extra.append("data.num_classes=3")
-    result = CliRunner().invoke(app, [command, "--no-estimate", "--config", config, f"data={tmp_path / 'data'}",
-                                      f"train.out={tmp_path / 'runs'}", "train.name=bad", *TINY_TRAINING, *extra])
+    with start_method(method):
+        result = CliRunner().invoke(app, [*(["--debug"] if debug else []), command, "--no-estimate", "--config", config,
+                                          f"data={tmp_path / 'data'}", f"train.out={tmp_path / 'runs'}", "train.name=bad",
+                                          *TINY_TRAINING, *extra, f"train.num_workers={workers}"])
     assert result.exit_code == 3, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {bad}: "), result.output
     assert fragment in errors[0][len(f"error: {bad}: "):], errors[0]
-    assert "Traceback" not in result.output
     assert not (tmp_path / "runs" / "bad" / "checkpoints" / "last.pt").exists()  # no step was taken on it
+    return result.output
+
+
+@pytest.mark.parametrize("command, kind, fragment", BAD_CASES)
+@pytest.mark.parametrize("workers, method", [(0, None), (1, "fork")], ids=["no workers", "forked workers"])
+def test_training_commands_stop_on_a_bad_case_with_one_line_naming_it(tmp_path, command, kind, fragment, workers,
+                                                                      method):
+    output = _stop_on_bad_case(tmp_path, command, kind, fragment, workers, method)
+    assert "Traceback" not in output and "DataLoader worker" not in output
+
+
+@pytest.mark.parametrize("command, kind, fragment", [
+    # One kind in the default suite (a spawned worker costs seconds of imports); every kind with -m slow.
+    pytest.param(*case, marks=[] if case[:2] == ("finetune", "nan voxels") else pytest.mark.slow) for case in BAD_CASES
+])
+def test_spawned_data_workers_give_the_same_one_line(tmp_path, command, kind, fragment):
+    output = _stop_on_bad_case(tmp_path, command, kind, fragment, 1, "spawn")
+    assert "Traceback" not in output and "DataLoader worker" not in output
+
+
+def test_debug_shows_the_data_workers_traceback_before_the_line(tmp_path):
+    output = _stop_on_bad_case(tmp_path, "finetune", "nan voxels", "non-finite voxel", 1, "fork", debug=True)
+    assert "Caught DataError in DataLoader worker process" in output and "_check_finite" in output
+    assert output.rstrip().splitlines()[-1].startswith("error: ")
+
+
+# --- readable, but not what it claims to be ------------------------------------------------------
+
+
+def test_data_check_warns_about_label_like_images_and_a_ct_without_hounsfield_air(tmp_path):
+    from conftest import body_volume, write_nifti
+
+    image, _ = body_volume(modality="CT")
+    write_nifti(tmp_path / "ct" / "body.nii.gz", image)
+    write_nifti(tmp_path / "ct" / "bone_mask.nii.gz", (image > 0).astype(np.uint8))  # 0..1, in a CT folder
+    atlas = np.random.default_rng(0).integers(0, 117, image.shape).astype(np.int16)
+    write_nifti(tmp_path / "mri" / "atlas.nii.gz", atlas)
+    mri = np.random.default_rng(1).integers(0, 4000, image.shape).astype(np.int16)  # integers, but thousands
+    write_nifti(tmp_path / "mri" / "t1.nii.gz", mri)
+
+    result = CliRunner().invoke(app, ["data", "check", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning: ")]
+    mask, atlas_path = tmp_path / "ct" / "bone_mask.nii.gz", tmp_path / "mri" / "atlas.nii.gz"
+    assert f"warning: {mask}: looks like a label map, not an image (2 integer values, 0..1)" in "\n".join(warnings)
+    assert f"warning: {mask}: declared CT but nothing below -500" in "\n".join(warnings)
+    assert f"warning: {atlas_path}: looks like a label map, not an image (117 integer values, 0..116)" in "\n".join(warnings)
+    assert len(warnings) == 3, warnings  # the body CT (air at -1000) and the integer MRI are fine
+    assert "all 4 volumes readable and consistent; 2 with warnings above" in result.output

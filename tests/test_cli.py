@@ -64,6 +64,17 @@ def test_config_error_is_one_line_with_exit_code_2():
     assert lines == [lines[0]] and lines[0].startswith("error: ") and "preprocess.roi_sz" in lines[0]
 
 
+@pytest.mark.parametrize("override, fragment", [
+    ("method.weights.bogus=1", "method.weights: unknown task 'bogus'"),
+    ("method.views=warped", "method.views 'warped': unknown view maker"),
+    ("method.name=simclr", "method.name 'simclr': unknown method"),
+])
+def test_config_show_refuses_what_pretraining_refuses(override, fragment):
+    result = runner.invoke(app, ["config", "show", "pretrain/swin_unetr_tiny", override])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: {fragment}"), result.output
+
+
 def test_data_check_rejects_unknown_modality(tmp_path):
     result = runner.invoke(app, ["data", "check", str(tmp_path), "--modality", "PET"])
     assert result.exit_code == 2
@@ -218,6 +229,7 @@ def test_data_efficiency_protocol_is_a_checked_choice_passed_as_a_string(tmp_pat
     (["evaluate", "--help"], "[default: the predictions folder]"),
     (["study", "data-efficiency", "--help"], "[default: 0.1 0.3 0.5 1]"),
     (["study", "views", "--help"], "[default: scratch]"),
+    (["nnunet", "--help"], "(pip install 'swinssl[nnunet]')"),
 ])
 def test_help_shows_bracketed_default_texts(args, text):
     result = runner.invoke(app, args, env=WIDE)

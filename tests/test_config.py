@@ -195,3 +195,10 @@ def test_pretrained_and_scratch_arms_see_the_same_input(name, pretrain, finetune
     pre, fine = load_config(pretrain).preprocess, load_config(finetune).preprocess
     for field_name in INPUT_FIELDS:
         assert getattr(pre, field_name) == getattr(fine, field_name), f"{name}: preprocess.{field_name}"
+
+
+def test_yaml_11_words_are_text_for_text_keys_and_booleans_for_boolean_keys():
+    cfg = load_config("pretrain/swin_unetr_tiny", ["data.cache=off", "train.name=no", "train.compile=on",
+                                                   "train.deterministic=off"])
+    assert cfg.data.cache == "off" and cfg.train.name == "no"  # the README's data.cache=off
+    assert cfg.train.compile is True and cfg.train.deterministic is False

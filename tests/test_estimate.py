@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from swinssl.cli import app
 from swinssl.config import Config, from_dict, load_config, to_dict
 from swinssl.engine import estimate as est
+from swinssl.utils import count_windows
 from swinssl.engine.memory import (ENV, GIB, Fit, fitting_setting, is_out_of_memory, largest_batch, largest_roi,
                                    smaller_setting)
 from swinssl.errors import TrainingError
@@ -107,7 +108,7 @@ def test_window_count_is_monai_sliding_windows(shape, roi, overlap):
         return x
 
     sliding_window_inference(torch.zeros(1, 1, *shape), roi, 1, count, overlap=overlap)
-    assert est.count_windows(shape, roi, overlap) == sum(seen)
+    assert count_windows(shape, roi, overlap) == sum(seen)
 
 
 # --- the memory fit and what fits ----------------------------------------------------------------------------
@@ -398,3 +399,21 @@ def test_tiny_estimate_is_within_a_quarter_of_a_real_three_step_run(tmp_path):
                                  "train.log_every=1"], tmp_path / "runs" / "real")
     assert predicted.peak == pytest.approx(peak, rel=0.25)
     assert predicted.seconds == pytest.approx(step_s, rel=0.25)
+
+
+def test_the_predict_estimate_defaults_to_predicts_window_batch_and_the_configs_overlap(monkeypatch):
+    import swinssl.infer.volume as volume
+
+    seen = {}
+
+    def fake(cfg, stage, device, budget, steps, shape=None, overlap=None, sw_batch_size=None):
+        seen.update(overlap=overlap, sw_batch_size=sw_batch_size)
+        raise est.ConfigError("stop here")
+
+    monkeypatch.setattr(est, "estimate", fake)
+    monkeypatch.setattr(volume.torch, "get_num_threads", lambda: 3)  # predict's rule: a window per thread
+    monkeypatch.setattr(volume, "_available_memory", lambda: 2**40)
+    runner.invoke(app, ["estimate", "--stage", "predict", "--device", "cpu", "finetune.overlap=0.7"])
+    assert seen == {"overlap": 0.7, "sw_batch_size": 3}
+    runner.invoke(app, ["estimate", "--stage", "predict", "--device", "cpu", "--overlap", "0.25", "--sw-batch-size", "2"])
+    assert seen == {"overlap": 0.25, "sw_batch_size": 2}

@@ -1,4 +1,6 @@
 import json
+import re
+import shutil
 
 import nibabel as nib
 import nrrd
@@ -402,10 +404,10 @@ def test_every_prediction_option_reaches_the_sliding_window_and_the_record(tmp_p
     seen = {}
     real = predict_module.predict_volume
 
-    def spy(model, image, roi_size, overlap, sw_batch_size, mode, flips, views):
+    def spy(model, image, roi_size, overlap, sw_batch_size, mode, flips, views, on_windows=None):
         seen.update(roi_size=tuple(roi_size), overlap=overlap, sw_batch_size=sw_batch_size, mode=mode, flips=flips,
                     views=views)
-        return real(model, image, roi_size, overlap, sw_batch_size, mode, flips, views)
+        return real(model, image, roi_size, overlap, sw_batch_size, mode, flips, views, on_windows)
 
     monkeypatch.setattr(predict_module, "predict_volume", spy)
     options = PredictOptions(roi_size=24, overlap=0.25, sw_batch_size=3, mode="constant", flips=True, views="swap_xy",
@@ -420,7 +422,76 @@ def test_every_prediction_option_reaches_the_sliding_window_and_the_record(tmp_p
     predict(threshold_checkpoint, path, tmp_path / "default", progress=False)
     assert seen["roi_size"] == (16, 16, 16) and seen["views"] == "single"  # the plan's crop; auto -> plain: single
     assert seen["sw_batch_size"] == 5  # no window batch given: window_batch's, and the record says which
-    assert json.loads((tmp_path / "default" / "predictions.json").read_text())["options"]["sw_batch_size"] == 5
+    assert seen["overlap"] == 0.5  # a plan without the fine-tuning's overlap (older checkpoints)
+    default = json.loads((tmp_path / "default" / "predictions.json").read_text())["options"]
+    assert default["sw_batch_size"] == 5 and default["overlap"] == 0.5
+
+    ckpt = torch.load(threshold_checkpoint, weights_only=True)
+    ckpt["plan"]["overlap"] = 0.7  # fine-tuned at 70% overlap (finetune/swinmm): predicted so too
+    torch.save(ckpt, threshold_checkpoint)
+    predict(threshold_checkpoint, path, tmp_path / "planned", PredictOptions(cache="off"), progress=False)
+    assert seen["overlap"] == 0.7
+    assert json.loads((tmp_path / "planned" / "predictions.json").read_text())["options"]["overlap"] == 0.7
+    predict(threshold_checkpoint, path, tmp_path / "given", PredictOptions(cache="off", overlap=0.25), progress=False)
+    assert seen["overlap"] == 0.25  # --overlap wins over the plan
+
+
+def test_predict_says_what_each_case_costs_and_counts_its_windows(tmp_path, threshold_checkpoint, capsys,
+                                                                  monkeypatch):
+    image, _ = box_volume(SHAPE, BOX)
+    path = write_nifti(tmp_path / "ct.nii.gz", image, LPS_ANISO)
+    bars = []
+
+    class RecordedBar(infer.cases.tqdm):
+        def close(self):
+            bars.append((self.desc, self.total, self.n))
+            super().close()
+
+    monkeypatch.setattr(infer.cases, "tqdm", RecordedBar)
+    predict(threshold_checkpoint, path, tmp_path / "out", PredictOptions(cache="off", sw_batch_size=2, flips=True),
+            progress=True)
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("ct: "))
+    shape = re.search(r"ct: (\d+)x(\d+)x(\d+) voxels after preprocessing, (\d+) windows of 16x16x16 at overlap 0.5 "
+                      r"x 8 passes, 2 per forward pass", line)
+    assert shape, line
+    from swinssl.utils import count_windows
+
+    windows = count_windows([int(shape.group(i)) for i in (1, 2, 3)], (16, 16, 16), 0.5)
+    assert int(shape.group(4)) == windows
+    assert ("  ct", 8 * windows, 8 * windows) in bars  # the window bar: every window of every flip, counted
+
+
+def test_a_case_of_another_modality_than_the_model_is_said(tmp_path, threshold_checkpoint, caplog):
+    image, _ = box_volume(SHAPE, BOX)
+    ct = write_nifti(tmp_path / "ct.nii.gz", image, LPS_ANISO)
+    mri = write_nifti(tmp_path / "head.nii.gz", image + 1000.0, LPS_ANISO)  # no air: MRI-like intensities
+    declared = write_nifti(tmp_path / "data" / "mri" / "t1.nii.gz", image, LPS_ANISO)  # its folder says MRI
+    ckpt = torch.load(threshold_checkpoint, weights_only=True)
+    ckpt["plan"]["modality"] = "CT"
+    torch.save(ckpt, threshold_checkpoint)
+    with caplog.at_level("WARNING"):
+        predict(threshold_checkpoint, [ct, mri, tmp_path / "data"], tmp_path / "out", PredictOptions(cache="off"),
+                progress=False)
+    said = [r.getMessage() for r in caplog.records if "but the model was fine-tuned on CT" in r.getMessage()]
+    assert len(said) == 2, said  # not the CT
+    assert said[0].startswith(f"{mri}: a MRI volume (by its intensities") or said[1].startswith(f"{mri}: a MRI volume (by")
+    assert any(line.startswith(f"{declared}: a MRI volume (declared)") for line in said)
+
+
+def test_a_run_without_best_checkpoint_is_said_to_predict_with_last(tmp_path, threshold_checkpoint, caplog):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(threshold_checkpoint, run / "checkpoints" / "last.pt")
+    image, _ = box_volume(SHAPE, BOX)
+    path = write_nifti(tmp_path / "ct.nii.gz", image, LPS_ANISO)
+    with caplog.at_level("WARNING"):
+        predict(run, path, tmp_path / "out", PredictOptions(cache="off"), progress=False)
+    assert any("no best.pt" in r.getMessage() and "last.pt" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # named explicitly: nothing to say
+        predict(run / "checkpoints" / "last.pt", path, tmp_path / "out2", PredictOptions(cache="off"), progress=False)
+    assert not any("no best.pt" in r.getMessage() for r in caplog.records)
 
 
 def test_window_batch_is_one_per_cpu_thread_within_a_quarter_of_free_memory(monkeypatch):

@@ -301,3 +301,14 @@ def test_volume_stem_drops_only_the_volume_suffix():
     assert [volume_stem(Path(n)) for n in ("a.b.nii.gz", "Case_0000.nii.gz", "x.NRRD", "notes.txt")] == [
         "a.b", "Case_0000", "x", "notes.txt"
     ]
+
+
+def test_evaluate_reads_a_nested_folder_of_image_label_pairs_as_data_check_does(tmp_path):
+    from conftest import body_volume, write_nifti
+
+    image, label = body_volume()
+    write_nifti(tmp_path / "data" / "ct" / "case1_image.nii.gz", image)
+    write_nifti(tmp_path / "data" / "ct" / "case1_label.nii.gz", label)
+    write_nifti(tmp_path / "pred" / "case1.nii.gz", label)
+    summary = evaluate(tmp_path / "pred", tmp_path / "data")
+    assert summary["classes"]["1"]["dice"]["mean"] == 1.0

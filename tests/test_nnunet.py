@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -393,6 +394,15 @@ def test_nnunet_trains_from_a_swinssl_pretraining_and_predicts_in_the_input_geom
                  pretrained_weights=str(weights), device=torch.device("cpu"))
     log = capsys.readouterr().out
     assert "channel 0 normalised as in pre-training: CT window [-500, 500]" in log
+    loaded = re.search(r"swinssl: loaded (\d+) of (\d+) encoder tensors", log)
+    assert loaded and int(loaded.group(1)) == int(loaded.group(2)) > 20, log[-2000:]
+    # The smoke trainer: batch 1, small patches (recorded in the plans it saved), no mirroring, no final validation
+    output = nnunet_paths["nnUNet_results"] / f"Dataset{DATASET_ID:03d}_Phantom" / \
+        "nnUNetTrainer_SwinUNETR_smoke__nnUNetPlans_swinssl__3d_fullres"
+    used = json.loads((output / "plans.json").read_text())["configurations"]["3d_fullres"]
+    assert used["batch_size"] == 1 and max(used["patch_size"]) <= 64
+    assert not (output / "fold_all" / "validation").exists() and "final validation skipped" in log
+    assert json.loads((output / "fold_all" / "debug.json").read_text())["inference_allowed_mirroring_axes"] == "None"
 
     pretrained = torch.load(source, weights_only=True)["model"]
     encoder = [k for k in at_start if k.startswith("swinViT.") and not k.endswith("relative_position_index")]
@@ -429,3 +439,4 @@ def test_nnunet_trains_from_a_swinssl_pretraining_and_predicts_in_the_input_geom
         assert set(np.unique(np.asarray(mask.dataobj))) <= set(LABELS)
     with capsys.disabled():
         print(f"\nnnU-Net smoke test wall time: {time.perf_counter() - started:.1f} s")
+

@@ -513,3 +513,31 @@ def test_an_input_gone_before_the_report_and_a_damaged_layer_are_named_in_the_vi
     dom = Dom(browse(chromium, damaged, "--dump-dom").stdout)
     assert dom.body.get("data-viewer") == "message" and "hidden" not in dom.ids["canvas-box"]["attrs"]
     assert "Not shown for case phantom_000_ct: prediction: could not be read" in dom.ids["viewer-message"]["text"]
+
+
+def test_the_label_is_drawn_as_an_outline_over_filled_predictions(evaluated):
+    from swinssl.report.volumes import outline_of
+
+    cube = np.zeros((7, 7, 7), np.uint8)
+    cube[1:6, 1:6, 1:6] = 2
+    cube[3, 3, 5] = 1  # another class inside: both sides of that border are kept
+    edge = outline_of(cube)
+    assert edge[3, 3, 3] == 0 and edge[2, 2, 2] == 0  # inside: not drawn
+    assert edge[1, 3, 3] == 2 and edge[5, 3, 3] == 2 and edge[3, 1, 3] == 2  # each face, each axis
+    assert edge[3, 3, 5] == 1 and edge[3, 3, 4] == 2 and edge[0, 3, 3] == 0
+    full = np.ones((4, 4, 4), np.uint8)
+    assert not outline_of(full).any()  # the volume's own edge is no boundary
+
+    report = collect(evaluated)
+    text = render(report, max_side=64)
+    data = json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text,
+                                re.S).group(1))
+    volume = lambda vid: np.asarray(decode(re.search(rf'id="{vid}">(.*?)</script>', text, re.S).group(1)).dataobj)
+    case = next(c for c in report.cases if c.case_id == data["cases"][0]["id"])
+    files = {layer.name: np.asarray(nib.load(layer.path).dataobj) for layer in case.layers}
+    shown = {layer["name"]: volume(layer["volume"]) for layer in data["cases"][0]["layers"]}
+    np.testing.assert_array_equal(shown["label"], outline_of(files["label"]))  # the label: its contours
+    assert 0 < (shown["label"] > 0).sum() < (files["label"] > 0).sum()  # hollow
+    for name in set(shown) - {"label"}:
+        np.testing.assert_array_equal(shown[name], files[name])  # predictions: filled, as predicted
+    assert "label (outline)" in text

@@ -295,3 +295,22 @@ def test_swinfuse_fine_tuning_feeds_the_crop_and_a_cut_out_copy():
 
     with pytest.raises(ConfigError, match="finetune.dim_cutout must be in"):
         SWINFUSE.check_finetune(Config(finetune=FinetuneConfig(dim_cutout=1.0)))
+
+
+def test_light_module_gates_each_stream_by_its_queries_over_the_other_streams_keys():
+    """A loop reference of the light module: stream a's gate is 2 sigmoid of a's (normed) tokens
+    attending over b's pooled, normed tokens, and the reverse; the output averages the gated streams."""
+    torch.manual_seed(3)
+    dim = LightDomainInvarianceModule(12, num_heads=3, pool=2)
+    a, b = torch.randn(2, 12, 4, 4, 4), torch.randn(2, 12, 4, 4, 4) * 2 + 1
+    with torch.no_grad():
+        ga, gb = dim.gates(a, b)
+        expected = []
+        for query, keys in ((a, b), (b, a)):
+            q = dim.norm(query.flatten(2).transpose(1, 2))
+            k = dim.norm(torch.nn.functional.avg_pool3d(keys, 2, ceil_mode=True).flatten(2).transpose(1, 2))
+            out, _ = dim.attn(q, k, k)
+            expected.append(2 * torch.sigmoid(out.transpose(1, 2).reshape(query.shape)))
+        torch.testing.assert_close(ga, expected[0])
+        torch.testing.assert_close(gb, expected[1])
+        torch.testing.assert_close(dim(a, b), (a * expected[0] + b * expected[1]) / 2)

@@ -15,6 +15,7 @@ import enum
 import inspect
 import shutil
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Literal, Optional
 
@@ -38,7 +39,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 study_app = typer.Typer(help="Check the papers' claims on small data, one command per study.", no_args_is_help=True)
 app.add_typer(study_app, name="study")
-nnunet_app = typer.Typer(help="Fine-tune a swinssl pre-trained encoder inside nnU-Net v2 (pip install 'swinssl[nnunet]').",
+nnunet_app = typer.Typer(help="Fine-tune a swinssl pre-trained encoder inside nnU-Net v2 (pip install 'swinssl\\[nnunet]').",
                          no_args_is_help=True)
 app.add_typer(nnunet_app, name="nnunet")
 
@@ -107,12 +108,18 @@ def _console(stderr: bool = False) -> Console:
     return Console(width=width, stderr=stderr, highlight=False)
 
 
+_debug = False  # --debug: errors keep their traceback
+
+
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    """Report a ``SwinsslError`` as one line on stderr and exit with its code."""
+    """Report a ``SwinsslError`` as one line on stderr and exit with its code (``--debug``: the
+    traceback first, a data worker's included)."""
     try:
         yield
     except SwinsslError as err:
+        if _debug:
+            typer.echo(traceback.format_exc() + err.worker_traceback, err=True)
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(err.exit_code) from None
     except OSError as err:  # unwritable output folder, full disk, ...
@@ -130,8 +137,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Print the traceback of an error, not only its one line."),
 ) -> None:
-    pass
+    global _debug
+    _debug = debug
 
 
 @app.command()
@@ -184,12 +193,17 @@ def data_check(
     _console().print(table)
     if dataset.labels:
         typer.echo("declared classes: " + ", ".join(f"{k}={v}" for k, v in sorted(dataset.labels.items())))
+    warnings = [line for r in reports for line in r.warnings]
+    for line in warnings:
+        typer.echo(f"warning: {line}", err=True)
     for line in problems:
         typer.echo(f"error: {line}", err=True)
     if problems:
         typer.echo(f"{len(problems)} of {len(dataset.cases)} volumes have problems", err=True)
         raise typer.Exit(1)
-    typer.echo(f"all {len(reports)} volumes readable and consistent")
+    doubtful = len({r.file for r in reports if r.warnings})
+    typer.echo(f"all {len(reports)} volumes readable and consistent"
+               + (f"; {doubtful} with warnings above" if doubtful else ""))
 
 
 @app.command()
@@ -350,8 +364,11 @@ def estimate(
     shape: Optional[List[int]] = typer.Option(None, "--shape", help="predict: the preprocessed volume, X Y Z (repeat "
                                               "three times: --shape 256 --shape 256 --shape 128) \\[default: the "
                                               "first test volume of data=, else 256 256 128]."),
-    overlap: float = typer.Option(0.5, "--overlap", help="predict: sliding-window overlap."),
-    sw_batch_size: int = typer.Option(1, "--sw-batch-size", help="predict: windows per forward pass."),
+    overlap: Optional[float] = typer.Option(None, "--overlap", min=0.0, max=0.99, help="predict: sliding-window "
+                                            "overlap \\[default: the config's finetune.overlap, as predict takes "
+                                            "it from the plan]."),
+    sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size", min=1, help="predict: windows per forward "
+                                                "pass \\[default: as swinssl predict chooses on this device]."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the estimate as JSON to this file."),
 ) -> None:
     """Predict peak memory and seconds per step (per volume for predict) of a config on this device,
@@ -384,7 +401,14 @@ def estimate(
         check_request(stage, device, memory_budget, steps)
         if shape is not None and len(shape) != 3:
             raise ConfigError(f"--shape: three sizes X Y Z, got {len(shape)}")
+        if stage == "predict" and sw_batch_size is None:
+            import dataclasses
+
+            from swinssl.infer.volume import network_window_batch
+
+            sw_batch_size = network_window_batch(dataclasses.asdict(cfg.model), cfg.preprocess.roi_size, device)
         typer.echo(f"estimate: measuring {stage} of {' + '.join(presets)} on {device} in a separate process", err=True)
+        overlap = cfg.finetune.overlap if overlap is None else overlap
         found = run(cfg, stage, device, memory_budget, steps, shape=tuple(shape) if shape else None, overlap=overlap,
                     sw_batch_size=sw_batch_size)
         if json_out is not None:
@@ -423,7 +447,9 @@ def predict(
                                                   "The models' softmax probabilities are averaged; their plans must "
                                                   "match."),
     roi: Optional[int] = typer.Option(None, "--roi", help="Sliding-window size \\[default: the training crop]."),
-    overlap: float = typer.Option(0.5, "--overlap", help="Sliding-window overlap (Gaussian blending)."),
+    overlap: Optional[float] = typer.Option(None, "--overlap", min=0.0, max=0.99, help="Sliding-window overlap "
+                                            "(Gaussian blending) \\[default: the fine-tuning's validation overlap, "
+                                            "e.g. 0.7 for finetune/swinmm; 0.5 for older models]."),
     sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size", min=1, help="Windows per forward pass "
                                                 "\\[default: one per CPU thread, or what fits a quarter of the free "
                                                 "GPU memory; at most 16]."),
@@ -642,6 +668,9 @@ def config_show(
         overrides, preset = [preset, *(overrides or [])], None
     with _user_errors():
         cfg = load_config(preset, overrides or [])
+        from swinssl.methods import check_method_keys
+
+        check_method_keys(cfg.method)  # as pre-training would refuse them
     typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
 
 

@@ -36,6 +36,9 @@ class DataConfig:
     modality: Modality = "auto"  # used where the dataset does not say; auto: from folder names, then intensities
     num_classes: int = 0  # 0: take from the dataset's labels (or the label values found)
     cache: str = "auto"  # preprocessed-volume cache folder; auto: <train.out>/cache; off: read files every time
+    # Pre-training: a volume that cannot be read (or holds NaN/Inf) is skipped and listed in the run's
+    # skipped.jsonl; the run stops when more than this share of its training volumes are bad
+    max_bad_fraction: float = 0.01
 
 
 @dataclass
@@ -266,6 +269,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"{item!r}: overrides are key=value, e.g. preprocess.roi_size=64")
+    if text.strip().lower() in _YAML11_BOOLS:
+        return key, text.strip()  # data.cache=off is the text "off"; a bool key reads it as false
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -352,6 +357,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             fail("a mapping")
         return {_coerce(k, args[0], key, source): _coerce(v, args[1], key, source) for k, v in value.items()}
     if tp is bool:
+        if isinstance(value, str) and value.lower() in _YAML11_BOOLS:
+            return _YAML11_BOOLS[value.lower()]
         if not isinstance(value, bool):
             fail("true or false")
         return value
@@ -374,6 +381,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise TypeError(f"config type {tp!r} of {key} is not supported")  # a bug in a dataclass, not user input
 
 
+# Words YAML 1.1 reads as booleans besides true/false: kept as text in overrides, booleans for bool keys.
+_YAML11_BOOLS = {"on": True, "off": False, "yes": True, "no": False, "y": True, "n": False}
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 

@@ -49,7 +49,7 @@ from monai.data import MetaTensor
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
 from swinssl.data.discover import VOLUME_SUFFIXES, find_dataset, is_volume_file, volume_stem
-from swinssl.data.io import check_same_grid, read_volume, spacing_of
+from swinssl.data.io import check_grids, check_same_grid, read_volume, spacing_of
 from swinssl.errors import ConfigError, DataError
 from swinssl.utils import atomic_write_text, writable_dir
 
@@ -239,6 +239,8 @@ def evaluate(
     pairs = _pair(predictions, labelled, pred_dir, labels)
     names = {**dataset_names, **(dict(class_names) if class_names else {})}
 
+    # From the headers, before any case is scored: a mismatch in the last case stops nothing half done.
+    check_grids([pair for _, pair in sorted(pairs.items())], what="", ref_what="label", rtol=0.0)
     per_case, found, predicted = _score_pairs(pairs, wanted, nsd_tolerance)
     if wanted is None:
         if not found:
@@ -326,11 +328,16 @@ def label_files(labels: Path, split: str | None = None) -> tuple[dict[str, Path]
     is_dataset = labels.is_file() or (labels / "dataset.json").is_file()
     if not is_dataset:
         files = _volumes_by_id(labels)
-        # A folder of bare <case_id> files is a label folder; one of image/label pairs is a dataset.
-        dataset = find_dataset(labels) if files else None
+        # A folder of bare <case_id> files is a label folder; one of image/label pairs (in it or in its
+        # subfolders, as data check reads it) is a dataset.
+        try:
+            dataset = find_dataset(labels)
+        except DataError:
+            dataset = None
         if dataset is None or not dataset.labelled:
             if not files:
-                raise DataError(f"{labels}: no label files found (looked for {', '.join(VOLUME_SUFFIXES)} files)")
+                raise DataError(f"{labels}: no label files found (looked for {', '.join(VOLUME_SUFFIXES)} files in "
+                                "it, and for image/label pairs in it and its subfolders)")
             if split:
                 raise ConfigError(f"{labels}: a folder of label files has no splits; split={split!r} needs a dataset")
             return files, {}

@@ -9,6 +9,7 @@ checkpoint it is plain data (``Plan.to_dict``)::
      "method": {<MethodConfig fields>} (pre-training),
      "labels": {"0": "background", "1": "liver", ...} (fine-tuning),
      "channel_names": [...], "modality": "CT" | "MRI" | None,
+     "overlap": float | None (fine-tuning: its sliding-window overlap, prediction's default),
      "cache": str | None, "pretrained": str | None,
      "manifest_sha256": str | None, "package_version": str}
 
@@ -54,6 +55,7 @@ class Plan:
     labels: dict[str, str] = field(default_factory=dict)  # class index (as text) -> name
     channel_names: list[str] = field(default_factory=list)
     modality: str | None = None  # the one modality trained on, else None (mixed or unknown)
+    overlap: float | None = None  # fine-tuning's validation sliding-window overlap: prediction's default
     cache: str | None = None  # the preprocessing cache folder of the training
     pretrained: str | None = None  # where a fine-tuning's start weights came from
     manifest_sha256: str | None = None  # of the run's data manifest
@@ -71,7 +73,7 @@ class Plan:
         if self.method is not None:
             out["method"] = to_dict(self.method)
         out.update(labels=dict(self.labels), channel_names=list(self.channel_names), modality=self.modality,
-                   cache=self.cache, pretrained=self.pretrained, manifest_sha256=self.manifest_sha256,
+                   overlap=self.overlap, cache=self.cache, pretrained=self.pretrained, manifest_sha256=self.manifest_sha256,
                    package_version=self.package_version)
         return out
 
@@ -102,6 +104,8 @@ class Plan:
         for key, kind in (("labels", dict), ("channel_names", list)):
             if key in extra and not isinstance(extra[key], kind):
                 raise CheckpointError(f"{source}: plan.{key} must be a {kind.__name__}, got {extra[key]!r}")
+        if "overlap" in extra and not (isinstance(extra["overlap"], (int, float)) and 0 <= extra["overlap"] < 1):
+            raise CheckpointError(f"{source}: plan.overlap must be a number in [0, 1), got {extra['overlap']!r}")
         if "labels" in extra:
             extra["labels"] = {str(k): str(v) for k, v in extra["labels"].items()}
         return cls(network=model, preprocess=preprocess, out_channels=None if out_channels is None else int(out_channels),

@@ -10,6 +10,7 @@
     previews/step_N.png  reconstructions (pre-training) or overlays (fine-tuning)
     checkpoints/last.pt  the latest state (resume continues from it)
     checkpoints/best.pt  fine-tuning: the best validation Dice (prediction prefers it)
+    skipped.jsonl        pre-training: the bad volumes skipped, one {"file", "problem"} per line
 
 A cross-validation (``finetune.fold=all``) is a parent folder of such runs::
 
@@ -56,6 +57,26 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.path / "metrics.csv"
+
+    @property
+    def skipped(self) -> Path:
+        return self.path / "skipped.jsonl"
+
+    def read_skipped(self) -> dict[str, str]:
+        """The skipped volumes: file -> the problem (one line)."""
+        if not self.skipped.is_file():
+            return {}
+        entries = {}
+        for line in self.skipped.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut short by a kill
+                entry = json.loads(line)
+                entries[entry["file"]] = entry["problem"]
+        return entries
+
+    def add_skipped(self, file: str, problem: str) -> None:
+        """Append one skipped volume (one short write: the processes of a distributed run may append at once)."""
+        with open(self.skipped, "a") as f:
+            f.write(json.dumps({"file": file, "problem": problem}) + "\n")
 
     @property
     def tensorboard(self) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -72,3 +73,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def count_windows(shape, roi, overlap: float) -> int:
+    """Sliding windows of ``roi`` over ``shape`` at ``overlap``, tiled as MONAI's ``sliding_window_inference``:
+    the image padded up to the ROI, a step of ``int(roi x (1 - overlap))`` (at least 1; a whole side when
+    the ROI equals it), the last window moved back inside the image."""
+    total = 1
+    for size, side in zip(shape, roi):
+        size = max(int(size), int(side))
+        if size == side:
+            continue
+        step = max(int(side * (1 - overlap)), 1)
+        total *= math.ceil((size - side) / step) + 1
+    return total

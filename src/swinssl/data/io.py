@@ -21,7 +21,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import LoadImage
 
-from swinssl.data.discover import VOLUME_SUFFIXES, is_dicom_file
+from swinssl.data.discover import VOLUME_SUFFIXES, Case, is_dicom_file
 from swinssl.errors import DataError
 
 # MONAI's DICOM readers warn about an optional GPU decoder when created; it is noise here.
@@ -172,6 +172,58 @@ def check_same_grid(
     a, b = np.asarray(affine, dtype=np.float64), np.asarray(ref_affine, dtype=np.float64)
     if not np.allclose(a, b, atol=AFFINE_TOLERANCE_MM, rtol=rtol):
         raise DataError(f"{path}: {role}affine differs from {ref_what} {ref} ({_affine_difference(a, b, rtol)})")
+
+
+def header_grid(path: str | Path) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """The voxel grid of a NIfTI or NRRD file from its header alone, no voxel read: spatial shape and
+    the RAS affine, as ``read_volume`` gives them. None where the header cannot tell (DICOM, other
+    formats, more than 3 dimensions, an unreadable header): the read checks those."""
+    path = Path(path)
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            image = nib.load(str(path))
+            shape, affine = tuple(int(n) for n in image.shape), np.asarray(image.affine, dtype=np.float64)
+        elif name.endswith((".nrrd", ".nhdr")):
+            import nrrd
+
+            header = nrrd.read_header(str(path))
+            shape = tuple(int(n) for n in header["sizes"])
+            affine = np.eye(4)
+            affine[:3, :3] = np.asarray(header["space directions"], dtype=np.float64).T
+            affine[:3, 3] = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
+            space = str(header.get("space", "")).lower()
+            if space not in ("left-posterior-superior", "lps", "right-anterior-superior", "ras"):
+                return None
+            if space in ("left-posterior-superior", "lps"):
+                affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - a header this cannot parse is left to the reader's own message
+        return None
+    return (shape, affine) if len(shape) == 3 and np.isfinite(affine).all() else None
+
+
+def check_grids(pairs: Sequence[tuple[Path, Path]], what: str, ref_what: str = "image", rtol: float = _READ_RTOL,
+                progress=None) -> None:
+    """``check_same_grid`` for each (file, reference file) pair from their headers alone, before any
+    work starts: the first mismatch raises ``DataError`` naming both files. Pairs whose headers do
+    not tell are left to the check made when the voxels are read."""
+    for path, ref_path in pairs:
+        grid, ref = header_grid(path), header_grid(ref_path)
+        if grid is not None and ref is not None:
+            check_same_grid(Path(path), grid[0], grid[1], Path(ref_path), ref[0], ref[1], what=what,
+                            ref_what=ref_what, rtol=rtol)
+        if progress is not None:
+            progress()
+
+
+def check_case_grids(cases: Sequence[Case]) -> None:
+    """``check_grids`` of every case's channel files and label against its first image file."""
+    check_grids([(f, c.images[0]) for c in cases for f in c.images[1:]], what="channel")
+    check_grids([(c.label, c.images[0]) for c in cases if c.label is not None], what="label")
 
 
 def _affine_difference(a: np.ndarray, b: np.ndarray, rtol: float) -> str:

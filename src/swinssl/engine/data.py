@@ -6,6 +6,10 @@ reseeds the MONAI pipeline with that seed before running it. So a resumed run se
 exactly the batches the uninterrupted run would have seen, whatever the number of
 loader workers, and no RNG state has to be saved for the data.
 
+Pre-training skips a bad volume (``skip_bad``): the slot takes the first readable volume of a
+permutation drawn from the slot's own seed, so which volume replaces it depends only on the seed
+and on which volumes are bad, not on which worker met it first or on what a resume already knew.
+
 A step's data are defined globally: ``world_size * batch_size`` positions, of which rank r
 takes ``r * batch_size .. (r + 1) * batch_size - 1``. So the processes of a distributed run
 together see exactly the batch that one process with ``world_size`` times the batch size
@@ -15,7 +19,7 @@ would see (rank 0's crops first), and one process (``world_size`` 1) sees what i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from swinssl.data.discover import Case
 from swinssl.data.transforms import Pipeline, case_item
+from swinssl.errors import DataError
 
 
 def sample_seed(seed: int, step: int, rank: int, position: int) -> int:
@@ -70,36 +75,105 @@ class StepSampler(Sampler):
 
 
 class SeededDataset(Dataset):
-    """Runs ``pipeline`` on case ``index`` with the pipeline's random state set from the key's seed."""
+    """Runs ``pipeline`` on case ``index`` with the pipeline's random state set from the key's seed.
 
-    def __init__(self, cases: Sequence[Case], pipeline: Pipeline):
+    ``skip_bad``: a volume that raises ``DataError`` is replaced (module docstring) and the item is
+    ``(output, [(file, message) of each bad volume met])``; ``known_bad``: files known to be bad
+    (a resumed run's skipped list), replaced without being read.
+    """
+
+    def __init__(self, cases: Sequence[Case], pipeline: Pipeline, skip_bad: bool = False,
+                 known_bad: Iterable[str] = ()):
         self.items = [case_item(c) for c in cases]
-        self.pipeline = pipeline
+        self.pipeline, self.skip_bad = pipeline, skip_bad
+        known = set(known_bad)
+        self.bad = {i for i, item in enumerate(self.items) if volume_file(item) in known}
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
+        if not self.skip_bad:
+            return self._run(index, seed)
+        met: list[tuple[str, str]] = []
+        for candidate in self._candidates(index, seed):
+            if candidate in self.bad:
+                continue
+            try:
+                return self._run(candidate, seed), met
+            except DataError as err:
+                self.bad.add(candidate)
+                met.append((volume_file(self.items[candidate]), str(err)))
+        first = met[0][1] if met else f"{volume_file(self.items[index])}: listed as bad"
+        raise DataError(f"{first} (every one of the {len(self.items)} volumes is bad)")
+
+    def _run(self, index: int, seed: int) -> Any:
         self.pipeline.set_random_state(seed=seed)
         return self.pipeline(dict(self.items[index]))
+
+    def _candidates(self, index: int, seed: int) -> Iterator[int]:
+        yield index
+        yield from np.random.default_rng([seed, 17]).permutation(len(self.items)).tolist()
+
+
+def volume_file(item: dict) -> str:
+    """The file that names a case item (its first image file)."""
+    image = item["image"]
+    return image if isinstance(image, str) else image[0]
+
+
+def _collate_skipping(items: list[tuple[Any, list]]) -> dict:
+    """``list_data_collate`` of a skipping dataset's outputs, with the bad volumes met on the way in
+    ``bad_volumes``."""
+    batch = list_data_collate([output for output, _ in items])
+    batch["bad_volumes"] = [entry for _, met in items for entry in met]
+    return batch
 
 
 def crop_loader(cases: Sequence[Case], pipeline: Pipeline, batch_size: int, seed: int, rank: int = 0,
                 start_step: int = 0, steps: int | None = None, num_workers: int = 0,
-                world_size: int = 1) -> DataLoader:
+                world_size: int = 1, skip_bad: bool = False, known_bad: Iterable[str] = ()) -> DataLoader:
     """Batches of ``batch_size`` volumes (each giving the pipeline's crops), one batch per step: rank
-    ``rank``'s share of the step's ``world_size * batch_size`` volumes (see the module docstring)."""
+    ``rank``'s share of the step's ``world_size * batch_size`` volumes (see the module docstring).
+    ``skip_bad``: bad volumes are replaced and listed in each batch's ``bad_volumes``."""
     sampler = StepSampler(len(cases), batch_size, seed, rank, start_step, steps, world_size)
     return DataLoader(
-        SeededDataset(cases, pipeline),
+        SeededDataset(cases, pipeline, skip_bad, known_bad),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=list_data_collate,  # flattens each volume's list of crops into the batch
+        # flattens each volume's list of crops into the batch
+        collate_fn=_collate_skipping if skip_bad else list_data_collate,
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
     )
+
+
+class BadVolumes:
+    """The volumes a pre-training skipped: each warned about once and listed in the run folder
+    (``RunDir.skipped``, kept by a resume); a ``DataError`` when more than ``max_fraction`` of the
+    ``total`` training volumes are bad."""
+
+    def __init__(self, run, total: int, max_fraction: float, warn: Callable[[str], None]):
+        self.run, self.total, self.max_fraction, self.warn = run, total, max_fraction, warn
+        self.skipped = run.read_skipped()
+
+    @property
+    def known(self) -> set[str]:
+        return set(self.skipped)
+
+    def met(self, entries: Iterable[tuple[str, str]]) -> None:
+        for file, message in entries:
+            if file in self.skipped:
+                continue
+            self.skipped[file] = message
+            self.run.add_skipped(file, message)
+            if len(self.skipped) > self.max_fraction * self.total:
+                raise DataError(f"{message} ({len(self.skipped)} of {self.total} volumes bad, more than "
+                                f"data.max_bad_fraction={self.max_fraction:g}; the list is in {self.run.skipped})")
+            self.warn(f"warning: {message}; skipped, another volume takes its place "
+                      f"({len(self.skipped)} of {self.total} bad so far, listed in {self.run.skipped})")
 
 
 def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:

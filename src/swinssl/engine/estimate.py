@@ -48,6 +48,7 @@ from pathlib import Path
 from swinssl.config import Config, from_dict, to_dict
 from swinssl.engine.memory import GIB, ENV, Fit, Setting, device_memory, gib, largest_batch, largest_roi, roi_checker
 from swinssl.errors import ConfigError, SwinsslError
+from swinssl.utils import count_windows
 
 PROBE_STEPS = 3  # optimiser steps of a training probe; the first is not timed
 STAGES = ("pretrain", "finetune", "predict")
@@ -373,20 +374,6 @@ def _estimate_predict(cfg: Config, device: str, budget: float | None, tmp: Path,
             smaller = Setting([f"--sw-batch-size {fewer}"], est.peak - (sw_batch_size - fewer) * result["per_window"])
             est.batch = smaller if smaller.peak <= budget else None
     return est
-
-
-def count_windows(shape, roi, overlap: float) -> int:
-    """Sliding windows of ``roi`` over ``shape`` at ``overlap``, tiled as MONAI's ``sliding_window_inference``:
-    the image padded up to the ROI, a step of ``int(roi x (1 - overlap))`` (at least 1; a whole side when
-    the ROI equals it), the last window moved back inside the image."""
-    total = 1
-    for size, side in zip(shape, roi):
-        size = max(int(size), int(side))
-        if size == side:
-            continue
-        step = max(int(side * (1 - overlap)), 1)
-        total *= math.ceil((size - side) / step) + 1
-    return total
 
 
 # --- the probe process -----------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from monai.metrics import compute_dice
 
 from swinssl.config import Config, FinetuneConfig, ModelConfig, load_config
 from swinssl.data.discover import Case, Dataset, find_dataset
-from swinssl.data.io import read_volume
+from swinssl.data.io import check_case_grids, read_volume
 from swinssl.data.transforms import case_item, finetune_transforms, pretrain_transforms
 from swinssl.engine.data import (cache_root, common_modality, crop_loader, images_of, labels_of, sample_seed,
                                  split_cases)
@@ -91,6 +91,10 @@ class FinetuneStage:
         self.dataset = find_dataset(_data_path(cfg), cfg.data.modality)
         self.classes = class_indices(self.dataset, cfg.data.num_classes)
         self.train_cases, self.val_cases = finetune_split(self.dataset, ft, cfg.train.val_fraction, cfg.seed)
+        check_case_grids(self.train_cases + self.val_cases)  # from the headers: refused before the first step
+        if not self.val_cases:
+            print("warning: no validation case (the dataset has no validation split and train.val_fraction=0, or "
+                  "one labelled case): no validation Dice and no checkpoints/best.pt; predict will use last.pt")
         if self.pretrained is not None:
             check_modality(pretrained_modality, common_modality(self.train_cases), ft)
         self.objective = network_method(dataclasses.asdict(cfg.model))  # the fine-tuning hooks of the network's method
@@ -129,11 +133,14 @@ class FinetuneStage:
         return Plan(network=cfg.model, preprocess=cfg.preprocess, out_channels=len(self.classes), labels=self.labels,
                     channel_names=self.dataset.channel_names or ["image"] * cfg.model.in_channels,
                     modality=common_modality(self.train_cases), pretrained=cfg.finetune.pretrained or None,
+                    overlap=cfg.finetune.overlap,
                     manifest_sha256=manifest,
                     # Where the preprocessed volumes are: predict reads them from there too (prediction_cache).
                     cache=str(cache.resolve()) if cache else None)
 
-    def batches(self, fabric, start: int):
+    def batches(self, fabric, start: int, bad=None):
+        """Crops of the labelled (and unlabelled) cases. A bad case stops fine-tuning (one line, the
+        last good checkpoint kept): a model trained around a missing label is another model."""
         cfg, t = self.cfg, self.cfg.train
 
         def loader(cases, pipeline, seed):

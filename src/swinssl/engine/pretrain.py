@@ -18,8 +18,8 @@ from monai.data import list_data_collate
 from swinssl.config import Config
 from swinssl.data.discover import Case, find_dataset
 from swinssl.data.transforms import pretrain_transforms
-from swinssl.engine.data import (SeededDataset, cache_root, common_modality, crop_loader, images_of, sample_seed,
-                                 split_cases)
+from swinssl.engine.data import (BadVolumes, SeededDataset, cache_root, common_modality, crop_loader, images_of,
+                                 sample_seed, split_cases, volume_file)
 from swinssl.engine.loop import due
 from swinssl.engine.probe import ProbeTask, random_encoder
 from swinssl.engine.runner import run_stage
@@ -45,7 +45,7 @@ class PretrainStage:
     def __init__(self, cfg: Config, resumed: bool = False):
         self.cfg, self.method = cfg, get_method(cfg.method.name)
         self.kind, self.run_prefix = "pretrain", cfg.method.name
-        self.method.check(cfg)
+        self.check(cfg)
         if not cfg.data.path:
             raise ConfigError("data.path is empty: pass data=PATH (a folder, dataset.json or nnU-Net raw folder)")
         self.dataset = find_dataset(cfg.data.path, cfg.data.modality)
@@ -65,6 +65,8 @@ class PretrainStage:
     @staticmethod
     def check(cfg: Config) -> None:
         get_method(cfg.method.name).check(cfg)
+        if not 0 <= cfg.data.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction must be between 0 and 1, got {cfg.data.max_bad_fraction}")
 
     def splits(self) -> dict[str, list[Case]]:
         return {"train": self.train_cases, "validation": self.val_cases}
@@ -81,11 +83,14 @@ class PretrainStage:
                     channel_names=self.dataset.channel_names or ["image"] * cfg.model.in_channels,
                     modality=common_modality(self.train_cases))
 
-    def batches(self, fabric, start: int):
-        t = self.cfg.train
+    def batches(self, fabric, start: int, bad: BadVolumes):
+        """Crops of the training volumes; a bad volume is skipped (``engine.data``), and a bad
+        validation volume leaves the validation (``validation_losses``)."""
+        t, self.bad = self.cfg.train, bad
         return iter(crop_loader(self.train_cases, self.pipeline, t.batch_size, self.cfg.seed, rank=fabric.global_rank,
                                 world_size=fabric.world_size, start_step=start * t.accumulate,
-                                steps=t.steps * t.accumulate, num_workers=t.num_workers))
+                                steps=t.steps * t.accumulate, num_workers=t.num_workers, skip_bad=True,
+                                known_bad=bad.known))
 
     def losses(self, model, batch, step: int, micro: int, fabric):
         t = self.cfg.train
@@ -118,18 +123,17 @@ class PretrainStage:
         Volumes go in batches of ``train.batch_size``, as in training, so the contrastive
         negatives of a crop include crops of other volumes.
         """
-        cfg, cases = self.cfg, self.val_cases
-        if not cases:
+        cfg = self.cfg
+        crops_of = self.validation_crops()
+        if not crops_of:
             return {}
         was_training = model.training
         model.eval()
-        dataset = SeededDataset(cases, self.pipeline)
         generator = torch.Generator()
         sums: dict[str, float] = {}
-        starts = range(0, len(cases), cfg.train.batch_size)
+        starts = range(0, len(crops_of), cfg.train.batch_size)
         for first in starts:
-            indices = range(first, min(first + cfg.train.batch_size, len(cases)))
-            crops = [dataset[(i, sample_seed(cfg.seed, VALIDATION_STEP + i, 0, 0))] for i in indices]
+            crops = crops_of[first:first + cfg.train.batch_size]
             # The unwrapped model gets no input conversion from Fabric: match its weights' dtype (64-true).
             x = images_of(list_data_collate(crops)).to(fabric.device, next(model.parameters()).dtype)
             generator.manual_seed(sample_seed(cfg.seed, VALIDATION_STEP + first, 0, 99))
@@ -138,3 +142,16 @@ class PretrainStage:
                 sums[k] = sums.get(k, 0.0) + v.item() / len(starts)
         model.train(was_training)
         return sums
+
+    def validation_crops(self) -> list:
+        """Each validation volume's fixed crops; a bad volume is reported as in training and leaves
+        the validation (its losses are then over the others)."""
+        dataset, crops, good = SeededDataset(self.val_cases, self.pipeline), [], []
+        for i, case in enumerate(self.val_cases):
+            try:
+                crops.append(dataset[(i, sample_seed(self.cfg.seed, VALIDATION_STEP + i, 0, 0))])
+                good.append(case)
+            except DataError as err:
+                self.bad.met([(volume_file(dataset.items[i]), str(err))])
+        self.val_cases = good
+        return crops

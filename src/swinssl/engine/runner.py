@@ -29,6 +29,7 @@ from torch.optim.lr_scheduler import LambdaLR
 import swinssl
 from swinssl.config import Config
 from swinssl.data.discover import Case
+from swinssl.engine.data import BadVolumes
 from swinssl.engine.checkpoint import restore_rng, rng_state, save_checkpoint
 from swinssl.engine.distributed import DistributedFaults
 from swinssl.engine.logging import MetricLogger
@@ -64,8 +65,9 @@ class Stage(Protocol):
     def plan(self, manifest: str | None) -> Plan:
         """The plan every checkpoint carries."""
 
-    def batches(self, fabric, start: int) -> Iterator:
-        """Micro-batches from optimiser step ``start`` on (``train.accumulate`` per step)."""
+    def batches(self, fabric, start: int, bad: BadVolumes) -> Iterator:
+        """Micro-batches from optimiser step ``start`` on (``train.accumulate`` per step). A stage that
+        skips bad volumes lists those it met in a batch's ``bad_volumes`` and reads ``bad.known``."""
 
     def losses(self, model: nn.Module, batch: Any, step: int, micro: int, fabric) -> tuple:
         """(weighted loss, {name: value to log}, preview panels) of one micro-step."""
@@ -126,7 +128,9 @@ class Runner:
         t, fabric = self.t, self.fabric
         self.started = time.perf_counter()
         with DistributedFaults(fabric, self.run.last):
-            batches = self.stage.batches(fabric, self.start)
+            self.bad = BadVolumes(self.run, len(self.stage.splits()["train"]), self.cfg.data.max_bad_fraction,
+                                  lambda line: self.bar.write(line, file=sys.stderr))
+            batches = self.stage.batches(fabric, self.start, self.bad)
             sums: dict[str, float] = {}
             count, tick, crops, skipped, in_a_row, metrics = 0, time.perf_counter(), 0, 0, 0, {}
             busy, cpu, waited, timed = 0.0, 0.0, 0.0, 0  # seconds computing (wall, CPU), waiting for data; steps
@@ -184,6 +188,7 @@ class Runner:
         for micro in range(t.accumulate):
             fetch, fetch_cpu = time.perf_counter(), time.process_time()
             batch = next(batches)
+            self.bad.met(batch.pop("bad_volumes", ()))
             self.waited += time.perf_counter() - fetch
             self.waited_cpu += time.process_time() - fetch_cpu
             with fabric.no_backward_sync(model, enabled=micro < t.accumulate - 1):

@@ -3,13 +3,15 @@ ensemble), many cases to files."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from swinssl.data.discover import Case, find_dataset
+from swinssl.data.io import guess_modality, read_volume
 from swinssl.data.transforms import Pipeline, case_item, inference_transforms, invert
 from swinssl.errors import ConfigError, DataError, SwinsslError
 from swinssl.infer.exported import exported_views
@@ -27,11 +30,12 @@ from swinssl.infer.write import OutputFormat, output_suffix, write_mask
 from swinssl.methods import view_choices, window_predictor
 from swinssl.plan import Plan
 from swinssl.runtime import release_freed_memory
-from swinssl.utils import atomic_write_text, writable_dir
+from swinssl.utils import atomic_write_text, count_windows, writable_dir
 
 log = logging.getLogger(__name__)
 
 GEOMETRY_TOLERANCE_MM = 1e-3
+DEFAULT_OVERLAP = 0.5  # of a plan without one (trained before plans carried the fine-tuning's overlap)
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,8 @@ class PredictOptions:
     """How ``predict`` and ``predict_case`` predict.
 
     ``roi_size``: the sliding window (an int is a cube; None: the plan's training crop);
-    ``overlap`` and ``mode`` (``gaussian`` weights window centres, ``constant`` averages);
+    ``overlap`` (None: the plan's, the fine-tuning's validation overlap, else 0.5) and ``mode``
+    (``gaussian`` weights window centres, ``constant`` averages);
     ``sw_batch_size``: windows per forward pass (None: from the cores and memory,
     ``infer.volume.window_batch``); ``flips``: average over the 8 axis flips;
     ``views``: a choice of ``swinssl.methods.view_choices()`` (``auto``: the network's method
@@ -49,7 +54,7 @@ class PredictOptions:
     """
 
     roi_size: Sequence[int] | int | None = None
-    overlap: float = 0.5
+    overlap: float | None = None
     sw_batch_size: int | None = None
     mode: str = "gaussian"
     flips: bool = False
@@ -60,7 +65,8 @@ class PredictOptions:
 
 
 def predict_case(model: nn.Module | Sequence[nn.Module], plan: Plan, case_or_path: Case | str | Path,
-                 options: PredictOptions = PredictOptions(), pipeline: Pipeline | None = None) -> MetaTensor:
+                 options: PredictOptions = PredictOptions(), pipeline: Pipeline | None = None,
+                 progress: bool = False) -> MetaTensor:
     """Integer mask ``(1, X, Y, Z)`` for one case, in the input file's geometry.
 
     ``model``: one network, or the networks of an ensemble (one plan, ``load_ensemble``), whose
@@ -71,9 +77,12 @@ def predict_case(model: nn.Module | Sequence[nn.Module], plan: Plan, case_or_pat
     training crop), overlap, window batch, blending, flips and views (``predict_volume``);
     ``output_format``, ``device`` and ``cache`` are ``predict``'s. ``pipeline``: the plan's
     ``inference_pipeline`` (with a cache folder to read the preprocessed volume from); None
-    builds one without a cache. Raises ``DataError`` naming the file for unreadable or invalid inputs.
+    builds one without a cache. ``progress``: one line saying what the case costs (its shape after
+    preprocessing, windows, window size, overlap, windows per pass) and a bar over its windows with
+    an ETA. Raises ``DataError`` naming the file for unreadable or invalid inputs.
     """
     case = _as_case(case_or_path, plan)
+    options = dataclasses.replace(options, overlap=overlap_of(options.overlap, plan))
     pipeline = inference_pipeline(plan) if pipeline is None else pipeline
     data = pipeline({**case_item(case), "label": None})  # a case's label plays no part in predicting it
     image = data["image"]
@@ -83,7 +92,10 @@ def predict_case(model: nn.Module | Sequence[nn.Module], plan: Plan, case_or_pat
         labels = torch.zeros((1, *image.shape[1:]))
     else:
         models = [model] if isinstance(model, nn.Module) else list(model)
-        probs = ensemble_probabilities(models, image, _roi(options.roi_size, plan), options)
+        roi = _roi(options.roi_size, plan)
+        options = dataclasses.replace(options, sw_batch_size=options.sw_batch_size or window_batch(models[0], roi))
+        with _window_bar(progress, case, image.shape[1:], roi, options, len(models)) as bar:
+            probs = ensemble_probabilities(models, image, roi, options, on_windows=bar.update)
         num_classes = probs.shape[0]
         labels = probs.argmax(dim=0, keepdim=True).float()
         # Inverting resamples onto the file's grid, the memory peak of a prediction: free what we can first.
@@ -95,18 +107,20 @@ def predict_case(model: nn.Module | Sequence[nn.Module], plan: Plan, case_or_pat
 
 
 def ensemble_probabilities(models: Sequence[nn.Module], image: torch.Tensor, roi_size: Sequence[int],
-                           options: PredictOptions = PredictOptions()) -> torch.Tensor:
+                           options: PredictOptions = PredictOptions(),
+                           on_windows: Callable[[int], None] | None = None) -> torch.Tensor:
     """Softmax probabilities ``(C, X, Y, Z)`` of one preprocessed image: the mean over ``models`` of each
     one's ``predict_volume`` (its sliding windows, flips and views, with ``options``).
 
     Probabilities are averaged, not logits, as nnU-Net ensembles its folds: a model sure of a voxel
     adds at most 1 to its class, so one over-confident model cannot outvote the others. One model:
-    its own output.
+    its own output. ``options.overlap`` None: ``DEFAULT_OVERLAP``; ``on_windows``: ``predict_volume``'s.
     """
     o = options
+    overlap = DEFAULT_OVERLAP if o.overlap is None else o.overlap
     total: torch.Tensor | None = None
     for model in models:
-        probs = predict_volume(model, image, roi_size, o.overlap, o.sw_batch_size, o.mode, o.flips, o.views)
+        probs = predict_volume(model, image, roi_size, overlap, o.sw_batch_size, o.mode, o.flips, o.views, on_windows)
         total = probs if total is None else total.add_(probs)
     assert total is not None, "ensemble_probabilities: no model"
     return total / len(models)
@@ -121,10 +135,23 @@ def _as_case(case_or_path: Case | str | Path, plan: Plan) -> Case:
         if len(cases) != 1:
             raise DataError(f"{case_or_path}: holds {len(cases)} volumes; predict_case takes one (use predict)")
         case = cases[0]
+    if plan.modality in ("CT", "MRI"):
+        # Said, not refused: a CT model on an MRI (or the reverse) predicts, but from input it never saw.
+        seen = case.modality or _guessed_modality(case.images[0])
+        if seen is not None and seen != plan.modality:
+            how = "declared" if case.modality else "by its intensities (air near -1000 HU or not)"
+            log.warning("%s: a %s volume (%s), but the model was fine-tuned on %s; predicting anyway",
+                        case.images[0], seen, how, plan.modality)
     if case.modality is None and plan.modality in ("CT", "MRI"):
         # A model trained on one modality normalises like that modality; guessing from intensities could differ.
         case = dataclasses.replace(case, modality=plan.modality)
     return case
+
+
+def _guessed_modality(path: Path) -> str | None:
+    """CT or MRI by a file's intensities; None for a file the prediction will report as bad anyway."""
+    image = read_volume(path)
+    return guess_modality(image) if torch.isfinite(image.sum()) else None
 
 
 def _check_geometry(mask: MetaTensor, source: Path) -> None:
@@ -207,7 +234,7 @@ def predict(model_source: str | Path | Sequence[str | Path], inputs: str | Path 
     # predictors hold theirs, baked into their graphs
     views = exported_views(models, options.views, roi) or window_predictor(models[0], plan.network_fields(),
                                                                            options.views)[1]
-    options = dataclasses.replace(options, roi_size=roi, views=views,
+    options = dataclasses.replace(options, roi_size=roi, views=views, overlap=overlap_of(options.overlap, plan),
                                   sw_batch_size=options.sw_batch_size or window_batch(models[0], roi))
     cache = prediction_cache(options.cache, plan.cache)
     pipeline = inference_pipeline(plan, cache)  # one for all cases: an unusable cache is found (and said) once
@@ -218,7 +245,7 @@ def predict(model_source: str | Path | Sequence[str | Path], inputs: str | Path 
     for case, name in tqdm(list(zip(cases, output_names(cases))), desc="predict", unit="case", disable=not progress):
         source = case.images[0]
         try:
-            mask = predict_case(models, plan, case, options, pipeline=pipeline)
+            mask = predict_case(models, plan, case, options, pipeline=pipeline, progress=progress)
         except SwinsslError as err:
             failed[str(source)] = str(err)
             log.warning("skipped %s", err)
@@ -255,6 +282,28 @@ def prediction_cache(cache: str | Path | None, trained: str | None) -> Path | No
     if str(cache) == "auto":
         return Path(trained) if trained and Path(trained).is_dir() else None
     return Path(cache)
+
+
+@contextlib.contextmanager
+def _window_bar(shown: bool, case: Case, shape: Sequence[int], roi: Sequence[int], options: PredictOptions,
+                models: int) -> Iterator[tqdm]:
+    """A bar over the windows of one case (every flip and model), after one line saying what they are."""
+    overlap = options.overlap
+    windows = count_windows(shape, roi, overlap)
+    passes = (8 if options.flips else 1) * models
+    if shown:
+        tqdm.write(f"{case.case_id}: {'x'.join(map(str, shape))} voxels after preprocessing, {windows} windows of "
+                   f"{'x'.join(map(str, roi))} at overlap {overlap:g}" + (f" x {passes} passes" if passes > 1 else "")
+                   + f", {options.sw_batch_size} per forward pass", file=sys.stderr)
+    with tqdm(total=windows * passes, desc=f"  {case.case_id}", unit="window", leave=False, disable=not shown) as bar:
+        yield bar
+
+
+def overlap_of(overlap: float | None, plan: Plan) -> float:
+    """The sliding-window overlap: as given, else the plan's (fine-tuning's), else 0.5."""
+    if overlap is not None:
+        return overlap
+    return plan.overlap if plan.overlap is not None else DEFAULT_OVERLAP
 
 
 def _roi(roi_size: Sequence[int] | int | None, plan: Plan) -> tuple[int, ...]:

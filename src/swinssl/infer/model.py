@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -15,6 +17,9 @@ from swinssl.nn.load import filter_swinssl, load_exactly, read_checkpoint
 from swinssl.nn.swin_unetr import SwinUNETR
 from swinssl.plan import Plan, plan_difference
 from swinssl.runs import resolve_checkpoint, resolve_checkpoints
+
+
+log = logging.getLogger(__name__)
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[SwinUNETR, Plan]:
@@ -43,7 +48,13 @@ def load_ensemble(sources: Sequence[str | Path], device: str | torch.device = "c
     """
     if not sources:
         raise ValueError("load_ensemble: no model given")
-    checkpoints = [checkpoint for source in sources for checkpoint in resolve_checkpoints(source)]
+    checkpoints = []
+    for source in sources:
+        for checkpoint in resolve_checkpoints(source):
+            if checkpoint.name == "last.pt" and Path(source).is_dir():
+                log.warning("%s: no best.pt (the fine-tuning validated on no case, so none was kept): predicting "
+                            "with %s, the last step's weights", source, checkpoint)
+            checkpoints.append(checkpoint)
     models, plans = [], []
     for checkpoint in checkpoints:
         model, plan = load_exported(checkpoint, device) if is_exported(checkpoint) else load_model(checkpoint, device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from monai.data import MetaTensor
@@ -59,6 +59,7 @@ def predict_volume(
     mode: str = "gaussian",
     flips: bool = False,
     views: str = "auto",
+    on_windows: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities ``(C, X, Y, Z)`` (float32, CPU) for one preprocessed image ``(C_in, X, Y, Z)``.
 
@@ -73,7 +74,8 @@ def predict_volume(
     SwinMM multi-view networks, else single), ``single``, ``fused`` (the softmax of the three
     axis orders averaged) or one axis order (``identity``, ``swap_xy``, ``swap_xz``). An exported
     predictor (``swinssl.infer.exported``) is that function already: ``views`` must be its own (or
-    ``auto``) and ``roi_size`` its window size.
+    ``auto``) and ``roi_size`` its window size. ``on_windows(n)`` is called after each forward
+    pass of ``n`` windows (a progress bar's update).
     """
     if image.ndim != 4:
         raise ValueError(f"expected one image (C, X, Y, Z), got shape {tuple(image.shape)}")
@@ -86,6 +88,8 @@ def predict_volume(
         predictor = model.window_function(views, roi)
     else:
         predictor, _ = window_predictor(model, getattr(model, "config", {}), views)
+    if on_windows is not None:
+        predictor = _counted(predictor, on_windows)
     total: torch.Tensor | None = None
     with torch.no_grad():
         for view in chosen:
@@ -99,6 +103,15 @@ def predict_volume(
     return (total / len(chosen))[0].cpu()
 
 
+def _counted(predictor: Callable, on_windows: Callable[[int], None]) -> Callable:
+    def counted(windows: torch.Tensor) -> torch.Tensor:
+        out = predictor(windows)
+        on_windows(windows.shape[0])
+        return out
+
+    return counted
+
+
 # Bytes one window holds at its inference peak, per voxel and feature channel (measured on CPU:
 # 27-42 at feature 12-48, ROI 64-96, batch 1-4), times the method's streams per window.
 WINDOW_BYTES_PER_VOXEL_FEATURE = 40
@@ -110,10 +123,15 @@ def window_batch(model: nn.Module, roi_size: Sequence[int], memory_share: float 
     keeps the cores busy where one window's many small operations do not), as many as fit
     ``memory_share`` of the free GPU memory on a GPU; on either, no more than fit that share of
     the free memory, at least 1 and at most ``MAX_WINDOW_BATCH``."""
-    config = getattr(model, "config", {})
+    return network_window_batch(getattr(model, "config", {}), roi_size, _device_of(model), memory_share)
+
+
+def network_window_batch(config: Mapping[str, Any], roi_size: Sequence[int], device: torch.device | str,
+                         memory_share: float = 0.25) -> int:
+    """``window_batch`` of a network described by its constructor fields (``config``), on ``device``."""
     streams = network_method(config).window_streams(config)
     per_window = WINDOW_BYTES_PER_VOXEL_FEATURE * math.prod(roi_size) * config.get("feature_size", 48) * streams
-    device = _device_of(model)
+    device = torch.device(device)
     if device.type == "cuda":
         wanted, free = MAX_WINDOW_BATCH, torch.cuda.mem_get_info(device)[0]
     else:

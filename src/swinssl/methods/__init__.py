@@ -11,15 +11,22 @@ from torch import nn
 from swinssl.config import MethodConfig
 from swinssl.errors import ConfigError
 from swinssl.methods import tasks  # noqa: F401 (registers the heads, view makers and tasks)
-from swinssl.methods.base import TASKS, VIEW_MAKERS, Method, TaskInput, register_task
+from swinssl.methods.base import TASKS, VIEW_MAKERS, Method, TaskInput, check_task_names, register_task
 from swinssl.methods.swin_unetr import METHOD as SWIN_UNETR
 from swinssl.methods.swinfuse import METHOD as SWINFUSE
 from swinssl.methods.swinmm import METHOD as SWINMM
 
 METHODS: dict[str, Method] = {m.name: m for m in (SWIN_UNETR, SWINMM, SWINFUSE)}
 
-__all__ = ["METHODS", "TASKS", "VIEW_MAKERS", "Method", "TaskInput", "get_method", "network_method",
+__all__ = ["METHODS", "TASKS", "VIEW_MAKERS", "Method", "TaskInput", "check_method_keys", "check_task_names", "get_method", "network_method",
            "register_task", "view_choices", "window_predictor"]
+
+
+def check_method_keys(method: MethodConfig) -> None:
+    """The names a config gives the method registry (method.name, method.weights keys, method.views)
+    are registered: what ``config show`` can check without knowing the stage."""
+    get_method(method.name).view_maker_of(method)
+    check_task_names(method)
 
 
 def get_method(name: str) -> Method:

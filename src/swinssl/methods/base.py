@@ -123,6 +123,13 @@ def register_task(name: str, head: str | None = None, needs: tuple[str, ...] = (
     return register
 
 
+def check_task_names(method: MethodConfig) -> None:
+    """ConfigError naming a ``method.weights`` key that is no registered task."""
+    for name in method.weights:
+        if name not in TASKS:
+            raise ConfigError(f"method.weights: unknown task {name!r}; registered tasks: {', '.join(TASKS)}")
+
+
 def weighted_tasks(method: MethodConfig) -> dict[str, float]:
     """The tasks with non-zero weight, in the config's order."""
     return {name: w for name, w in method.weights.items() if w}
@@ -162,12 +169,10 @@ class Method:
             raise ConfigError(f"method {self.name} needs model.domain_invariance=true (its presets set it)")
         maker = self.view_maker_of(cfg.method)
         maker.check(cfg)
+        check_task_names(cfg.method)
         tasks = weighted_tasks(cfg.method)
         if not tasks:
             raise ConfigError(f"method.weights: no task has a non-zero weight; tasks: {', '.join(TASKS)}")
-        for name in cfg.method.weights:
-            if name not in TASKS:
-                raise ConfigError(f"method.weights: unknown task {name!r}; registered tasks: {', '.join(TASKS)}")
         for name in tasks:
             task = TASKS[name]
             missing = sorted(task.needs - maker.provides)

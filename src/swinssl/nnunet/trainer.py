@@ -14,8 +14,10 @@ and augmentation, the training loop, DDP, validation and prediction. Changed:
   which the bridge is not tested with.
 
 Pre-trained weights come through nnU-Net's own ``-pretrained_weights FILE`` with a file written
-by ``swinssl nnunet export`` (see ``swinssl.nnunet.export``). ``nnUNetTrainer_SwinUNETR_smoke``
-trains 2 iterations of 1 epoch, for checking an installation.
+by ``swinssl nnunet export`` (see ``swinssl.nnunet.export``); the log says how many encoder tensors
+they set (``loaded N of M encoder tensors``). ``nnUNetTrainer_SwinUNETR_smoke`` checks an
+installation in minutes: 2 iterations of 1 epoch at batch 1 on patches of at most
+``SMOKE_PATCH`` voxels a side, no mirroring, and no final validation.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from swinssl.nnunet.plans import SCHEME, Pretraining, check_modality, describe, network_from_configuration
+
+SMOKE_PATCH = 64  # voxels a side at most for the smoke trainer (SwinUNETR pads to a multiple of 32)
 
 
 def warmup_cosine_lr(base_lr: float, epoch: int, warmup_epochs: int, num_epochs: int) -> float:
@@ -83,6 +87,14 @@ class nnUNetTrainer_SwinUNETR(nnUNetTrainer):
         super().initialize()
         for line in self.swinssl_status():
             self.print_to_log_file(line)
+        # The encoder as built: on_train_start tells what -pretrained_weights (loaded in between) changed.
+        self.random_encoder = {k: v.detach().clone() for k, v in encoder_parameters(self.network).items()}
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if getattr(self, "random_encoder", None) is not None:
+            self.print_to_log_file(encoder_load_line(self.random_encoder, encoder_parameters(self.network)))
+            self.random_encoder = None  # the copy is no longer needed
 
     def swinssl_status(self) -> list[str]:
         """What the plans say about the network and its input, as lines for the log."""
@@ -112,9 +124,28 @@ class nnUNetTrainer_SwinUNETR(nnUNetTrainer):
         return asked and super()._do_i_compile()
 
 
+def encoder_parameters(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The encoder's (``swinViT.``) parameters of a network, unwrapped from DDP and ``torch.compile``."""
+    module = getattr(network, "module", network)
+    module = getattr(module, "_orig_mod", module)
+    return {k: v for k, v in module.named_parameters() if k.startswith("swinViT.")}
+
+
+def encoder_load_line(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> str:
+    """How many encoder tensors hold other values than the network was built with: those nnU-Net's
+    ``-pretrained_weights`` (or a checkpoint it resumed) set."""
+    changed = sum(not torch.equal(before[k], v.detach().to(before[k].device)) for k, v in after.items())
+    line = f"swinssl: loaded {changed} of {len(after)} encoder tensors"
+    if not changed:
+        line += " (none: no -pretrained_weights given, so the encoder starts at random)"
+    return line
+
+
 class nnUNetTrainer_SwinUNETR_smoke(nnUNetTrainer_SwinUNETR):
-    """Two training iterations and one validation iteration of a single epoch: checks that an
-    installation, plans and weights work together; trains no useful model."""
+    """Checks that an installation, plans and weights work together, in minutes and little memory:
+    two training iterations and one validation iteration of a single epoch, batch 1, patches of at
+    most ``SMOKE_PATCH`` a side, no mirroring, no final validation. Trains no useful model. The
+    plans saved with its output record the small patch, so nnU-Net's prediction uses it too."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -123,3 +154,18 @@ class nnUNetTrainer_SwinUNETR_smoke(nnUNetTrainer_SwinUNETR):
         self.num_iterations_per_epoch = 2
         self.num_val_iterations_per_epoch = 1
         self.warmup_epochs = 0
+        patch = [min(int(side), SMOKE_PATCH) for side in self.configuration_manager.patch_size]
+        # The configuration the trainer reads, and the plans it saves beside its checkpoints (what
+        # nnUNetv2_predict reads): a configuration may inherit its patch, so both are set explicitly.
+        for planned in (self.configuration_manager.configuration, self.plans_manager.plans["configurations"][configuration]):
+            planned["batch_size"] = 1
+            planned["patch_size"] = patch
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch, None
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        self.print_to_log_file("swinssl smoke: nnU-Net's final validation skipped (train nnUNetTrainer_SwinUNETR "
+                               "for a model worth validating)")

@@ -132,7 +132,8 @@ def _viewer_data(report: Report, max_side: int, max_cases: int) -> tuple[dict, d
                 except DataError as err:
                     item["problem"] = str(err)
                 else:
-                    embedded = encode_mask(mask, affine, max_side)
+                    # The label as contours, predictions filled: a screenshot tells them apart.
+                    embedded = encode_mask(mask, affine, max_side, outline=layer.name == "label")
                     values.update(embedded.values)
                     item["volume"] = _add(volumes, embedded.data)
                     entry["centre"] = entry["centre"] or embedded.centre  # the label's, else the first prediction's
@@ -173,9 +174,10 @@ def _viewer(report: Report, data: dict, max_side: int, max_cases: int) -> str:
     rows = []
     for name in layers:
         on = name == "label" or name == (predictions[0] if predictions else None)
+        shown = f"{name} (outline)" if name == "label" else name
         rows.append(f'<div class="layer-row"><label><input type="checkbox" data-layer="{escape(name)}"'
-                    f'{" checked" if on else ""}> {escape(name)}</label>'
-                    f'<input type="range" min="0" max="1" step="0.05" value="0.5" '
+                    f'{" checked" if on else ""}> {escape(shown)}</label>'
+                    f'<input type="range" min="0" max="1" step="0.05" value="{1 if name == "label" else 0.5}" '
                     f'data-layer-opacity="{escape(name)}" aria-label="opacity of {escape(name)}"></div>')
     legend = "".join(f'<label><input type="checkbox" data-class="{c["value"]}" checked>'
                      f'<span class="swatch" style="background:rgb{tuple(c["color"])}"></span>'

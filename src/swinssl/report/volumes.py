@@ -74,13 +74,31 @@ def encode_image(array: np.ndarray, affine: np.ndarray, max_side: int = MAX_SIDE
                     tuple(data.shape), step)
 
 
-def encode_mask(array: np.ndarray, affine: np.ndarray, max_side: int = MAX_SIDE) -> Embedded:
+def encode_mask(array: np.ndarray, affine: np.ndarray, max_side: int = MAX_SIDE, outline: bool = False) -> Embedded:
+    """A label map for the viewer; ``outline``: only its boundary voxels (``outline_of``), so that it
+    shows as contours over a filled prediction of the same class colours."""
     step = display_step(array.shape, max_side)
     shown = np.rint(np.nan_to_num(_strided(array, step))).clip(0, None)
     dtype = np.uint8 if shown.max(initial=0) <= 255 else np.uint16
     values = tuple(int(v) for v in np.unique(shown) if v > 0)
-    return Embedded(_nifti(shown.astype(dtype), _scaled(affine, step), dtype, label=True), tuple(array.shape),
-                    tuple(shown.shape), step, values, foreground_centre(shown, _scaled(affine, step)))
+    centre = foreground_centre(shown, _scaled(affine, step))
+    drawn = outline_of(shown) if outline else shown
+    return Embedded(_nifti(drawn.astype(dtype), _scaled(affine, step), dtype, label=True), tuple(array.shape),
+                    tuple(shown.shape), step, values, centre)
+
+
+def outline_of(mask: np.ndarray) -> np.ndarray:
+    """``mask`` kept where a voxel has a 6-neighbour of another value (the surface of each structure,
+    also between touching classes), 0 elsewhere; the volume's own edge is no boundary."""
+    edge = np.zeros(mask.shape, bool)
+    for axis in range(mask.ndim):
+        differs = np.diff(mask, axis=axis) != 0
+        lower = [slice(None)] * mask.ndim
+        upper = [slice(None)] * mask.ndim
+        lower[axis], upper[axis] = slice(None, -1), slice(1, None)
+        edge[tuple(lower)] |= differs
+        edge[tuple(upper)] |= differs
+    return np.where(edge, mask, 0)
 
 
 def foreground_centre(mask: np.ndarray, affine: np.ndarray) -> list[float] | None:
