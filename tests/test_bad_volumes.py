@@ -159,7 +159,7 @@ def test_a_bad_validation_volume_leaves_the_validation(phantoms, tmp_path):
     stage.val_cases = [c for c in stage.train_cases if c.images[0] == bad[0]] + good[:1]
     stage.bad = BadVolumes(RunDir(tmp_path), total=3, max_fraction=0.5, warn=lambda line: None)
 
-    assert len(stage.validation_crops()) == 1
+    assert [len(crops) for _, crops in stage.validation_batches()] == [1]  # batch 2: the good one
     assert stage.val_cases == good[:1]
     assert set(RunDir(tmp_path).read_skipped()) == {str(bad[0])}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from monai.data import list_data_collate
@@ -124,34 +125,33 @@ class PretrainStage:
         negatives of a crop include crops of other volumes.
         """
         cfg = self.cfg
-        crops_of = self.validation_crops()
-        if not crops_of:
+        if not self.val_cases:
             return {}
         was_training = model.training
         model.eval()
         generator = torch.Generator()
-        sums: dict[str, float] = {}
-        starts = range(0, len(crops_of), cfg.train.batch_size)
-        for first in starts:
-            crops = crops_of[first:first + cfg.train.batch_size]
+        seen: list[dict[str, float]] = []
+        for first, crops in self.validation_batches():
             # The unwrapped model gets no input conversion from Fabric: match its weights' dtype (64-true).
             x = images_of(list_data_collate(crops)).to(fabric.device, next(model.parameters()).dtype)
             generator.manual_seed(sample_seed(cfg.seed, VALIDATION_STEP + first, 0, 99))
             total, parts, _ = self.method.compute_losses(model, x, generator, cfg.method)
-            for k, v in {"loss": total, **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / len(starts)
+            seen.append({k: v.item() for k, v in {"loss": total, **parts}.items()})
         model.train(was_training)
-        return sums
+        return {k: sum(batch[k] / len(seen) for batch in seen) for k in seen[0]} if seen else {}
 
-    def validation_crops(self) -> list:
-        """Each validation volume's fixed crops; a bad volume is reported as in training and leaves
-        the validation (its losses are then over the others)."""
-        dataset, crops, good = SeededDataset(self.val_cases, self.pipeline), [], []
-        for i, case in enumerate(self.val_cases):
-            try:
-                crops.append(dataset[(i, sample_seed(self.cfg.seed, VALIDATION_STEP + i, 0, 0))])
-                good.append(case)
-            except DataError as err:
-                self.bad.met([(volume_file(dataset.items[i]), str(err))])
-        self.val_cases = good
-        return crops
+    def validation_batches(self) -> Iterator[tuple[int, list]]:
+        """(index of its first volume, the volumes' fixed crops) per ``train.batch_size`` validation
+        volumes. A bad volume is reported as in training and leaves the validation."""
+        dataset, size, bad = SeededDataset(self.val_cases, self.pipeline), self.cfg.train.batch_size, set()
+        for first in range(0, len(self.val_cases), size):
+            crops = []
+            for i in range(first, min(first + size, len(self.val_cases))):
+                try:
+                    crops.append(dataset[(i, sample_seed(self.cfg.seed, VALIDATION_STEP + i, 0, 0))])
+                except DataError as err:
+                    self.bad.met([(volume_file(dataset.items[i]), str(err))])
+                    bad.add(i)
+            if crops:
+                yield first, crops
+        self.val_cases = [case for i, case in enumerate(self.val_cases) if i not in bad]

@@ -29,8 +29,8 @@ from torch.optim.lr_scheduler import LambdaLR
 import swinssl
 from swinssl.config import Config
 from swinssl.data.discover import Case
-from swinssl.engine.data import BadVolumes
 from swinssl.engine.checkpoint import restore_rng, rng_state, save_checkpoint
+from swinssl.engine.data import BadVolumes
 from swinssl.engine.distributed import DistributedFaults
 from swinssl.engine.logging import MetricLogger
 from swinssl.engine.loop import due, nonfinite_gradients, progress_bar, setup_fabric, warmup_cosine
