@@ -45,9 +45,11 @@ from swinssl.plan import Plan
 from swinssl.runs import resolve_checkpoint
 from swinssl.utils import atomic_path, writable_dir
 
-# The newest ONNX opset that onnxruntime's current release (1.31) runs and torch's exporter writes;
-# opset 23 brought the Attention operator that the windows' attention maps onto.
-ONNX_OPSET = 25
+# Opset 23 brought the Attention operator that the windows' attention maps onto. 24, not the newest
+# (25): onnxruntime (1.31, 1.32) runs opset 24's Attention with its own kernel but expands opset 25's
+# into the operator's function body, which made whole predictions slower than PyTorch's
+# (benchmarks/predict_onnx.py).
+ONNX_OPSET = 24
 # Fold constant subgraphs whose inputs have up to this many elements (a 96^3 window's shift-mask regions:
 # 49^3); their outputs stay under the exporter's default limit, so the masks themselves (160 MB at 96^3)
 # are computed at run time, not stored.
