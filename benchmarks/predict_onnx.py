@@ -21,9 +21,9 @@ reused (``--fresh`` remakes them).
 
 Rows (``--rows``): a backend, ``pytorch`` (the checkpoint: what ``swinssl predict RUN`` does) or
 ``onnx`` (the ONNX file through ``swinssl.infer.exported._load_onnx`` as shipped), then modifiers
-separated by ", " -- the same volume, threads and options otherwise. ``onnx mem pattern, batched``
-is swinssl as shipped before this benchmark (memory patterns on, a forward pass's windows in one
-run); ``onnx`` as shipped now:
+separated by ", " -- the same volume, threads and options otherwise. ``onnx opset 25, mem pattern,
+batched`` is swinssl as shipped before this benchmark (opset 25, memory patterns on, a forward
+pass's windows in one run); ``onnx`` as shipped now:
 
   b1                one window per forward pass (``sw_batch_size=1``; the default is ``window_batch``:
                     one window per torch thread)
@@ -35,8 +35,9 @@ run); ``onnx`` as shipped now:
                     on top of what the shipped loader sets
   iobinding         batched, through ``run_with_iobinding``: onnxruntime writes the logits straight
                     into a torch tensor (``OnnxPredictor.forward`` replaced in the child)
-  opset 24          the same checkpoint exported at opset 24 (``swinssl.infer.export.ONNX_OPSET``
-                    patched) instead of the shipped 25: onnxruntime 1.32 has no kernel for
+  opset N           the same checkpoint exported at opset N (``swinssl.infer.export.ONNX_OPSET``
+                    patched; without it, the opset ``swinssl export`` writes, now 24). swinssl exported
+                    at opset 25 before this benchmark: onnxruntime 1.32 has no kernel for
                     ``Attention``-25 and runs that operator's function body instead (Cast, Where,
                     Expand, MatMul, Softmax... on 125x3x343x343 score tensors per window)
 
@@ -47,7 +48,9 @@ per-child ``RUSAGE_CHILDREN``) and its resident memory before ``predict`` (the i
 onnxruntime and swinssl imported); the CPU seconds other processes used meanwhile (/proc/stat: a
 row that shared the machine says so); the share of mask voxels equal to the pytorch row's. Rows run
 one after the other (``--repeats`` rounds, the rows taking turns; the table shows each row's median).
-Writes ``--out``.txt / .json (``--json`` another JSON file too).
+Writes ``--out``.txt / .json (``--json`` another JSON file too); ``--append`` adds the run's table
+after those already there (e.g. a few rows again with more ``--repeats``), ``--from-json`` renders
+saved tables again without measuring.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -68,7 +72,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VOLUME = ROOT / ".." / "shared" / "data" / "ct" / "lung1_image.nrrd"
 
-# A row: a backend ("pytorch" or "onnx"), then modifiers separated by ", " (e.g. "onnx opset 24, b1").
+# A row: a backend ("pytorch" or "onnx"), then modifiers separated by ", " (e.g. "onnx opset 25, b1").
 # Session modifiers: name -> (SessionOptions attributes, session config entries); enum values by member name.
 SESSION_VARIANTS: dict[str, tuple[dict, dict]] = {
     "no arena": ({"enable_cpu_mem_arena": False}, {}),
@@ -82,12 +86,13 @@ SESSION_VARIANTS: dict[str, tuple[dict, dict]] = {
     "intra = cores": ({"intra_op_num_threads": os.cpu_count() or 1}, {}),
 }
 # Other modifiers: b1 (one window per forward pass), batched (a forward pass's windows in one session run),
-# iobinding (the same through run_with_iobinding into a torch tensor), opset 24 (the same checkpoint exported
-# at opset 24: swinssl.infer.export.ONNX_OPSET patched).
-MODIFIERS = ["b1", "batched", "iobinding", "opset 24", *SESSION_VARIANTS]
-BEFORE = "mem pattern, batched"  # the settings swinssl shipped before this benchmark
+# iobinding (the same through run_with_iobinding into a torch tensor), opset N (the same checkpoint exported
+# at opset N: swinssl.infer.export.ONNX_OPSET patched).
+OPSETS = (23, 24, 25)
+MODIFIERS = ["b1", "batched", "iobinding", *(f"opset {n}" for n in OPSETS), *SESSION_VARIANTS]
+BEFORE = "opset 25, mem pattern, batched"  # swinssl's export and settings before this benchmark
 DEFAULT_ROWS = ["pytorch", f"onnx {BEFORE}", "onnx", "onnx batched", "onnx mem pattern", "onnx no arena",
-                "onnx no spinning", "onnx opt extended", "onnx iobinding", f"onnx opset 24, {BEFORE}", "onnx opset 24"]
+                "onnx no spinning", "onnx opt extended", "onnx iobinding", "onnx mem pattern, batched"]
 
 
 def modifiers(row: str) -> tuple[str, list[str]]:
@@ -171,7 +176,8 @@ def child(spec: dict) -> dict:
 
         exported.OnnxPredictor.forward = forward
     batch = 1 if "b1" in mods else None
-    source = spec["checkpoint"] if backend == "pytorch" else spec["onnx_opset24" if "opset 24" in mods else "onnx"]
+    opset = next((int(m.split()[1]) for m in mods if m.startswith("opset ")), None)
+    source = spec["checkpoint"] if backend == "pytorch" else spec["onnx"][str(opset or spec["opset"])]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss_before = _rss_kib()
     wall, cpu = time.perf_counter(), time.process_time()
@@ -192,10 +198,14 @@ def _rss_kib() -> int:
 # --- the parent: model, rows, masks, table ---------------------------------------------------------------------
 
 
-def prepare(work: Path, fresh: bool) -> tuple[Path, Path, Path]:
-    """(run directory, ONNX file, the same at opset 24): a tiny model fine-tuned for 2 steps on phantoms,
-    exported (``swinssl export``, and ``export_predictor`` with ``ONNX_OPSET`` 24); reused."""
-    run, onnx_file, opset24 = work / "ft", work / "predictor.onnx", work / "predictor_opset24.onnx"
+def prepare(work: Path, fresh: bool, opsets: list[int]) -> tuple[Path, int, dict[int, Path]]:
+    """(run directory, the opset swinssl exports at, {opset: ONNX file}): a tiny model fine-tuned for 2 steps
+    on phantoms, exported with ``swinssl export`` (at the shipped opset) and at the other ``opsets``
+    (``export_predictor`` with ``ONNX_OPSET`` patched); all reused, an export once per opset."""
+    import swinssl.infer.export as export
+
+    run, shipped = work / "ft", export.ONNX_OPSET
+    files = {n: work / f"predictor_opset{n}.onnx" for n in {shipped, *opsets}}
     if fresh or not (run / "checkpoints").is_dir():
         from swinssl.config import load_config
         from swinssl.data.phantom import write_phantom_dataset
@@ -210,19 +220,21 @@ def prepare(work: Path, fresh: bool) -> tuple[Path, Path, Path]:
             "train.num_workers=0", "train.val_every=1000", "train.checkpoint_every=2", "train.log_every=2",
             "train.warmup_steps=1"])
         run = Path(finetune(cfg, progress=False))
-        onnx_file.unlink(missing_ok=True)
-        opset24.unlink(missing_ok=True)
-    if not onnx_file.is_file():
+        for path in work.glob("predictor_opset*.onnx"):
+            path.unlink()
+    for opset, path in files.items():
+        if path.is_file():
+            continue
         start = time.perf_counter()
-        subprocess.run([str(Path(sys.executable).with_name("swinssl")), "export", str(run), "--out", str(onnx_file)],
-                       check=True)
-        print(f"  exported {onnx_file} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    if not opset24.is_file():
-        import swinssl.infer.export as export
-
-        export.ONNX_OPSET = 24
-        export.export_predictor(run, opset24)
-    return run, onnx_file, opset24
+        if opset == shipped:
+            subprocess.run([str(Path(sys.executable).with_name("swinssl")), "export", str(run), "--out", str(path)],
+                           check=True, stdout=sys.stderr)
+        else:
+            export.ONNX_OPSET = opset
+            export.export_predictor(run, path)
+            export.ONNX_OPSET = shipped
+        print(f"  exported {path} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return run, shipped, files
 
 
 def graph_facts(onnx_file: Path) -> dict:
@@ -281,12 +293,15 @@ def _busy_cpu_s() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def equal_share(mask: str, reference: str) -> float:
+def agreement(mask: str, reference: str) -> tuple[float, int]:
+    """(share of equal voxels, number of differing voxels) of two masks."""
     import nibabel as nib
     import numpy as np
 
     got, want = (np.asarray(nib.load(p).dataobj) for p in (mask, reference))
-    return float((got == want).mean()) if got.shape == want.shape else 0.0
+    if got.shape != want.shape:
+        return 0.0, int(max(got.size, want.size))
+    return float((got == want).mean()), int((got != want).sum())
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -300,7 +315,9 @@ def summarise(runs: list[dict]) -> list[dict]:
         for key in ("wall_s", "cpu_s", "load_s", "windows_s", "process_s", "process_cpu_s", "peak_mib",
                     "rss_before_mib", "others_cpu_s"):
             row[key] = statistics.median(r[key] for r in mine)
-        row["equal_voxels"] = min(equal_share(r["mask"], reference) for r in mine)
+        agreements = [agreement(r["mask"], reference) for r in mine]
+        row["equal_voxels"] = min(a[0] for a in agreements)
+        row["differing_voxels"] = max(a[1] for a in agreements)
         rows.append(row)
     return rows
 
@@ -309,14 +326,17 @@ COLUMNS = [("row", "row", "{}"), ("batch", "sw_batch_size", "{}"), ("wall s", "w
            ("cpu s", "cpu_s", "{:.1f}"), ("load s", "load_s", "{:.1f}"), ("windows s", "windows_s", "{:.1f}"),
            ("peak MiB", "peak_mib", "{:.0f}"), ("base MiB", "rss_before_mib", "{:.0f}"),
            ("others cpu s", "others_cpu_s", "{:.1f}"),
-           ("x wall", None, ""), ("x peak", None, ""), ("equal voxels", "equal_voxels", "{:.6f}")]
+           ("x wall", None, ""), ("x peak", None, ""), ("equal voxels", "equal_voxels", "{:.7f}"),
+           ("diff voxels", "differing_voxels", "{}")]
 
 
 def table(rows: list[dict], header: str, facts: list[str]) -> str:
     base = next((r for r in rows if r["row"] == "pytorch"), rows[0])
     widths = [max(len(r["row"]) for r in rows) + 2] + [13] * (len(COLUMNS) - 1)
-    lines = [header, "", "".join(f"{c[0]:>{w}}" if i else f"{c[0]:<{w}}" for i, (c, w) in enumerate(zip(COLUMNS, widths))),
-             "-" * sum(widths)]
+    def line(cells: list[str]) -> str:
+        return "".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+
+    lines = [header, "", line([c[0] for c in COLUMNS]), "-" * sum(widths)]
     for r in rows:
         cells = []
         for title, key, fmt in COLUMNS:
@@ -326,17 +346,20 @@ def table(rows: list[dict], header: str, facts: list[str]) -> str:
                 cells.append(f"{r['peak_mib'] / base['peak_mib']:.2f}")
             else:
                 cells.append(fmt.format(r[key]))
-        lines.append("".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths))))
+        lines.append(line(cells))
     lines += ["", "row: the backend (pytorch = the checkpoint, onnx = its ONNX export as swinssl loads it) and what "
-                  "the row changes (benchmarks/predict_onnx.py: b1 = one window per forward pass, opset 24 = exported at "
-                  "opset 24, batched = a forward pass's windows in one session run, iobinding = batched through "
-                  "run_with_iobinding, the others onnxruntime session settings; 'onnx mem pattern, batched' = swinssl "
-                  "before this benchmark); batch: windows per forward pass; wall s / cpu s: wall and process CPU "
-                  "seconds (all threads) of the whole predict call (load, read, preprocess, windows, invert, write); "
+                  "the row changes (benchmarks/predict_onnx.py: b1 = one window per forward pass, opset N = exported "
+                  "at opset N (none: the opset swinssl export writes), batched = a forward pass's windows in one "
+                  "session run, iobinding = batched through run_with_iobinding, the others onnxruntime session "
+                  "settings; 'onnx opset 25, mem pattern, batched' = swinssl before this benchmark); batch: windows "
+                  "per forward pass; wall s / cpu s: wall and process CPU seconds (all threads) of the whole predict "
+                  "call (load, read, preprocess, windows, invert, write); "
                   "load s: loading the model (ONNX: building the session); windows s: the sliding windows (network and "
                   "stitching); peak MiB: the child's peak resident memory (ru_maxrss); base MiB: its resident memory "
-                  "before predict (imports); others cpu s: CPU seconds other processes used during the row (0: a quiet machine); x wall / x peak: against the pytorch row; equal voxels: share of mask "
-                  "voxels equal to the pytorch row's.", *facts]
+                  "before predict (imports); others cpu s: CPU seconds other processes used during the row "
+                  "(0: a quiet machine); x wall / x peak: against the pytorch row; equal voxels / diff voxels: "
+                  "share of mask voxels equal to the pytorch row's (its first round), number differing (the worst "
+                  "round).", *facts]
     return "\n".join(lines)
 
 
@@ -345,10 +368,10 @@ def main() -> None:
         spec = json.loads(sys.argv[2])
         Path(spec["result"]).write_text(json.dumps(child(spec)))
         return
-    if len(sys.argv) == 4 and sys.argv[1] == "--prepare":
-        run, onnx_file, opset24 = prepare(Path(sys.argv[2]), sys.argv[3] == "fresh")
-        print(json.dumps({"checkpoint": str(run), "onnx": str(onnx_file), "onnx_opset24": str(opset24),
-                          "graph": graph_facts(onnx_file), "graph_opset24": graph_facts(opset24)}))
+    if len(sys.argv) == 5 and sys.argv[1] == "--prepare":
+        run, shipped, files = prepare(Path(sys.argv[2]), sys.argv[3] == "fresh", json.loads(sys.argv[4]))
+        print(json.dumps({"checkpoint": str(run), "opset": shipped, "onnx": {n: str(f) for n, f in files.items()},
+                          "graphs": {n: graph_facts(f) for n, f in files.items()}}))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--volume", type=Path, default=DEFAULT_VOLUME)
@@ -362,15 +385,24 @@ def main() -> None:
     parser.add_argument("--note", default="", help="A line added to the header (e.g. how busy the machine was).")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "predict_onnx_cpu2")
     parser.add_argument("--json", type=Path, help="Also write the JSON here.")
+    parser.add_argument("--append", action="store_true",
+                        help="Add this run's table after those already in --out (a second run, e.g. more repeats).")
+    parser.add_argument("--from-json", type=Path, nargs="+", metavar="JSON",
+                        help="Measure nothing: render the tables of these JSON files (written by this script) to "
+                             "--out, the masks compared again from the paths they record.")
     args = parser.parse_args()
+    if args.from_json:
+        payloads = [t for f in args.from_json for t in json.loads(f.read_text()).get("tables", [])]
+        write(args, [{**p, "rows": summarise(p["runs"])} for p in payloads], args.append)
+        return
     for name in args.rows:
         modifiers(name)
     # The parent stays small (no torch): a child's ru_maxrss starts from its parent's high-water mark.
     args.work.mkdir(parents=True, exist_ok=True)
+    opsets = sorted({int(m.split()[1]) for name in args.rows for m in modifiers(name)[1] if m.startswith("opset ")})
     prepared = json.loads(subprocess.run([sys.executable, __file__, "--prepare", str(args.work),
-                                          "fresh" if args.fresh else "reuse"], check=True, stdout=subprocess.PIPE,
-                                         text=True).stdout.strip().splitlines()[-1])
-    facts = prepared["graph"]
+                                          "fresh" if args.fresh else "reuse", json.dumps(opsets)], check=True,
+                                         stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1])
     load = os.getloadavg()[0]
     volume = args.volume.resolve()
     runs = []
@@ -378,28 +410,40 @@ def main() -> None:
         for name in args.rows:
             out = args.work / "masks" / f"{name.replace(' ', '_').replace(',', '')}_{round_}"
             runs.append(run_row({"row": name, "threads": args.threads, "volume": str(volume), "out": str(out),
-                                 **{k: prepared[k] for k in ("checkpoint", "onnx", "onnx_opset24")}}))
-    rows = summarise(runs)
-    header = (f"swinssl whole predictions on the CPU, {volume.name} (cache off), tiny model (feature 12, depths 2,2,2,2, "
-              f"64^3 windows), pytorch against its ONNX export; torch {version('torch')}, onnxruntime "
+                                 **{k: prepared[k] for k in ("checkpoint", "opset", "onnx")}}))
+    header = (f"swinssl whole predictions on the CPU, {volume.name} (cache off), tiny model (feature 12, "
+              f"depths 2,2,2,2, 64^3 windows), pytorch against its ONNX export; torch {version('torch')}, onnxruntime "
               f"{version('onnxruntime')}, {args.threads} threads, {os.cpu_count()} cores, "
               f"{platform.processor() or platform.machine()}; each row a fresh process, median of {args.repeats}; "
               f"load average {load:.2f} at the start. {args.note}").strip()
-    graph = [f"ONNX file{label}: opset {f['opset']}, {f['mb']:.0f} MB, {f['nodes']} nodes, input {f['input']}, output "
-             f"{f['output']} (a named dimension is dynamic); Attention nodes {f['attention']}, of which onnxruntime "
-             f"runs {f['attention_kernels']} with its kernel (the others as the operator's function body)"
-             for label, f in (("", facts), (" (opset 24 rows)", prepared["graph_opset24"]))]
-    text = table(rows, header, graph)
+    payload = {"command": shlex.join(["python", "benchmarks/predict_onnx.py", *sys.argv[1:]]), "header": header,
+               "opset": prepared["opset"], "graphs": prepared["graphs"], "rows": summarise(runs), "runs": runs}
+    write(args, [payload], args.append)
+
+
+def render(payload: dict) -> str:
+    shipped = " (swinssl export: the rows without opset)"
+    graph = [f"ONNX file at opset {f['opset']}{shipped if int(n) == payload['opset'] else ''}: {f['mb']:.0f} MB, "
+             f"{f['nodes']} nodes, input {f['input']}, output {f['output']} (a named dimension is "
+             f"dynamic); Attention nodes {f['attention']}, of which onnxruntime runs {f['attention_kernels']} with "
+             "its kernel (the others as the operator's function body)" for n, f in sorted(payload["graphs"].items())]
+    return table(payload["rows"], payload["header"], graph) + f"\ncommand: {payload['command']}"
+
+
+def write(args: argparse.Namespace, payloads: list[dict], append: bool) -> None:
+    """The tables of ``payloads`` to ``--out``.txt and .json (and ``--json``): after the ones there with ``append``."""
+    out_json = args.out.with_suffix(".json")
+    if append and out_json.is_file():
+        payloads = json.loads(out_json.read_text())["tables"] + payloads
+    text = "\n\n\n".join(render(p) for p in payloads)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".txt").write_text(text + "\n")
-    payload = json.dumps({"header": header, "graph": facts, "graph_opset24": prepared["graph_opset24"], "rows": rows,
-                          "runs": runs}, indent=2) + "\n"
-    args.out.with_suffix(".json").write_text(payload)
+    document = json.dumps({"tables": payloads}, indent=2) + "\n"
+    out_json.write_text(document)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(payload)
-
+        args.json.write_text(document)
 
 if __name__ == "__main__":
     main()

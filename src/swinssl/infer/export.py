@@ -46,7 +46,7 @@ from swinssl.runs import resolve_checkpoint
 from swinssl.utils import atomic_path, writable_dir
 
 # Opset 23 brought the Attention operator that the windows' attention maps onto. 24, not the newest
-# (25): onnxruntime (1.31, 1.32) runs opset 24's Attention with its own kernel but expands opset 25's
+# (25): onnxruntime 1.32 runs opset 24's Attention with its own kernel but expands opset 25's
 # into the operator's function body, which made whole predictions slower than PyTorch's
 # (benchmarks/predict_onnx.py).
 ONNX_OPSET = 24

@@ -93,8 +93,8 @@ class OnnxPredictor(ExportedPredictor):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         windows = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        # One window per run: onnxruntime's kernels keep the threads busy within a window, so a batch
-        # gains no speed, while the memory of a run grows with its batch and the arena keeps the largest.
+        # One window per run: onnxruntime's kernels already spread one window over the threads, so a batch
+        # saves little time, while a run's memory grows with its batch and the arena keeps the largest.
         logits = [torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: windows[i:i + 1]})[0])
                   for i in range(len(windows))]
         return logits[0] if len(logits) == 1 else torch.cat(logits)
@@ -160,7 +160,7 @@ def _load_onnx(path: Path) -> tuple[OnnxPredictor, Plan]:
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
     # Memory patterns allocate a run's whole plan as one block, kept beside the arena: without them the
-    # peak is lower, at the same speed.
+    # peak is lower, for a little more time.
     options.enable_mem_pattern = False
     options.log_severity_level = 3  # errors only
     try:
