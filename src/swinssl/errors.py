@@ -11,7 +11,7 @@ import re
 # PyTorch re-raises an error of a DataLoader worker as ``type(err)(text)`` where the text is
 # "Caught <Type> in DataLoader worker process <n>.\nOriginal Traceback ..." ending with the original
 # "<module>.<Type>: <message>" (torch.utils._utils.ExceptionWrapper).
-_WORKER_WRAPPED = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
+_WORKER_WRAPPED = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
 
 
 class SwinsslError(Exception):

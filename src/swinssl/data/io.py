@@ -206,8 +206,8 @@ def header_grid(path: str | Path) -> tuple[tuple[int, ...], np.ndarray] | None:
     return (shape, affine) if len(shape) == 3 and np.isfinite(affine).all() else None
 
 
-def check_grids(pairs: Sequence[tuple[Path, Path]], what: str, ref_what: str = "image", rtol: float = _READ_RTOL,
-                progress=None) -> None:
+def check_grids(pairs: Sequence[tuple[Path, Path]], what: str, ref_what: str = "image",
+                rtol: float = _READ_RTOL) -> None:
     """``check_same_grid`` for each (file, reference file) pair from their headers alone, before any
     work starts: the first mismatch raises ``DataError`` naming both files. Pairs whose headers do
     not tell are left to the check made when the voxels are read."""
@@ -216,8 +216,6 @@ def check_grids(pairs: Sequence[tuple[Path, Path]], what: str, ref_what: str = "
         if grid is not None and ref is not None:
             check_same_grid(Path(path), grid[0], grid[1], Path(ref_path), ref[0], ref[1], what=what,
                             ref_what=ref_what, rtol=rtol)
-        if progress is not None:
-            progress()
 
 
 def check_case_grids(cases: Sequence[Case]) -> None:

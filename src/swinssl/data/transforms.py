@@ -74,6 +74,12 @@ class Pipeline(Compose):
         raise cause
 
 
+def volume_file(item: Mapping[str, Any]) -> str:
+    """The file that names a case item (its first image file)."""
+    image = item["image"]
+    return image if isinstance(image, str) else image[0]
+
+
 def case_item(case: Case) -> dict[str, Any]:
     """The dict a pipeline consumes for one case."""
     images = [str(p) for p in case.images]
@@ -102,7 +108,7 @@ class LoadCased(MapTransform):
         d = dict(data)
         image_path = d["image"]
         d["image"] = read_image(image_path, channels=self.channels)
-        first = image_path if isinstance(image_path, str) else image_path[0]
+        first = volume_file(data)
         if d.get("label"):
             d["label"] = read_label(d["label"], d["image"], first, self.classes)
         elif self.require_label:

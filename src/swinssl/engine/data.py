@@ -27,7 +27,7 @@ from monai.data import list_data_collate
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from swinssl.data.discover import Case
-from swinssl.data.transforms import Pipeline, case_item
+from swinssl.data.transforms import Pipeline, case_item, volume_file
 from swinssl.errors import DataError
 
 
@@ -115,12 +115,6 @@ class SeededDataset(Dataset):
     def _candidates(self, index: int, seed: int) -> Iterator[int]:
         yield index
         yield from np.random.default_rng([seed, 17]).permutation(len(self.items)).tolist()
-
-
-def volume_file(item: dict) -> str:
-    """The file that names a case item (its first image file)."""
-    image = item["image"]
-    return image if isinstance(image, str) else image[0]
 
 
 def _collate_skipping(items: list[tuple[Any, list]]) -> dict:

@@ -18,9 +18,9 @@ from monai.data import list_data_collate
 
 from swinssl.config import Config
 from swinssl.data.discover import Case, find_dataset
-from swinssl.data.transforms import pretrain_transforms
+from swinssl.data.transforms import pretrain_transforms, volume_file
 from swinssl.engine.data import (BadVolumes, SeededDataset, cache_root, common_modality, crop_loader, images_of,
-                                 sample_seed, split_cases, volume_file)
+                                 sample_seed, split_cases)
 from swinssl.engine.loop import due
 from swinssl.engine.probe import ProbeTask, random_encoder
 from swinssl.engine.runner import run_stage

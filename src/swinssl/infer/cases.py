@@ -288,12 +288,11 @@ def prediction_cache(cache: str | Path | None, trained: str | None) -> Path | No
 def _window_bar(shown: bool, case: Case, shape: Sequence[int], roi: Sequence[int], options: PredictOptions,
                 models: int) -> Iterator[tqdm]:
     """A bar over the windows of one case (every flip and model), after one line saying what they are."""
-    overlap = options.overlap
-    windows = count_windows(shape, roi, overlap)
+    windows = count_windows(shape, roi, options.overlap)
     passes = (8 if options.flips else 1) * models
     if shown:
         tqdm.write(f"{case.case_id}: {'x'.join(map(str, shape))} voxels after preprocessing, {windows} windows of "
-                   f"{'x'.join(map(str, roi))} at overlap {overlap:g}" + (f" x {passes} passes" if passes > 1 else "")
+                   f"{'x'.join(map(str, roi))} at overlap {options.overlap:g}" + (f" x {passes} passes" if passes > 1 else "")
                    + f", {options.sw_batch_size} per forward pass", file=sys.stderr)
     with tqdm(total=windows * passes, desc=f"  {case.case_id}", unit="window", leave=False, disable=not shown) as bar:
         yield bar
