@@ -7,7 +7,7 @@ and seconds per optimiser step, for tiny and base pre-training and fine-tuning p
 
 For each config, one after the other (never two at once, so neither slows the other):
 
-1. the estimate (``swinssl.engine.estimate.estimate``: the real stage for 3 optimiser steps in a
+1. the estimate (``swinssl.workflows.estimate.estimate``: the real stage for 3 optimiser steps in a
    separate process; its peak resident set size and the median ``step_s`` of steps 2 and 3);
 2. a real 3-step run: ``swinssl pretrain`` / ``finetune --no-estimate`` with the preset,
    ``train.steps=3`` and ``train.log_every=1`` (so each step's ``step_s`` is logged), everything
@@ -54,7 +54,7 @@ TOLERANCE = 0.25
 
 def real_run(stage: str, preset: str, overrides: list[str], out: Path, device: str) -> dict:
     """A real 3-step run of the CLI in its own process: peak resident bytes and median step_s after the first."""
-    from swinssl.engine.logging import read_metrics
+    from swinssl.runs import read_metrics
 
     accelerator = "cpu" if device == "cpu" else "cuda"
     command = [sys.executable, "-m", "swinssl.cli", stage, "--no-estimate", "--config", preset, *overrides,
@@ -77,7 +77,7 @@ def real_run(stage: str, preset: str, overrides: list[str], out: Path, device: s
 
 def measure(name: str, data: str, device: str, scratch: Path, fit: bool, fit_batch: int) -> dict:
     from swinssl.config import load_config
-    from swinssl.engine.estimate import estimate
+    from swinssl.workflows.estimate import estimate
 
     stage, preset = CONFIGS[name]
     overrides = [f"data={data}"]

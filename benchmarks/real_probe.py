@@ -72,9 +72,9 @@ def main(argv=None) -> int:
 
     from swinssl.config import load_config
     from swinssl.engine.checkpoint import load_checkpoint
-    from swinssl.engine.logging import read_metrics
+    from swinssl.runs import read_metrics
     from swinssl.engine.pretrain import pretrain
-    from swinssl.engine.probe import probe_curve
+    from swinssl.runs import probe_curve
     from swinssl.plots import save_probe_curve
 
     probe_data = quadrant_dataset(args.data, args.out / "probe_data")

@@ -185,7 +185,7 @@ def test_predict_ensemble_option_passes_every_model_and_is_explained(tmp_path, m
 
 
 def test_study_preset_is_a_checked_choice_passed_as_a_string(tmp_path, monkeypatch):
-    import swinssl.study
+    import swinssl.workflows.study
 
     seen = {}
 
@@ -195,16 +195,16 @@ def test_study_preset_is_a_checked_choice_passed_as_a_string(tmp_path, monkeypat
         report.write_text("report")
         return report
 
-    monkeypatch.setattr(swinssl.study, "run_modality_study", fake_study)
+    monkeypatch.setattr(swinssl.workflows.study, "run_modality_study", fake_study)
     result = runner.invoke(app, ["study", "modality", "-o", str(tmp_path), "--preset", "full"])
     assert result.exit_code == 0, result.output
     assert seen["preset"] == "full" and type(seen["preset"]) is str
     bad = runner.invoke(app, ["study", "modality", "-o", str(tmp_path), "--preset", "huge"], env=WIDE)
-    assert bad.exit_code == 2 and all(f"'{p}'" in bad.output for p in swinssl.study.PRESETS)
+    assert bad.exit_code == 2 and all(f"'{p}'" in bad.output for p in swinssl.workflows.study.PRESETS)
 
 
 def test_data_efficiency_protocol_is_a_checked_choice_passed_as_a_string(tmp_path, monkeypatch):
-    import swinssl.study
+    import swinssl.workflows.study
 
     seen = {}
 
@@ -214,14 +214,14 @@ def test_data_efficiency_protocol_is_a_checked_choice_passed_as_a_string(tmp_pat
         report.write_text("report")
         return report
 
-    monkeypatch.setattr(swinssl.study, "run_data_efficiency_study", fake_study)
+    monkeypatch.setattr(swinssl.workflows.study, "run_data_efficiency_study", fake_study)
     result = runner.invoke(app, ["study", "data-efficiency", "-o", str(tmp_path), "--protocol", "semi"])
     assert result.exit_code == 0, result.output
     assert seen["protocol"] == "semi" and type(seen["protocol"]) is str
     runner.invoke(app, ["study", "data-efficiency", "-o", str(tmp_path)])
     assert seen["protocol"] == "nested"
     bad = runner.invoke(app, ["study", "data-efficiency", "-o", str(tmp_path), "--protocol", "mixed"], env=WIDE)
-    assert bad.exit_code == 2 and all(f"'{p}'" in bad.output for p in swinssl.study.PROTOCOLS)
+    assert bad.exit_code == 2 and all(f"'{p}'" in bad.output for p in swinssl.workflows.study.PROTOCOLS)
 
 
 @pytest.mark.parametrize("args, text", [
@@ -261,7 +261,7 @@ def test_top_level_help_does_not_import_torch():
             "from swinssl.cli import app\n"
             "for args in (['--help'], ['phantom', '--help'], ['data', 'check', '--help'], ['study', '--help']):\n"
             "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
-            "print(sorted(m for m in ('torch', 'swinssl.methods', 'swinssl.study') if m in sys.modules))\n")
+            "print(sorted(m for m in ('torch', 'swinssl.methods', 'swinssl.workflows.study') if m in sys.modules))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -172,8 +172,8 @@ def test_paper_presets_hold_the_papers_settings(preset):
 def _paired_arms():
     """(name, pre-training presets, fine-tuning presets) of every comparison of a pre-trained and a
     scratch arm that swinssl runs: the demo and the studies."""
-    from swinssl.demo import DEMO
-    from swinssl.study import EFFICIENCY, PRESETS
+    from swinssl.workflows.demo import DEMO
+    from swinssl.workflows.study import EFFICIENCY, PRESETS
 
     yield "demo", DEMO["pretrain"], DEMO["finetune"]
     for size, p in PRESETS.items():

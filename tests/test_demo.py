@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from swinssl.demo import INITS, run_demo
-from swinssl.engine.logging import read_metrics
+from swinssl.workflows.demo import INITS, run_demo
+from swinssl.runs import read_metrics
 
 MICRO = {"cases": 6, "size": 32, "test_fraction": 0.34,
          "overrides": ["train.steps=4", "train.warmup_steps=1", "train.val_every=2", "train.probe_every=2",
@@ -61,7 +61,7 @@ def test_one_progress_bar_follows_both_arms_through_their_metrics(tmp_path, caps
     not written one yet counts 0."""
     from types import SimpleNamespace
 
-    from swinssl.demo import _follow
+    from swinssl.workflows.demo import _follow
 
     header = "step,split,name,value\n"
 

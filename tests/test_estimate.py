@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from swinssl.cli import app
 from swinssl.config import Config, from_dict, load_config, to_dict
-from swinssl.engine import estimate as est
+from swinssl.workflows import estimate as est
 from swinssl.utils import count_windows
-from swinssl.engine.memory import (ENV, GIB, Fit, fitting_setting, is_out_of_memory, largest_batch, largest_roi,
+from swinssl.engine.memory import (GIB, Fit, fitting_setting, is_out_of_memory, largest_batch, largest_roi,
                                    smaller_setting)
 from swinssl.errors import TrainingError
 
@@ -189,7 +189,7 @@ def fake_probes(monkeypatch, peak_of, out_of_memory_above=None):
         calls.append(crops)
         assert (cfg.train.steps, cfg.train.val_every, cfg.train.checkpoint_every) == (3, 0, 0)
         if out_of_memory_above is not None and crops > out_of_memory_above:
-            raise est.ProbeFailed("out of memory at step 1 of 3 on cpu", out_of_memory=True)
+            raise est.FreshProcessFailed("out of memory at step 1 of 3 on cpu", out_of_memory=True)
         return {"peak": peak_of(crops), "step_s": 2.0, "data_s": 0.1, "cpu_s": 3.9, "times": [5.0, 2.0, 2.0]}
 
     monkeypatch.setattr(est, "run_probe", probe)
@@ -241,15 +241,14 @@ def test_pretrain_prints_the_estimate_at_start_and_hands_it_to_the_run(tmp_path,
     asked, seen = [], []
     monkeypatch.setattr(est, "estimate", lambda cfg, stage, device: asked.append((stage, device)) or fake_estimate())
     monkeypatch.setattr(swinssl.engine.pretrain, "pretrain",
-                        lambda cfg=None, **kw: seen.append(os.environ.get(ENV)) or tmp_path / "run")
+                        lambda cfg=None, **kw: seen.append(kw.get("start_estimate")) or tmp_path / "run")
     result = runner.invoke(app, ["pretrain", f"data={tmp_path}", "train.accelerator=cpu", "train.steps=1000"])
     assert result.exit_code == 0, result.output
     assert asked == [("pretrain", "cpu")]
     assert ("estimate: peak 3.1 GiB resident, 4.2 s/step on cpu -> about 1.2 h for 1000 steps "
             "(swinssl estimate measured 3 steps)") in result.output.splitlines()
-    hint = json.loads(seen[0])
+    hint = seen[0]
     assert hint["summary"] == "peak 3.1 GiB resident, 4.2 s/step on cpu" and hint["fit"]["per_crop"] == 0.5 * GIB
-    assert ENV not in os.environ  # only while the run runs
 
     asked.clear()
     result = runner.invoke(app, ["pretrain", f"data={tmp_path}", "--no-estimate"])
@@ -273,7 +272,7 @@ def test_a_failed_probe_does_not_stop_the_run(tmp_path, monkeypatch):
     import swinssl.engine.pretrain
 
     def fails(cfg, stage, device):
-        raise est.ProbeFailed("the probe process was killed (SIGKILL), most likely by the system for want of "
+        raise est.FreshProcessFailed("the probe process was killed (SIGKILL), most likely by the system for want of "
                               "memory", out_of_memory=True)
 
     monkeypatch.setattr(est, "estimate", fails)
@@ -281,7 +280,7 @@ def test_a_failed_probe_does_not_stop_the_run(tmp_path, monkeypatch):
     result = runner.invoke(app, ["pretrain", f"data={tmp_path}", "train.accelerator=cpu"])
     assert result.exit_code == 0 and "estimate: not available (the probe process was killed" in result.output
     # A config or data problem is the run's to report, once.
-    monkeypatch.setattr(est, "estimate", lambda *a: (_ for _ in ()).throw(est.ProbeFailed("bad", exit_code=3)))
+    monkeypatch.setattr(est, "estimate", lambda *a: (_ for _ in ()).throw(est.FreshProcessFailed("bad", exit_code=3)))
     result = runner.invoke(app, ["pretrain", f"data={tmp_path}", "train.accelerator=cpu"])
     assert result.exit_code == 0 and "estimate: not available" not in result.output
 
@@ -358,7 +357,7 @@ def test_other_errors_in_a_step_keep_their_traceback(small_phantoms, tmp_path, m
 
 def test_runs_log_step_and_data_seconds(small_phantoms, tmp_path):
     from swinssl.engine.finetune import finetune
-    from swinssl.engine.logging import read_metrics
+    from swinssl.runs import read_metrics
 
     cfg = load_config("finetune/tiny", [f"data={small_phantoms}", f"train.out={tmp_path}", "train.name=r", *TINY,
                                         "train.steps=2", "train.checkpoint_every=0"])
@@ -380,7 +379,7 @@ def measured_run(command: list[str], run_dir: Path) -> tuple[float, float]:
     process.returncode = os.waitstatus_to_exitcode(status)
     out, err = process.communicate()
     assert process.returncode == 0, err.decode()[-2000:]
-    from swinssl.engine.logging import read_metrics
+    from swinssl.runs import read_metrics
 
     step_s = [r["value"] for r in sorted(read_metrics(run_dir), key=lambda r: r["step"]) if r["name"] == "step_s"]
     return usage.ru_maxrss * 1024, statistics.median(step_s[1:])

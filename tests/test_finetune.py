@@ -8,9 +8,10 @@ import torch
 
 from swinssl.config import FinetuneConfig, load_config, to_dict
 from swinssl.data.discover import Case, Dataset
+from swinssl.data import splits
 from swinssl.engine import finetune as engine
 from swinssl.engine.checkpoint import load_checkpoint, save_checkpoint
-from swinssl.engine.logging import read_metrics
+from swinssl.runs import read_metrics
 from swinssl.errors import ConfigError, DataError
 from swinssl.methods import get_method
 from swinssl.nn import build_network
@@ -133,15 +134,15 @@ def test_pretrained_plan_is_adopted_and_encoder_loaded(phantoms, tmp_path, capsy
 
 def test_label_ratio_gives_nested_seeded_subsets_and_explicit_cases():
     cases = [Case(f"c{i}", (Path(f"c{i}.nii.gz"),), Path(f"l{i}.nii.gz")) for i in range(10)]
-    pick = lambda ratio, seed=0: [c.case_id for c in engine.label_subset(cases, FinetuneConfig(label_ratio=ratio), seed)]  # noqa: E731
+    pick = lambda ratio, seed=0: [c.case_id for c in splits.label_subset(cases, FinetuneConfig(label_ratio=ratio), seed)]  # noqa: E731
     assert len(pick(0.1)) == 1 and len(pick(0.3)) == 3 and len(pick(1.0)) == 10
     assert set(pick(0.1)) <= set(pick(0.3)) <= set(pick(0.5))
     assert pick(0.3) == pick(0.3) and pick(0.3, seed=1) != pick(0.3, seed=0)
-    assert [c.case_id for c in engine.label_subset(cases, FinetuneConfig(cases=["c7", "c2"]), 0)] == ["c7", "c2"]
+    assert [c.case_id for c in splits.label_subset(cases, FinetuneConfig(cases=["c7", "c2"]), 0)] == ["c7", "c2"]
     with pytest.raises(ConfigError, match=r"finetune.cases: \['nope'\] are not labelled training cases"):
-        engine.label_subset(cases, FinetuneConfig(cases=["nope"]), 0)
+        splits.label_subset(cases, FinetuneConfig(cases=["nope"]), 0)
     with pytest.raises(ConfigError, match="label_ratio must be in"):
-        engine.label_subset(cases, FinetuneConfig(label_ratio=0), 0)
+        splits.label_subset(cases, FinetuneConfig(label_ratio=0), 0)
 
 
 def test_k_fold_splits_partition_the_labelled_cases():
@@ -150,15 +151,15 @@ def test_k_fold_splits_partition_the_labelled_cases():
     dataset = Dataset(Path("."), "msd", cases)
     held = []
     for fold in range(3):
-        train, val = engine.finetune_split(dataset, FinetuneConfig(folds=3, fold=fold), 0.2, seed=0)
+        train, val = splits.finetune_split(dataset, FinetuneConfig(folds=3, fold=fold), 0.2, seed=0)
         assert not {c.case_id for c in train} & {c.case_id for c in val}
         assert len(train) + len(val) == 7
         held += [c.case_id for c in val]
     assert sorted(held) == [f"c{i}" for i in range(7)]  # every case held out exactly once, never the test case
     with pytest.raises(ConfigError, match="need 0 <= fold < folds"):
-        engine.finetune_split(dataset, FinetuneConfig(folds=3, fold=3), 0.2, seed=0)
+        splits.finetune_split(dataset, FinetuneConfig(folds=3, fold=3), 0.2, seed=0)
     with pytest.raises(DataError, match="no labelled training cases"):
-        engine.finetune_split(Dataset(Path("x"), "folder", [Case("u", (Path("u.nii.gz"),))]), FinetuneConfig(), 0.2, 0)
+        splits.finetune_split(Dataset(Path("x"), "folder", [Case("u", (Path("u.nii.gz"),))]), FinetuneConfig(), 0.2, 0)
 
 
 

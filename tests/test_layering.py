@@ -46,27 +46,48 @@ from pathlib import Path
 import pytest
 
 # The declared layering: layer -> layers it must never import (see ../shared/DESIGN.md, Layering).
+# Workflows (demo, studies, verdict, estimate) sit above the engine, inference, metrics and report, below the CLI.
+ABOVE_THE_ENGINE = frozenset({"workflows", "cli"})
+EVERY_LAYER = frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "workflows", "report",
+                         "nnunet", "config", "plan", "runs", "plots", "utils", "runtime", "checkpoint"})
+
+
+def _leaf(*may_use: str) -> frozenset[str]:
+    """A layer that may import only ``may_use`` (and ``errors``, which imports nothing of the package)."""
+    return EVERY_LAYER - frozenset(may_use)
+
+
 FORBIDDEN: dict[str, frozenset[str]] = {
-    "nn": frozenset({"engine", "data", "ssl", "methods", "cli", "infer", "metrics", "study", "demo", "report"}),
-    "data": frozenset({"nn", "engine", "ssl", "methods", "cli", "infer", "metrics", "report"}),
-    "ssl": frozenset({"engine", "cli", "methods", "infer", "data", "report"}),
-    "methods": frozenset({"engine", "cli", "infer", "study", "demo", "report"}),
-    "engine": frozenset({"infer", "cli", "study", "demo", "report"}),
-    "metrics": frozenset({"engine", "nn", "ssl", "methods", "infer", "cli", "report"}),
-    "infer": frozenset({"engine", "cli", "study", "demo", "report"}),
+    "nn": frozenset({"engine", "data", "ssl", "methods", "infer", "metrics", "report", "runs", "plots"}) | ABOVE_THE_ENGINE,
+    "data": frozenset({"nn", "engine", "ssl", "methods", "infer", "metrics", "report", "plan", "checkpoint"})
+    | ABOVE_THE_ENGINE,
+    "ssl": frozenset({"engine", "methods", "infer", "data", "report", "checkpoint"}) | ABOVE_THE_ENGINE,
+    "methods": frozenset({"engine", "infer", "report", "data", "checkpoint"}) | ABOVE_THE_ENGINE,
+    "engine": frozenset({"infer", "report", "nnunet"}) | ABOVE_THE_ENGINE,
+    "metrics": frozenset({"engine", "nn", "ssl", "methods", "infer", "report"}) | ABOVE_THE_ENGINE,
+    "infer": frozenset({"engine", "report"}) | ABOVE_THE_ENGINE,
     # The nnU-Net bridge uses the network, the loader, plans and transforms; nnU-Net runs the training.
-    "nnunet": frozenset({"engine", "methods", "ssl", "infer", "cli", "study", "demo", "report"}),
-    # The HTML report reads what the other stages wrote (volumes, metrics.csv, run folders); it runs
-    # no network, loss or prediction, and only the CLI and the demo write it.
-    "report": frozenset({"nn", "ssl", "methods", "infer", "cli", "study", "demo", "nnunet"}),
-    # Leaves that every layer may use: the checkpoint plan, the run folder's names, the figures.
-    "plan": frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "study", "demo",
-                       "report"}),
-    "runs": frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "study", "demo",
-                       "report"}),
-    "plots": frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "study", "demo",
-                        "report"}),
+    "nnunet": frozenset({"engine", "methods", "ssl", "infer", "report"}) | ABOVE_THE_ENGINE,
+    # The HTML report reads what the other stages wrote through the formats' owners (volumes, run folders,
+    # checkpoints, prediction and evaluation folders); it runs no network, loss, training or prediction.
+    "report": frozenset({"engine", "nn", "ssl", "methods", "infer", "nnunet"}) | ABOVE_THE_ENGINE,
+    "workflows": frozenset({"cli"}),
+    "cli": frozenset(),
+    # Leaves that every layer may use: each imports only what is named.
+    "config": _leaf("utils"),
+    "utils": _leaf(),
+    "runtime": _leaf(),
+    "errors": _leaf(),
+    "plan": _leaf("config", "utils"),
+    "runs": _leaf("utils"),
+    "checkpoint": _leaf("plan", "runs", "utils", "config"),
+    "plots": _leaf("utils"),
 }
+
+# Stage modules: the stages that the runner runs, and the probe beside them. Siblings: none imports
+# another, and only the CLI and workflows import them.
+STAGE_MODULES = frozenset({"swinssl.engine.pretrain", "swinssl.engine.finetune", "swinssl.engine.probe"})
+STAGE_USERS = frozenset({"cli", "workflows"})
 
 
 PACKAGE = "swinssl"
@@ -298,6 +319,19 @@ def test_no_forbidden_arrows(swinssl_graph):
             f"../shared/DESIGN.md, Layering):\n" + format_forbidden(bad),
             pytrace=False,
         )
+
+
+def test_only_the_cli_and_workflows_import_a_stage(swinssl_graph):
+    _, edges = swinssl_graph
+    bad = [str(e) for e in edges if e.imported in STAGE_MODULES and layer_of(e.importer) not in STAGE_USERS]
+    assert not bad, f"a stage module imported below the CLI and workflows (STAGE_MODULES): {bad}"
+
+
+def test_every_layer_has_rules(swinssl_graph):
+    """A new top-level module or package gets its rules here when it lands, not by default none."""
+    modules, _ = swinssl_graph
+    layers = {layer_of(m) for m in modules} - {"swinssl"}
+    assert layers <= set(FORBIDDEN), f"layers without rules in FORBIDDEN: {sorted(layers - set(FORBIDDEN))}"
 
 
 def third_party_importers(src_root: Path, package: str, name: str) -> list[str]:

@@ -14,7 +14,7 @@ from conftest import SHARED_DATA, TINY_PRETRAIN
 
 import swinssl
 from swinssl.config import Config, MethodConfig, ModelConfig, PreprocessConfig, load_config
-from swinssl.engine.logging import read_metrics
+from swinssl.runs import read_metrics
 from swinssl.engine.pretrain import pretrain
 from swinssl.errors import ConfigError
 from swinssl.methods import TASKS, TaskInput, get_method, network_method, register_task, view_choices, window_predictor

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from swinssl.engine.checkpoint import load_checkpoint
-from swinssl.engine.logging import read_metrics
+from swinssl.runs import read_metrics
 
 dist = pytest.importorskip("torch.distributed")
 if not (dist.is_available() and dist.is_gloo_available()):

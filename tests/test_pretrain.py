@@ -10,7 +10,7 @@ from swinssl.config import load_config
 from swinssl.engine import loop
 from swinssl.engine import pretrain as engine
 from swinssl.engine.checkpoint import load_checkpoint
-from swinssl.engine.logging import read_metrics
+from swinssl.runs import read_metrics
 from swinssl.errors import ConfigError, TrainingError
 from swinssl.nn import SwinUNETR, load_pretrained
 

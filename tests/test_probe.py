@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from swinssl.cli import app
 from swinssl.config import load_config
-from swinssl.engine.probe import FrozenEncoderProbe, probe
+from swinssl.engine.probe import probe
+from swinssl.nn.heads import FrozenEncoderProbe
 from swinssl.nn import build_encoder
 
 TINY = ["model.depths=[1,1,1,1]", "preprocess.roi_size=32", "preprocess.num_crops=1", "train.val_fraction=0.25",
@@ -84,7 +85,8 @@ def test_an_encoder_whose_features_carry_the_label_probes_far_above_a_random_one
     from monai.losses import DiceCELoss
 
     from swinssl.data.phantom import write_phantom_dataset
-    from swinssl.engine.probe import ProbeHead, ProbeTask, random_encoder
+    from swinssl.engine.validate import ProbeTask, random_encoder
+    from swinssl.nn.heads import ProbeHead
 
     write_phantom_dataset(tmp_path / "data", cases=8, size=64, seed=3)
     cfg = load_config("finetune/tiny", [f"data={tmp_path / 'data'}", f"train.out={tmp_path}", *TINY,

@@ -13,7 +13,7 @@ from swinssl.config import load_config
 from swinssl.engine import pretrain as engine
 from swinssl.engine import runner
 from swinssl.engine.checkpoint import load_checkpoint
-from swinssl.engine.logging import read_metrics
+from swinssl.runs import read_metrics
 from swinssl.errors import OutputError, TrainingError
 from swinssl.utils import writable_dir
 

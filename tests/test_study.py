@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from swinssl import study, verdict
+from swinssl.workflows import study, verdict
 
 PRESETS = Path(__file__).parent / "presets"  # micro-size overlays, as configs/study/ has for tiny and full
 MICRO = {

@@ -349,7 +349,7 @@ FINETUNE_TINY = [
 
 def test_swinmm_pretraining_runs_logs_every_task_and_feeds_multiview_finetuning(tmp_path, small_phantoms):
     from swinssl.engine.finetune import finetune
-    from swinssl.engine.logging import read_metrics
+    from swinssl.runs import read_metrics
     from swinssl.engine.pretrain import pretrain
 
     pre = pretrain(load_config("pretrain/swinmm_tiny", [
@@ -395,7 +395,7 @@ def test_semi_supervised_training_never_reads_unlabelled_labels(tmp_path, small_
 
     from swinssl.data import transforms
     from swinssl.engine import finetune as engine
-    from swinssl.engine.logging import read_metrics
+    from swinssl.runs import read_metrics
 
     poisoned = tmp_path / "unlabelled"
     shutil.copytree(small_phantoms.parent, poisoned)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from swinssl.verdict import paired_verdict
+from swinssl.workflows.verdict import paired_verdict
 
 
 def pairs(effect: float, n: int = 24, noise: float = 0.05, seed: int = 0):

@@ -85,9 +85,9 @@ def _view_choices() -> list[str]:
 
 def _study_presets(table: str) -> Callable[[], list[str]]:
     def load() -> list[str]:
-        import swinssl.study
+        import swinssl.workflows.study
 
-        return list(getattr(swinssl.study, table))
+        return list(getattr(swinssl.workflows.study, table))
 
     return load
 
@@ -287,8 +287,7 @@ def _train(run, config: List[str], overrides: Optional[List[str]], resume: Optio
     with _user_errors():
         cfg = load_config(config, overrides or []) if resume is None else None
         hint = _estimate_at_start(stage, cfg, resume, overrides or []) if estimate_first else None
-        with _estimate_passed(hint):
-            run_dir = run(resume=resume, overrides=overrides or []) if resume is not None else run(cfg)
+        run_dir = run(cfg, resume=resume, overrides=overrides or [], start_estimate=hint)
     typer.echo(f"run directory: {run_dir}")
 
 
@@ -298,7 +297,7 @@ def _estimate_at_start(stage: str, cfg, resume: Optional[Path], overrides: List[
     of the probe is said in a line and the run starts anyway."""
     import os
 
-    from swinssl.engine.estimate import PROBE_STEPS, ProbeFailed, device_of, estimate
+    from swinssl.workflows.estimate import PROBE_STEPS, FreshProcessFailed, device_of, estimate
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun started every process: no probe in each
         return None
@@ -315,7 +314,7 @@ def _estimate_at_start(stage: str, cfg, resume: Optional[Path], overrides: List[
     typer.echo(f"estimate: measuring {PROBE_STEPS} steps in a separate process (--no-estimate skips this)", err=True)
     try:
         found = estimate(cfg, stage, device)
-    except ProbeFailed as err:
+    except FreshProcessFailed as err:
         if err.out_of_memory or err.exit_code not in (2, 3, 5):  # config, data, output: the run says which
             typer.echo(f"estimate: not available ({err})", err=True)
         return None
@@ -323,26 +322,6 @@ def _estimate_at_start(stage: str, cfg, resume: Optional[Path], overrides: List[
         return None
     typer.echo(found.line())
     return found.hint()
-
-
-@contextlib.contextmanager
-def _estimate_passed(hint: Optional[dict]) -> Iterator[None]:
-    """The run sees the estimate made at start (engine.memory.ENV) while it runs."""
-    import json
-    import os
-
-    from swinssl.engine.memory import ENV
-
-    before = os.environ.get(ENV)
-    if hint is not None:
-        os.environ[ENV] = json.dumps(hint)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = before
 
 
 @app.command()
@@ -388,7 +367,7 @@ def estimate(
     import json
 
     from swinssl.config import load_config
-    from swinssl.engine.estimate import check_request, device_of, estimate as run
+    from swinssl.workflows.estimate import check_request, device_of, estimate as run
     from swinssl.errors import ConfigError
 
     with _user_errors():
@@ -427,7 +406,7 @@ def demo(
     """The whole job on synthetic phantoms, CPU, in minutes: pre-train, fine-tune (pre-trained and
     scratch; at once, each with half the threads, on 2 or more), predict the test cases, evaluate,
     and write report.md with plots and report.html with the test cases in a 3D viewer."""
-    from swinssl.demo import run_demo
+    from swinssl.workflows.demo import run_demo
 
     with _user_errors():
         report = run_demo(out, fresh=fresh)
@@ -705,7 +684,7 @@ def study_data_efficiency(
 
     Writes report.md (mean +- std Dice and HD95 per ratio and init, and per stage with --protocol
     semi), results.json and dice_vs_label_ratio.png; finished runs are reused when run again."""
-    from swinssl.study import run_data_efficiency_study
+    from swinssl.workflows.study import run_data_efficiency_study
 
     with _user_errors():
         report = run_data_efficiency_study(config, data, out, preset=preset.value, ratios=ratios or None,
@@ -728,7 +707,7 @@ def study_views(
 
     Writes report.md (mean +- std Dice and HD95 per model and view), results.json and
     dice_by_view.png; finished runs are reused when run again."""
-    from swinssl.study import run_views_study
+    from swinssl.workflows.study import run_views_study
 
     with _user_errors():
         report = run_views_study(data, out, preset=preset.value, seeds=seeds or None, pretrained=pretrained)
@@ -745,7 +724,7 @@ def study_modality(
     CT + MRI phantoms, fine-tune each (and scratch) on CT and on MRI, test on both modalities.
 
     Finished stages are reused when run again; writes report.md and results.json."""
-    from swinssl.study import run_modality_study
+    from swinssl.workflows.study import run_modality_study
 
     with _user_errors():
         report = run_modality_study(out, preset=preset.value)

@@ -24,6 +24,7 @@ Written by the training engine (``engine.run_dir``), read by prediction, studies
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,3 +158,15 @@ def _fold_checkpoint(parent: str | Path, run: Path) -> Path:
     # An ensemble short of a fold would be another model than the one cross-validated.
     raise CheckpointError(f"{parent}: {run.name} has no checkpoint yet; finish the folds with "
                           f"swinssl finetune --resume {parent}")
+
+
+def probe_curve(rows: list[dict]) -> tuple[dict[int, float], float | None]:
+    """A pre-training's logged probe, from its metrics rows (``engine.logging.read_metrics``): {step:
+    ``probe_dice``} and ``probe_dice_random`` (None for a run without the probe)."""
+    curve = {r["step"]: r["value"] for r in rows if r["name"] == "probe_dice"}
+    return curve, next((r["value"] for r in rows if r["name"] == "probe_dice_random"), None)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(RunDir(run_dir).metrics, newline="") as f:
+        return [{**row, "step": int(row["step"]), "value": float(row["value"])} for row in csv.DictReader(f)]

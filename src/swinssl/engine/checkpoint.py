@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
+from swinssl.config import ModelConfig
 from swinssl.errors import CheckpointError, TrainingError
 from swinssl.nn.load import read_checkpoint
+from swinssl.plan import adopt_architecture, architecture_of
 from swinssl.runs import resolve_checkpoint
 from swinssl.utils import atomic_path, writable_dir
 
@@ -78,3 +80,10 @@ def export_weights(source: str | Path, out: str | Path) -> Path:
     with atomic_path(out, suffix=".safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=meta)
     return out
+
+
+def pretrained_start(source: str, model: ModelConfig) -> tuple[dict, ModelConfig]:
+    """A pre-trained checkpoint (a file, or a run directory's checkpoints/last.pt) and ``model``
+    with the architecture its plan holds adopted, saying what changed."""
+    weights = read_checkpoint(resolve_checkpoint(source, prefer_best=False))
+    return weights, adopt_architecture(model, architecture_of(weights.get("plan"), source), source)

@@ -170,16 +170,6 @@ class BadVolumes:
                       f"({len(self.skipped)} of {self.total} bad so far, listed in {self.run.skipped})")
 
 
-def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
-    """Held-out volumes for the validation loss: a seeded subset, at least one when asked and possible."""
-    if val_fraction <= 0 or len(cases) < 2:
-        return cases, []
-    n_val = min(len(cases) - 1, max(1, round(len(cases) * val_fraction)))
-    order = np.random.default_rng([seed, 11]).permutation(len(cases))
-    val = set(order[:n_val].tolist())
-    return [c for i, c in enumerate(cases) if i not in val], [c for i, c in enumerate(cases) if i in val]
-
-
 def common_modality(cases: Sequence[Case]) -> str | None:
     """The one modality of ``cases``, or None (mixed or none)."""
     found = {c.modality for c in cases}

@@ -25,48 +25,41 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.metrics import compute_dice
 
-from swinssl.config import Config, FinetuneConfig, ModelConfig, load_config
-from swinssl.data.discover import Case, Dataset, find_dataset
-from swinssl.data.io import check_case_grids, read_volume
-from swinssl.data.transforms import case_item, finetune_transforms, pretrain_transforms
-from swinssl.engine.data import (cache_root, common_modality, crop_loader, images_of, labels_of, sample_seed,
-                                 split_cases)
+from swinssl.config import Config, load_config
+from swinssl.data.discover import Case, find_dataset
+from swinssl.data.io import check_case_grids
+from swinssl.data.splits import check_fold, check_modality, class_indices, finetune_split, unlabeled_cases
+from swinssl.data.transforms import finetune_transforms, pretrain_transforms
+from swinssl.engine.checkpoint import pretrained_start
+from swinssl.engine.data import cache_root, common_modality, crop_loader, images_of, labels_of, sample_seed
 from swinssl.engine.distributed import launched_as_rank_zero
 from swinssl.engine.run_dir import open_folds_dir
 from swinssl.engine.runner import run_stage
-from swinssl.errors import ConfigError, DataError
+from swinssl.engine.validate import validate
+from swinssl.errors import ConfigError
 from swinssl.methods import network_method
 from swinssl.nn import build_network, load_pretrained
-from swinssl.nn.load import read_checkpoint
-from swinssl.plan import Plan, adopt_architecture, adopt_input, architecture_of, input_of
-from swinssl.plots import save_overlay
-from swinssl.runs import RunDir, resolve_checkpoint
+from swinssl.plan import Plan, adopt_input, input_of
+from swinssl.runs import RunDir
 
 log = logging.getLogger(__name__)
 
 UNLABELED_SEED = 7919  # offset of the unlabelled crops' seed stream from the labelled one
-REST = "rest"  # finetune.unlabeled: the dataset's own training cases left out of training and validation
-
-
 def finetune(cfg: Config | None = None, resume: str | Path | None = None, overrides: list[str] = (),
-             progress: bool = True) -> Path:
+             progress: bool = True, start_estimate: dict | None = None) -> Path:
     """Run (or resume) a fine-tuning; returns the run directory. With ``finetune.fold=all``, or
     resuming such a run, every fold (``finetune_folds``); returns their parent folder."""
     if resume is not None and RunDir(resume).folds.is_file():
-        return resume_folds(resume, overrides, progress)
+        return resume_folds(resume, overrides, progress, start_estimate)
     if resume is None and cfg is not None and cfg.finetune.fold == "all":
-        return finetune_folds(cfg, progress)
-    return run_stage(FinetuneStage, cfg, resume, overrides, progress)
+        return finetune_folds(cfg, progress, start_estimate)
+    return run_stage(FinetuneStage, cfg, resume, overrides, progress, start_estimate)
 
 
 class FinetuneStage:
@@ -176,9 +169,10 @@ class FinetuneStage:
 # --- cross-validation ------------------------------------------------------------------------------
 
 
-def finetune_folds(cfg: Config, progress: bool = True) -> Path:
+def finetune_folds(cfg: Config, progress: bool = True, start_estimate: dict | None = None) -> Path:
     """Train fold 0 .. ``finetune.folds - 1`` one after the other, each the run ``finetune.fold=i``
     would be, into ``<train.out>/<train.name>/fold_i``; returns that parent folder (``swinssl.runs``).
+    ``start_estimate``: see ``engine.runner.run_stage``.
 
     Every fold's split is checked before anything is written, and listed in ``folds.json``.
     """
@@ -189,21 +183,22 @@ def finetune_folds(cfg: Config, progress: bool = True) -> Path:
         _, held = finetune_split(dataset, replace(cfg.finetune, fold=fold), cfg.train.val_fraction, cfg.seed)
         validation[f"fold_{fold}"] = [c.case_id for c in held]
     parent = open_folds_dir(cfg, FinetuneStage.run_prefix, validation)
-    return train_folds(cfg, parent, started=[False] * cfg.finetune.folds, progress=progress)
+    return train_folds(cfg, parent, [False] * cfg.finetune.folds, progress, start_estimate=start_estimate)
 
 
-def resume_folds(parent: str | Path, overrides: list[str] = (), progress: bool = True) -> Path:
+def resume_folds(parent: str | Path, overrides: list[str] = (), progress: bool = True,
+                 start_estimate: dict | None = None) -> Path:
     """Continue a cross-validation: folds begun are resumed (``overrides`` apply to them too), the
     others started from the parent's config."""
     parent = Path(parent)
     cfg = load_config(RunDir(parent).config, overrides)
     # Decided before any process writes a fold, so that every process of a multi-process run agrees.
     started = [RunDir(RunDir(parent).fold(f)).config.is_file() for f in range(cfg.finetune.folds)]
-    return train_folds(cfg, parent, started, progress, overrides)
+    return train_folds(cfg, parent, started, progress, overrides, start_estimate)
 
 
 def train_folds(cfg: Config, parent: Path, started: list[bool], progress: bool = True,
-                overrides: list[str] = ()) -> Path:
+                overrides: list[str] = (), start_estimate: dict | None = None) -> Path:
     """Train (or continue, where ``started``) each fold's run in ``parent``, saying which fold is on."""
     folds = cfg.finetune.folds
     for fold in range(folds):
@@ -211,9 +206,9 @@ def train_folds(cfg: Config, parent: Path, started: list[bool], progress: bool =
         if launched_as_rank_zero():
             print(f"fold {fold + 1}/{folds}: {run}")
         if started[fold]:
-            run_stage(FinetuneStage, resume=run, overrides=overrides, progress=progress)
+            run_stage(FinetuneStage, resume=run, overrides=overrides, progress=progress, start_estimate=start_estimate)
         else:
-            run_stage(FinetuneStage, fold_config(cfg, parent, fold), progress=progress)
+            run_stage(FinetuneStage, fold_config(cfg, parent, fold), progress=progress, start_estimate=start_estimate)
     return parent
 
 
@@ -226,120 +221,13 @@ def fold_config(cfg: Config, parent: Path, fold: int) -> Config:
                    data=replace(cfg.data, cache=str(cache) if cache else cfg.data.cache))
 
 
-def check_fold(ft: FinetuneConfig) -> None:
-    """One line naming the key for fold settings that cannot work, before any data is read."""
-    if ft.folds < 0 or ft.folds == 1:
-        raise ConfigError(f"finetune.folds must be 0 (no k-fold split) or at least 2, got {ft.folds}")
-    if ft.fold == "all":
-        if not ft.folds:
-            raise ConfigError("finetune.fold=all trains every fold: set finetune.folds too, e.g. finetune.folds=5")
-    elif not ft.folds and ft.fold != 0:
-        raise ConfigError(f"finetune.fold {ft.fold}: hold out a fold of a k-fold split, so set finetune.folds too")
-    elif ft.folds and not 0 <= ft.fold < ft.folds:
-        raise ConfigError(f"finetune.fold {ft.fold} / finetune.folds {ft.folds}: need 0 <= fold < folds, or fold=all")
-
-
 def _data_path(cfg: Config) -> str:
     if not cfg.data.path:
         raise ConfigError("data.path is empty: pass data=PATH (a dataset.json, nnU-Net raw folder or labelled folder)")
     return cfg.data.path
 
 
-# --- data --------------------------------------------------------------------------------------------
-
-
-def class_indices(dataset: Dataset, num_classes: int = 0) -> list[int]:
-    """Classes 0..K-1: from the config, the dataset's label names, or the values in its label files."""
-    if num_classes:
-        return list(range(num_classes))
-    if dataset.labels:
-        found = sorted(dataset.labels)
-    else:
-        values: set[int] = set()
-        for case in dataset.labelled:
-            values |= set(np.unique(read_volume(case.label).numpy()).astype(int).tolist())
-        found = sorted(values)
-    if not found or found[-1] < 1:
-        raise DataError(f"{dataset.root}: labels hold no foreground class")
-    return list(range(found[-1] + 1))
-
-
-def finetune_split(dataset: Dataset, ft: FinetuneConfig, val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
-    """(training, validation) labelled cases; never the dataset's test split."""
-    check_fold(ft)
-    if ft.fold == "all":  # a bug of the caller: finetune() trains each fold as a run of its own
-        raise ConfigError("finetune.fold=all: one run holds out one fold; engine.finetune.finetune trains them all")
-    labelled = [c for c in dataset.split("training", "validation") if c.label is not None]
-    if not labelled:
-        raise DataError(f"{dataset.root}: no labelled training cases (fine-tuning needs image + label pairs)")
-    if ft.folds:
-        if ft.folds > len(labelled):
-            raise ConfigError(f"finetune.folds {ft.folds}: more folds than the {len(labelled)} labelled "
-                              "training cases; every fold needs a case to validate on")
-        order = np.random.default_rng([seed, 12]).permutation(len(labelled))
-        held = set(np.array_split(order, ft.folds)[ft.fold].tolist())
-        train = [c for i, c in enumerate(labelled) if i not in held]
-        val = [c for i, c in enumerate(labelled) if i in held]
-    elif any(c.split == "validation" for c in labelled):
-        train = [c for c in labelled if c.split == "training"]
-        val = [c for c in labelled if c.split == "validation"]
-    else:
-        train, val = split_cases(labelled, val_fraction, seed)
-    return label_subset(train, ft, seed), val
-
-
-def label_subset(cases: list[Case], ft: FinetuneConfig, seed: int) -> list[Case]:
-    """The training cases actually used: ``finetune.cases`` by id, else a seeded ``label_ratio`` share."""
-    if ft.cases:
-        by_id = {c.case_id: c for c in cases}
-        unknown = [c for c in ft.cases if c not in by_id]
-        if unknown:
-            raise ConfigError(f"finetune.cases: {unknown} are not labelled training cases; "
-                              f"available: {', '.join(sorted(by_id))}")
-        return [by_id[c] for c in ft.cases]
-    if not 0 < ft.label_ratio <= 1:
-        raise ConfigError(f"finetune.label_ratio must be in (0, 1], got {ft.label_ratio}")
-    n = max(1, round(len(cases) * ft.label_ratio))
-    # Nested subsets: the 10% cases are among the 30% cases for one seed, as in data-efficiency studies.
-    order = np.random.default_rng([seed, 13]).permutation(len(cases))[:n]
-    return [cases[i] for i in sorted(order.tolist())]
-
-
-def unlabeled_cases(source: str, modality: str, dataset: Dataset, used: list[Case]) -> list[Case]:
-    """The training volumes of ``source`` with their labels dropped: semi-supervised training never reads them.
-
-    ``source`` ``rest`` (``REST``): those of ``dataset`` not in ``used`` (the cases that train and
-    validate), e.g. the 90% a label ratio of 0.1 leaves out; none left (a ratio of 1) trains on the
-    labelled cases alone, with a warning. Otherwise a folder, dataset.json or nnU-Net raw folder.
-    """
-    if source == REST:
-        taken = {c.images for c in used}
-        cases = [replace(c, label=None) for c in dataset.split("training", "validation") if c.images not in taken]
-        if not cases:
-            warnings.warn("finetune.unlabeled=rest: every training case trains or validates; none is left "
-                          "unlabelled, so only the labelled cases train", stacklevel=2)
-        return cases
-    cases = [replace(c, label=None) for c in find_dataset(source, modality).split("training", "validation")]
-    if not cases:
-        raise DataError(f"{source}: no unlabelled training volumes")
-    return cases
-
-
-def check_modality(pretrained: str | None, cases: str | None, ft: FinetuneConfig) -> None:
-    """Refuse an encoder pre-trained on one modality for cases of another, unless allowed."""
-    if pretrained and cases and pretrained != cases and not ft.allow_modality_change:
-        raise ConfigError(f"finetune.pretrained {ft.pretrained}: pre-trained on {pretrained}, the fine-tuning cases "
-                          f"are {cases}; pass finetune.allow_modality_change=true to fine-tune across modalities")
-
-
 # --- model -------------------------------------------------------------------------------------------
-
-
-def pretrained_start(source: str, model: ModelConfig) -> tuple[dict, ModelConfig]:
-    """A pre-trained checkpoint (a file, or a run directory's checkpoints/last.pt) and ``model``
-    with the architecture its plan holds adopted, saying what changed."""
-    weights = read_checkpoint(resolve_checkpoint(source, prefer_best=False))
-    return weights, adopt_architecture(model, architecture_of(weights.get("plan"), source), source)
 
 
 def layer_decay_groups(model: torch.nn.Module, lr: float, decay: float) -> list[dict]:
@@ -360,41 +248,3 @@ def layer_decay_groups(model: torch.nn.Module, lr: float, decay: float) -> list[
             depth = int(name[len("swinViT.layers")])
         groups.setdefault(depth, []).append(param)
     return [{"params": params, "lr": lr * decay ** (5 - depth)} for depth, params in sorted(groups.items())]
-
-
-# --- validation --------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def validate(model, cfg: Config, cases: list[Case], classes: list[int], names: dict[str, str], device,
-             overlay: Path | None = None) -> dict[str, float]:
-    """Sliding-window Dice per foreground class on the preprocessed validation volumes, and their mean.
-
-    A class absent from both label and prediction counts as Dice 1, absent from one of
-    them as 0 (MONAI's ``ignore_empty=False``), so the mean is never NaN.
-    """
-    was_training = model.training
-    model.eval()
-    pipeline = finetune_transforms(cfg.preprocess, classes=classes, channels=cfg.model.in_channels, train=False,
-                                   cache=cache_root(cfg))
-    k = len(classes)
-    per_class = torch.zeros(k - 1, dtype=torch.float64)
-    for index, case in enumerate(cases):
-        item = pipeline(case_item(case))
-        # The unwrapped model gets no input conversion from Fabric: match its weights' dtype (64-true).
-        x = item["image"].as_tensor()[None].to(device, next(model.parameters()).dtype)
-        logits = sliding_window_inference(x, cfg.preprocess.roi_size, cfg.finetune.sw_batch_size, model,
-                                          overlap=cfg.finetune.overlap, mode="gaussian")
-        pred = logits.argmax(1).cpu()
-        label = item["label"].as_tensor().long()
-        one_hot = lambda m: torch.nn.functional.one_hot(m, k).permute(0, 4, 1, 2, 3)  # noqa: E731
-        dice = compute_dice(one_hot(pred), one_hot(label[0][None]), include_background=False, ignore_empty=False)
-        per_class += dice[0].double()
-        if overlay is not None and index == 0:
-            save_overlay(overlay, item["image"][0], {"label": label[0], "prediction": pred[0]},
-                         title=f"{case.case_id}, mean Dice {dice.mean().item():.3f}")
-    model.train(was_training)
-    per_class /= len(cases)
-    out = {"dice": per_class.mean().item()}
-    out.update({f"dice_{names.get(str(c), c)}": per_class[c - 1].item() for c in classes[1:]})
-    return out

@@ -36,8 +36,3 @@ class MetricLogger:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    with open(RunDir(run_dir).metrics, newline="") as f:
-        return [{**row, "step": int(row["step"]), "value": float(row["value"])} for row in csv.DictReader(f)]

@@ -98,4 +98,3 @@ def nonfinite_gradients(fabric, model, optimizer, t: TrainConfig, fault: str) ->
         if not fault and float(elsewhere) > 0:
             fault = "non-finite values on another process"
     return fault
-

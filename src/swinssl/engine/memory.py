@@ -4,13 +4,12 @@ The estimate (``engine.estimate``) measures a run's peak at two crop counts and 
 ``peak = base + crops x per_crop`` (``Fit``); ``largest_batch`` and ``largest_roi`` read the
 settings that fit a budget off that line. The runner turns an out-of-memory error into a
 ``TrainingError`` of one line (``out_of_memory_line``): where, on which device, the estimate made
-at start when there was one (``ENV``, set by ``swinssl pretrain`` / ``finetune``), a setting that
+at start when there was one (handed to the run by ``swinssl pretrain`` / ``finetune``), a setting that
 fits, and the ``swinssl estimate`` command that checks it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, replace
@@ -20,7 +19,6 @@ from typing import Callable
 import torch
 
 GIB = 2**30
-ENV = "SWINSSL_ESTIMATE"  # the estimate made at start (JSON of Estimate.hint()), read when a run runs out of memory
 ROI_STEP = 32  # ROI sides that SwinUNETR takes without padding
 MAX_BATCH = 256  # the largest batch size a budget suggests
 
@@ -164,18 +162,6 @@ def smaller_setting(cfg) -> list[str]:
 # --- the line when a run runs out of memory -------------------------------------------------------------
 
 
-def start_hint() -> dict | None:
-    """The estimate made at start (``ENV``), or None."""
-    text = os.environ.get(ENV)
-    if not text:
-        return None
-    try:
-        hint = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return hint if isinstance(hint, dict) else None
-
-
 def fitting_setting(cfg, budget: float, fit: Fit | None,
                     check: Callable[[object], None] | None = None) -> tuple[list[str], str]:
     """A setting smaller than the config's that fits ``budget``, as (overrides, text): the largest
@@ -217,10 +203,9 @@ def roi_checker(cfg, check: Callable[[object], None] | None) -> Callable[[int], 
 
 
 def out_of_memory_line(where: str, device: torch.device, cfg, kind: str, config_file: Path,
-                       last: Path, check: Callable[[object], None] | None = None) -> str:
-    """The one line a run that ran out of memory ends with."""
+                       last: Path, check: Callable[[object], None] | None = None, hint: dict | None = None) -> str:
+    """The one line a run that ran out of memory ends with; ``hint``: the estimate made at start."""
     budget = device_memory(device)
-    hint = start_hint()
     fit = Fit.from_dict(hint["fit"]) if hint and hint.get("fit") else None
     said = f"the estimate at start: {hint['summary']}" if hint and hint.get("summary") else "no estimate was made at start"
     overrides, setting = fitting_setting(cfg, budget, fit, check)

@@ -18,11 +18,12 @@ from monai.data import list_data_collate
 
 from swinssl.config import Config
 from swinssl.data.discover import Case, find_dataset
+from swinssl.data.splits import split_cases
 from swinssl.data.transforms import pretrain_transforms, volume_file
 from swinssl.engine.data import (BadVolumes, SeededDataset, cache_root, common_modality, crop_loader, images_of,
-                                 sample_seed, split_cases)
+                                 sample_seed)
 from swinssl.engine.loop import due
-from swinssl.engine.probe import ProbeTask, random_encoder
+from swinssl.engine.validate import ProbeTask, random_encoder
 from swinssl.engine.runner import run_stage
 from swinssl.errors import ConfigError, DataError
 from swinssl.methods import get_method
@@ -33,9 +34,9 @@ VALIDATION_STEP = 2**30  # a step index no training step reaches: fixed validati
 
 
 def pretrain(cfg: Config | None = None, resume: str | Path | None = None, overrides: list[str] = (),
-             progress: bool = True) -> Path:
-    """Run (or resume) a pre-training; returns the run directory."""
-    return run_stage(PretrainStage, cfg, resume, overrides, progress)
+             progress: bool = True, start_estimate: dict | None = None) -> Path:
+    """Run (or resume) a pre-training; returns the run directory. ``start_estimate``: see ``run_stage``."""
+    return run_stage(PretrainStage, cfg, resume, overrides, progress, start_estimate)
 
 
 class PretrainStage:

@@ -81,8 +81,10 @@ class Stage(Protocol):
 
 
 def run_stage(stage_of, cfg: Config | None = None, resume: str | Path | None = None, overrides=(),
-              progress: bool = True) -> Path:
-    """Run (or resume) the stage ``stage_of(cfg)`` builds; returns the run directory."""
+              progress: bool = True, start_estimate: dict | None = None) -> Path:
+    """Run (or resume) the stage ``stage_of(cfg)`` builds; returns the run directory. ``start_estimate``:
+    the estimate made before the run (``workflows.estimate.Estimate.hint``), which an out-of-memory
+    error names."""
     state = None
     if resume is not None:
         cfg, state = resume_state(resume, overrides)
@@ -91,16 +93,17 @@ def run_stage(stage_of, cfg: Config | None = None, resume: str | Path | None = N
     splits = stage.splits()
     fabric = setup_fabric(cfg.train, cfg.seed)
     run_dir, manifest = open_run_dir(fabric, cfg, stage.run_prefix, resume, state, splits)
-    return Runner(stage, cfg, fabric, RunDir(run_dir), manifest, state, progress).train()
+    return Runner(stage, cfg, fabric, RunDir(run_dir), manifest, state, progress, start_estimate).train()
 
 
 class Runner:
     """The optimisation of one stage: ``train`` runs optimiser steps until ``train.steps``."""
 
     def __init__(self, stage: Stage, cfg: Config, fabric, run: RunDir, manifest: str | None, state: dict | None,
-                 progress: bool):
+                 progress: bool, start_estimate: dict | None = None):
         t = cfg.train
         self.stage, self.cfg, self.t, self.fabric, self.run = stage, cfg, t, fabric, run
+        self.start_estimate = start_estimate
         model = stage.build_model(fabric)
         self.optimizer = torch.optim.AdamW(stage.param_groups(model), lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = LambdaLR(self.optimizer, warmup_cosine(t.warmup_steps, t.steps))
@@ -216,7 +219,8 @@ class Runner:
             if not is_out_of_memory(err):
                 raise
             raise TrainingError(out_of_memory_line(where, self.fabric.device, self.cfg, self.stage.kind,
-                                                   self.run.config, self.run.last, self.stage.check)) from None
+                                                   self.run.config, self.run.last, self.stage.check,
+                                                   self.start_estimate)) from None
 
     def after_step(self, done: int, metrics: dict, previews: dict) -> None:
         t, run = self.t, self.run

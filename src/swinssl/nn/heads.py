@@ -1,4 +1,5 @@
-"""Swin UNETR self-supervised pre-training heads (Tang et al., CVPR 2022, sec. 3.2).
+"""Heads on the Swin encoder: the Swin UNETR self-supervised pre-training heads (Tang et al., CVPR
+2022, sec. 3.2), and the frozen-encoder probe's light head (``ProbeHead``, ``FrozenEncoderProbe``).
 
 All three read the encoder's last stage, the bottleneck feature map ``(B, 16C, d, h, w)``
 with C the feature size (``in_dim = 16C``; 768 for the base model). Its tokens are
@@ -13,6 +14,7 @@ head is the reference's "vae" upsampler; its ``layers`` indices equal the refere
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -121,3 +123,46 @@ class ReconstructionHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_bottleneck(x, self.in_dim)
         return self.layers(x)
+
+
+class ProbeHead(nn.Module):
+    """Encoder feature maps (C, 2C, 4C, 8C, 16C channels; strides 2..32) -> logits ``(B, K, d, h, w)`` on
+    the stride-2 grid of the first map: each map projected to the classes (1x1x1), and the
+    projections summed from the coarsest up, upsampling (trilinear) the running sum to the next
+    map's grid, as a feature pyramid does: linear in the features, with a third of the work of
+    upsampling each map to the finest grid. ``FrozenEncoderProbe`` upsamples the sum to the input."""
+
+    def __init__(self, feature_size: int, num_classes: int):
+        super().__init__()
+        self.projections = nn.ModuleList(nn.Conv3d(feature_size * 2**i, num_classes, 1) for i in range(5))
+
+    def forward(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        logits = self.projections[4](hidden[4])
+        for i in range(3, -1, -1):
+            up = F.interpolate(logits, size=hidden[i].shape[2:], mode="trilinear", align_corners=False)
+            logits = self.projections[i](hidden[i]) + up
+        return logits
+
+
+class FrozenEncoderProbe(nn.Module):
+    """A frozen Swin encoder (``swinViT``, eval mode, no gradient) and a trainable ``ProbeHead``."""
+
+    def __init__(self, encoder: nn.Module, feature_size: int, num_classes: int, multiple: int = 32):
+        super().__init__()
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.head = ProbeHead(feature_size, num_classes)
+        self.multiple = multiple
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()  # frozen: dropout and drop-path stay off
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = tuple(x.shape[2:])
+        pads = [(-s) % self.multiple for s in size]
+        padded = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0])) if any(pads) else x
+        with torch.no_grad():
+            hidden = self.encoder(padded, normalize=True)
+        logits = F.interpolate(self.head(hidden), size=padded.shape[2:], mode="trilinear", align_corners=False)
+        return logits[:, :, : size[0], : size[1], : size[2]]

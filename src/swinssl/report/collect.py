@@ -282,7 +282,7 @@ def _is_run(path: Path) -> bool:
 
 def read_run(path: Path) -> Run:
     """A training run directory's curves, previews and provenance (``swinssl.runs`` names its files)."""
-    from swinssl.engine.logging import read_metrics
+    from swinssl.runs import read_metrics
 
     run = RunDir(path)
     notes = []

@@ -1,7 +1,7 @@
 """Estimate before a run: peak memory and seconds per step (or per volume) from a short measured probe.
 
 Nothing here is modelled from layer sizes: the probe runs the real thing in a fresh process
-(``python -m swinssl.engine.estimate SPEC``) and measures it there.
+(``workflows.fresh``) and measures it there.
 
 - ``pretrain`` / ``finetune``: the stage itself (``engine.pretrain`` / ``engine.finetune``, the
   same code path as ``swinssl pretrain`` / ``finetune``) for ``steps`` optimiser steps (3 by
@@ -25,20 +25,16 @@ Nothing here is modelled from layer sizes: the probe runs the real thing in a fr
   4 bytes x 2``, and the count map).
 
 ``swinssl estimate`` prints ``Estimate.report()``; ``swinssl pretrain`` / ``finetune`` print
-``Estimate.line()`` at start and pass ``Estimate.hint()`` to the run (``engine.memory.ENV``), so
+``Estimate.line()`` at start and pass ``Estimate.hint()`` to the run (``start_estimate``), so
 that an out-of-memory error ends with the estimate and a setting that fits.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,9 +42,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from swinssl.config import Config, from_dict, to_dict
-from swinssl.engine.memory import GIB, ENV, Fit, Setting, device_memory, gib, largest_batch, largest_roi, roi_checker
-from swinssl.errors import ConfigError, SwinsslError
+from swinssl.engine.memory import GIB, Fit, Setting, device_memory, gib, largest_batch, largest_roi, roi_checker
+from swinssl.errors import ConfigError
 from swinssl.utils import count_windows
+from swinssl.workflows.fresh import FreshProcessFailed, run_fresh
 
 PROBE_STEPS = 3  # optimiser steps of a training probe; the first is not timed
 STAGES = ("pretrain", "finetune", "predict")
@@ -117,7 +114,7 @@ class Estimate:
         return out
 
     def hint(self) -> dict:
-        """What a run needs to say when it runs out of memory (``engine.memory.ENV``)."""
+        """What a run needs to say when it runs out of memory (its ``start_estimate``)."""
         return {"summary": self.summary(), "fit": self.fit.to_dict() if self.fit else None}
 
     def report(self) -> list[str]:
@@ -187,18 +184,6 @@ def duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-class ProbeFailed(SwinsslError):
-    """A probe did not finish: the config, the data, memory, or a crash (``out_of_memory`` says which)."""
-
-    exit_code = 4
-
-    def __init__(self, message: str, out_of_memory: bool = False, exit_code: int | None = None):
-        super().__init__(message)
-        self.out_of_memory = out_of_memory
-        if exit_code is not None:
-            self.exit_code = exit_code
-
-
 # --- the estimate ------------------------------------------------------------------------------------
 
 
@@ -260,10 +245,10 @@ def _estimate_training(cfg: Config, stage: str, device: str, budget: float | Non
     t, p = cfg.train, cfg.preprocess
     crops = t.batch_size * p.num_crops
     started = time.perf_counter()
-    failure: ProbeFailed | None = None
+    failure: FreshProcessFailed | None = None
     try:
         main = run_probe({"kind": "train", "stage": stage, "device": device, "config": to_dict(base)}, tmp)
-    except ProbeFailed as err:
+    except FreshProcessFailed as err:
         if not err.out_of_memory:
             raise
         failure, main = err, None
@@ -380,30 +365,8 @@ def _estimate_predict(cfg: Config, device: str, budget: float | None, tmp: Path,
 
 
 def run_probe(spec: dict, tmp: Path) -> dict:
-    """Run one probe in a fresh process (``python -m swinssl.engine.estimate SPEC``); its result."""
-    env = {k: v for k, v in os.environ.items() if k != ENV}
-    source = str(Path(__file__).resolve().parents[2])  # the folder holding the swinssl package
-    env["PYTHONPATH"] = os.pathsep.join([source, *filter(None, [env.get("PYTHONPATH")])])
-    done = subprocess.run([sys.executable, "-m", "swinssl.engine.estimate", json.dumps(spec)], capture_output=True,
-                          text=True, env=env, cwd=os.getcwd())
-    lines = done.stdout.strip().splitlines()
-    result = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
-    if done.returncode == 0 and result and "error" not in result:
-        return result
-    if result and "error" in result:
-        raise ProbeFailed(result["error"], out_of_memory=result.get("out_of_memory", False),
-                          exit_code=result.get("exit_code"))
-    if done.returncode < 0:
-        import signal
-
-        try:
-            name = signal.Signals(-done.returncode).name
-        except ValueError:
-            name = f"signal {-done.returncode}"
-        raise ProbeFailed(f"the probe process was killed ({name}), most likely by the system for want of memory",
-                          out_of_memory=done.returncode == -9)
-    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    raise ProbeFailed(f"the probe process failed (exit code {done.returncode}): {last}")
+    """Run one probe in a fresh process (``workflows.fresh``); its result."""
+    return run_fresh("swinssl.workflows.estimate:measure", spec)
 
 
 def peak_memory(device: str) -> int:
@@ -417,7 +380,7 @@ def peak_memory(device: str) -> int:
 
 
 def _train_probe(spec: dict) -> dict:
-    from swinssl.engine.logging import read_metrics
+    from swinssl.runs import read_metrics
 
     cfg = from_dict(Config, spec["config"], source="estimate")
     if spec["stage"] == "pretrain":
@@ -448,7 +411,7 @@ def _predict_probe(spec: dict) -> dict:
 
         dataset = find_dataset(cfg.data.path, cfg.data.modality)
         if not classes and dataset.labelled:
-            from swinssl.engine.finetune import class_indices
+            from swinssl.data.splits import class_indices
 
             classes = len(class_indices(dataset))
         if shape is None:
@@ -480,24 +443,6 @@ def _predict_probe(spec: dict) -> dict:
             "input_loaded": loaded, "what": what, "per_window": per_window, "times": times}
 
 
-def main(argv: list[str]) -> int:
-    """The probe process: run the spec, print its result as the last line of stdout (JSON)."""
-    from swinssl.engine.memory import is_out_of_memory
-
-    spec = json.loads(argv[0])
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # the stage's own prints; stdout is the result's
-            result = _train_probe(spec) if spec["kind"] == "train" else _predict_probe(spec)
-    except SwinsslError as err:
-        oom = str(err).startswith("out of memory")
-        result = {"error": str(err), "exit_code": err.exit_code, "out_of_memory": oom}
-    except Exception as err:  # noqa: BLE001 - the parent reports it in one line
-        if not is_out_of_memory(err):
-            raise
-        result = {"error": f"out of memory: {str(err).splitlines()[0]}", "out_of_memory": True}
-    print(json.dumps(result), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def measure(spec: dict) -> dict:
+    """The probe process's work: a few training steps or window batches, as ``spec`` says."""
+    return _train_probe(spec) if spec["kind"] == "train" else _predict_probe(spec)

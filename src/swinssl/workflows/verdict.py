@@ -56,7 +56,7 @@ def paired_verdict(pretrained: Sequence[float], scratch: Sequence[float], metric
     mean = float(diff.mean())
     if p < alpha and low > 0:
         head = f"{subject} helps"
-    elif p < alpha and high < 0:
+    elif high < 0:
         head = f"{subject} hurts"
     else:
         head = "no detectable difference"

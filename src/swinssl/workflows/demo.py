@@ -9,7 +9,7 @@ The setting the papers describe, at toy scale: many unlabelled volumes, few labe
    from scratch, with the same steps, data and seed; on two or more CPU threads, both at once,
    each in a process of its own with half the threads (``finetune_arms``).
 4. Predict the held-out test cases with both models and evaluate them (Dice, HD95, NSD); the
-   paired verdict (``swinssl.verdict``) on their per-case mean Dice.
+   paired verdict (``swinssl.workflows.verdict``) on their per-case mean Dice.
 5. Write ``report.md`` and ``results.json`` (Dice per class and init, the probe, the verdict), and
    ``report.html`` (``swinssl.report``: the test cases in a 3D viewer, the curves, the provenance).
 
@@ -20,30 +20,27 @@ makes; the report lists those commands. Sizes are in ``DEMO`` (plain data).
 from __future__ import annotations
 
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from swinssl.config import Config, load_config
+from swinssl.config import Config, from_dict, load_config, to_dict
 from swinssl.data.discover import find_dataset
 from swinssl.data.io import read_volume
 from swinssl.data.phantom import write_phantom_dataset
 from swinssl.engine.finetune import finetune
-from swinssl.engine.logging import read_metrics
-from swinssl.plots import figure, save_figure, save_overlay, save_probe_curve
-from swinssl.report import write_report as write_html_report
-from swinssl.runs import RunDir
 from swinssl.engine.pretrain import pretrain
-from swinssl.engine.probe import probe_curve
 from swinssl.errors import ConfigError
 from swinssl.infer import predict
 from swinssl.metrics import evaluate, format_summary
+from swinssl.plots import figure, save_figure, save_overlay, save_probe_curve
+from swinssl.report import write_report as write_html_report
+from swinssl.runs import RunDir, probe_curve, read_metrics
 from swinssl.utils import atomic_write_text
-from swinssl.verdict import case_dice, paired_verdict
+from swinssl.workflows.fresh import FreshProcess
+from swinssl.workflows.verdict import case_dice, paired_verdict
 
 DEMO = {
     "cases": 30,  # phantoms
@@ -117,7 +114,9 @@ def finetune_arms(configs: dict[str, Config], progress: bool, timings: dict[str,
     if threads < 2 or any(c.train.accelerator != "cpu" for c in configs.values()):
         runs = {}
         for init, cfg in configs.items():
-            runs[init], timings[f"finetune {init}"] = _finetune_arm(cfg, threads, progress)
+            tick = time.perf_counter()
+            runs[init] = finetune(cfg, progress=progress)
+            timings[f"finetune {init}"] = time.perf_counter() - tick
         return runs
     per_arm = max(1, threads // len(configs))
     if per_arm == 1:
@@ -127,19 +126,20 @@ def finetune_arms(configs: dict[str, Config], progress: bool, timings: dict[str,
         configs = {init: replace(cfg, train=replace(cfg.train, num_workers=0)) for init, cfg in configs.items()}
     if progress:
         print(f"fine-tuning {' and '.join(configs)} at once ({per_arm} thread{'s' if per_arm > 1 else ''} each)")
-    with ProcessPoolExecutor(len(configs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = {init: pool.submit(_finetune_arm, cfg, per_arm, False) for init, cfg in configs.items()}
-        if progress:
-            _follow(configs, jobs)
-        done = {init: job.result() for init, job in jobs.items()}
+    jobs = {init: FreshProcess("swinssl.workflows.demo:finetune_arm", {"config": to_dict(cfg)}, threads=per_arm)
+            for init, cfg in configs.items()}
+    if progress:
+        _follow(configs, jobs)
+    done = {init: job.result() for init, job in jobs.items()}
     timings.update({f"finetune {init}": seconds for init, (_, seconds) in done.items()})
-    return {init: run for init, (run, _) in done.items()}
+    return {init: Path(run) for init, (run, _) in done.items()}
 
 
-def _finetune_arm(cfg: Config, threads: int, progress: bool) -> tuple[Path, float]:
-    torch.set_num_threads(threads)
+def finetune_arm(payload: dict) -> tuple[str, float]:
+    """One arm in its own process (``workflows.fresh``): its run directory and seconds."""
     tick = time.perf_counter()
-    return finetune(cfg, progress=progress), time.perf_counter() - tick
+    run = finetune(from_dict(Config, payload["config"], source="demo arm"), progress=False)
+    return str(run), time.perf_counter() - tick
 
 
 def _follow(configs: dict[str, Config], jobs: dict) -> None:

@@ -37,7 +37,8 @@ from swinssl.config import Config, load_config
 from swinssl.data.discover import find_dataset
 from swinssl.data.phantom import write_phantom_dataset
 from swinssl.engine.checkpoint import load_checkpoint
-from swinssl.engine.finetune import REST, finetune
+from swinssl.data.splits import REST
+from swinssl.engine.finetune import finetune
 from swinssl.engine.pretrain import pretrain
 from swinssl.errors import ConfigError
 from swinssl.infer import PredictOptions, predict
@@ -45,7 +46,7 @@ from swinssl.metrics import evaluate
 from swinssl.plots import save_lines
 from swinssl.runs import RunDir
 from swinssl.utils import atomic_write_text
-from swinssl.verdict import case_dice, paired_verdict
+from swinssl.workflows.verdict import case_dice, paired_verdict
 
 # Sizes are plain data: phantom counts, and overlay presets (configs/study/) laid over the
 # methods' and fine-tuning's own presets.
@@ -315,7 +316,7 @@ def _paired_case_dice(rows: list[dict], key: str, first: str, second: str) -> tu
 
 
 def efficiency_verdicts(rows: list[dict], method: str) -> dict[str, dict]:
-    """Per label ratio, the paired verdict (``swinssl.verdict``) of ``method`` against scratch over
+    """Per label ratio, the paired verdict (``swinssl.workflows.verdict``) of ``method`` against scratch over
     every (seed, test case) that both were tested on."""
     verdicts = {}
     for ratio in sorted({r["ratio"] for r in rows}):
