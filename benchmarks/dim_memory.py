@@ -1,7 +1,7 @@
 """What SwinFUSE's domain-invariance module costs, in its two forms (``swinssl.nn.dim``): the
-paper's 4-layer co-attention stack (``model.dim_heads=[3,6,12,24]``) and the light single
-shared layer (``model.dim_heads=4``), for one pair of streams of a 96^3 crop at feature 48
-(48^3 = 110592 query tokens), keys pooled by ``model.dim_pool``.
+paper's 4-layer co-attention stack (``model.invariance_heads=[3,6,12,24]``) and the light single
+shared layer (``model.invariance_heads=4``), for one pair of streams of a 96^3 crop at feature 48
+(48^3 = 110592 query tokens), keys pooled by ``model.invariance_pool``.
 
     python benchmarks/dim_memory.py                 # 96^3 at feature 48, pools 4 and 2 (a few minutes on 2 cores)
     python benchmarks/dim_memory.py --crop 64 --feature 12

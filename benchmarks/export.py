@@ -36,6 +36,7 @@ import torch
 
 from swinssl.config import ModelConfig, PreprocessConfig
 from swinssl.infer import export_predictor, load_exported, load_model
+from swinssl.methods import method_of
 from swinssl.infer.export import WindowNetwork
 from swinssl.nn.build import build_network
 from swinssl.plan import Plan
@@ -64,7 +65,7 @@ def timed(run, x: torch.Tensor) -> tuple[float, float]:
 def measure(size: str, roi: int, formats: list[str], repeats: int, folder: Path) -> dict:
     source = checkpoint(folder, SIZES[size], roi)
     model, plan = load_model(source)
-    runs = {"pytorch": WindowNetwork(model, plan.network_fields()).eval()}
+    runs = {"pytorch": WindowNetwork(model, method_of(plan)).eval()}
     row: dict = {"size": size, "feature_size": SIZES[size], "roi": roi}
     for fmt in formats:
         start = time.perf_counter()

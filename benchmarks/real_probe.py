@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         return 2
 
     from swinssl.config import load_config
-    from swinssl.engine.checkpoint import load_checkpoint
+    from swinssl.checkpoint import read_checkpoint
     from swinssl.runs import read_metrics
     from swinssl.engine.pretrain import pretrain
     from swinssl.runs import probe_curve
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     rows = read_metrics(run)
     probe, random = probe_curve(rows)
     cost = sum(r["value"] for r in rows if r["name"] == "probe_s")
-    wall = load_checkpoint(run / "checkpoints" / "last.pt")["wall_s"]
+    wall = read_checkpoint(run / "checkpoints" / "last.pt")["wall_s"]
     args.results.mkdir(parents=True, exist_ok=True)
     record = {"steps": args.steps, "probe_every": args.probe_every, "probe_steps": args.probe_steps,
               "seed": args.seed, "probe_dice": probe, "probe_dice_random": random,

@@ -20,7 +20,7 @@ from swinssl.data.discover import find_dataset
 from swinssl.data.io import check_case_grids, header_grid
 from swinssl.data.transforms import pretrain_transforms
 from swinssl.engine import pretrain as engine
-from swinssl.engine.checkpoint import load_checkpoint
+from swinssl.checkpoint import read_checkpoint
 from swinssl.engine.data import BadVolumes, SeededDataset, StepSampler
 from swinssl.errors import DataError
 from swinssl.metrics import evaluate
@@ -67,7 +67,7 @@ def test_pretraining_skips_bad_volumes_lists_them_and_finishes(phantoms, tmp_pat
     skipped = RunDir(tmp_path / "runs" / "a").read_skipped()
     assert set(skipped) == {str(p) for p in bad}
     assert "non-finite voxels (1 NaN, 1 Inf)" in skipped[str(bad[0])] and "cannot read" in skipped[str(bad[1])]
-    assert load_checkpoint(tmp_path / "runs" / "a" / "checkpoints" / "last.pt")["step"] == 4
+    assert read_checkpoint(tmp_path / "runs" / "a" / "checkpoints" / "last.pt")["step"] == 4
 
 
 def test_too_many_bad_volumes_stop_in_one_line(phantoms, tmp_path):
@@ -146,7 +146,7 @@ def test_resume_keeps_the_skipped_list_and_the_weights_of_an_uninterrupted_run(p
 
     assert str(bad[0]) not in read and read  # the resume knew it from the list
     assert set(RunDir(cut).read_skipped()) == {str(bad[0])}
-    a, b = load_checkpoint(full / "checkpoints" / "last.pt"), load_checkpoint(cut / "checkpoints" / "last.pt")
+    a, b = read_checkpoint(full / "checkpoints" / "last.pt"), read_checkpoint(cut / "checkpoints" / "last.pt")
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
 
@@ -248,7 +248,7 @@ def test_a_label_that_turns_bad_mid_run_stops_finetuning_with_the_last_checkpoin
     assert "warning: no validation case" in result.output and "no checkpoints/best.pt" in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {second.label}: label values [7]"), result.output
-    last = load_checkpoint(tmp_path / "runs" / "ft" / "checkpoints" / "last.pt")
+    last = read_checkpoint(tmp_path / "runs" / "ft" / "checkpoints" / "last.pt")
     assert last["step"] == 1 and json.dumps(last["plan"])
 
 

@@ -152,8 +152,9 @@ PAPER_SETTINGS = {
     # "a 4-layer deep Multi-Head Attention Block (MHA) with 3, 6, 12, 24 heads"; sec. 2.4: fine-tuning "while
     # retaining the DIM".
     "pretrain/swinfuse": {"train.lr": 4e-4, "train.weight_decay": 1e-5, "train.warmup_steps": 500,
-                          "model.dim_heads": (3, 6, 12, 24), "model.feature_size": 48},
-    "finetune/swinfuse": {"model.domain_invariance": True, "model.dim_heads": (3, 6, 12, 24)},
+                          "model.invariance_heads": (3, 6, 12, 24), "model.feature_size": 48},
+    "finetune/swinfuse": {"model.encoder": "domain_invariant_swin", "model.invariance_heads": (3, 6, 12, 24),
+                          "finetune.method": "swinfuse"},
     # Swin UNETR SSL, sec. 4: "96x96x96 patch", "4e-4", "decay of 1e-5", "warm-up cosine scheduler of 500
     # iterations"; 4 crops per GPU = 2 volumes x 2 crops. (450K iterations in the paper; 100K here, said.)
     "pretrain/swin_unetr": {"preprocess.roi_size": (96, 96, 96), "train.lr": 4e-4, "train.weight_decay": 1e-5,

@@ -18,6 +18,7 @@ MICRO = {"cases": 6, "size": 32, "test_fraction": 0.34,
 def test_micro_demo_reports_dice_probe_and_verdict_as_measured(tmp_path):
     report = run_demo(tmp_path / "demo", progress=False, settings=MICRO)
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["kind"] == "demo"  # the report tells a demo from a study by it
     assert set(results["dice"]) == set(INITS)
     for init in INITS:
         summary = json.loads((tmp_path / "demo" / f"predictions_{init}" / "summary.json").read_text())

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_PRETRAIN
 
-from swinssl.engine.checkpoint import load_checkpoint
+from swinssl.checkpoint import read_checkpoint
 
 dist = pytest.importorskip("torch.distributed")
 if not (dist.is_available() and dist.is_gloo_available()):
@@ -118,7 +118,7 @@ def assert_checkpoint_intact(run_dir: Path) -> None:
     """The rank-0 checkpoint, where one was written before the fault, is whole and loadable."""
     last = run_dir / "checkpoints" / "last.pt"
     if last.is_file():
-        ckpt = load_checkpoint(last)
+        ckpt = read_checkpoint(last)
         assert ckpt["kind"] == "pretrain" and ckpt["step"] >= 1
 
 

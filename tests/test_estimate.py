@@ -313,7 +313,7 @@ def run_out_of_memory_at_step_3(monkeypatch, error):
 ])
 def test_out_of_memory_ends_the_run_with_one_line_and_keeps_the_checkpoint(small_phantoms, tmp_path, monkeypatch,
                                                                              error):
-    from swinssl.engine.checkpoint import load_checkpoint
+    from swinssl.checkpoint import read_checkpoint
     from swinssl.engine.finetune import finetune
 
     run_out_of_memory_at_step_3(monkeypatch, error)
@@ -329,7 +329,7 @@ def test_out_of_memory_ends_the_run_with_one_line_and_keeps_the_checkpoint(small
     assert (f"(check: swinssl estimate --stage finetune --config {run / 'config.yaml'} train.batch_size=1 "
             "train.accumulate=2 --device cpu --memory-budget ") in line
     assert line.endswith(f"the last good checkpoint is {run / 'checkpoints' / 'last.pt'}")
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2  # the one before, intact
+    assert read_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2  # the one before, intact
 
 
 def test_out_of_memory_through_the_cli_names_the_estimate_made_at_start(small_phantoms, tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ from swinssl.data.transforms import case_item
 from swinssl.errors import CheckpointError, ConfigError, DependencyError
 from swinssl.infer import (PredictOptions, inference_pipeline, load_ensemble, load_exported, load_model, predict,
                            predict_volume)
+from swinssl.methods import method_of
 from swinssl.infer.export import WindowNetwork, export_predictor
 from swinssl.infer.exported import exported_views
 from swinssl.nn.build import build_network
@@ -113,7 +114,7 @@ def pt2_predictor(exported):
 @pytest.fixture(scope="module")
 def window(run):
     model, plan = load_model(run)
-    return WindowNetwork(model, plan.network_fields()).eval()
+    return WindowNetwork(model, method_of(plan)).eval()
 
 
 @pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
@@ -332,13 +333,13 @@ def test_export_bakes_the_views_choice(tmp_path):
     predictor, _ = load_exported(export_predictor(checkpoint, tmp_path / "swapped.pt2", views="swap_xy"))
     model, plan = load_model(checkpoint)
     assert predictor.views == "swap_xy"
-    assert max_difference(predictor, WindowNetwork(model, plan.network_fields(), "swap_xy").eval(), 2) <= TOLERANCE
-    assert max_difference(predictor, WindowNetwork(model, plan.network_fields(), "single").eval(), 2) > TOLERANCE
+    assert max_difference(predictor, WindowNetwork(model, method_of(plan), "swap_xy").eval(), 2) <= TOLERANCE
+    assert max_difference(predictor, WindowNetwork(model, method_of(plan), "single").eval(), 2) > TOLERANCE
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
-@pytest.mark.parametrize("network", [{"multiview": True}, {"domain_invariance": True}], ids=["swinmm", "swinfuse"])
+@pytest.mark.parametrize("network", [{"multiview": True}, {"encoder": "domain_invariant_swin"}], ids=["swinmm", "swinfuse"])
 def test_multiview_and_dim_networks_export_and_match_pytorch(tmp_path, network, suffix):
     """SwinMM: the three view pairs fused (its default views); SwinFUSE: the DIM gets the window in both streams."""
     if suffix == ".onnx":
@@ -348,6 +349,6 @@ def test_multiview_and_dim_networks_export_and_match_pytorch(tmp_path, network, 
     model, trained = load_model(checkpoint)
     assert plan.to_dict() == trained.to_dict()
     assert predictor.views == ("fused" if network.get("multiview") else "single")
-    window = WindowNetwork(model, plan.network_fields()).eval()
+    window = WindowNetwork(model, method_of(plan)).eval()
     for batch in (1, 3):
         assert max_difference(predictor, window, batch) <= TOLERANCE

@@ -10,7 +10,7 @@ from swinssl.config import FinetuneConfig, load_config, to_dict
 from swinssl.data.discover import Case, Dataset
 from swinssl.data import splits
 from swinssl.engine import finetune as engine
-from swinssl.engine.checkpoint import load_checkpoint, save_checkpoint
+from swinssl.checkpoint import read_checkpoint, save_checkpoint
 from swinssl.runs import read_metrics
 from swinssl.errors import ConfigError, DataError
 from swinssl.methods import get_method
@@ -42,12 +42,13 @@ def test_run_directory_checkpoints_and_plan(phantoms, tmp_path):
     for name in ("config.yaml", "manifest.json", "metrics.csv", "checkpoints/best.pt", "checkpoints/last.pt",
                  "previews/step_0000002.png"):
         assert (run / name).is_file(), name
-    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    ckpt = read_checkpoint(run / "checkpoints" / "last.pt")
     plan = ckpt["plan"]
     assert ckpt["kind"] == "finetune" and ckpt["step"] == 2
     assert plan["network"]["out_channels"] == 5
     assert plan["labels"] == {"0": "background", "1": "liver", "2": "kidney", "3": "spleen", "4": "lesion"}
     assert plan["modality"] == "CT"
+    assert plan["finetune_method"] == "swin_unetr"  # whose hooks predict: looked up by this name
     assert plan["overlap"] == 0.625  # prediction's default overlap
     assert plan["cache"] == str((tmp_path / "cache").resolve())  # where predict looks first (--cache auto)
     val = {r["name"]: r["value"] for r in read_metrics(run) if r["split"] == "val"}
@@ -74,9 +75,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(phantoms, tmp_path,
         with pytest.raises(KeyboardInterrupt):
             engine.finetune(tiny_config(phantoms, tmp_path, "cut", "train.steps=4"), progress=False)
     cut = tmp_path / "cut"
-    assert load_checkpoint(cut / "checkpoints" / "last.pt")["step"] == 2
+    assert read_checkpoint(cut / "checkpoints" / "last.pt")["step"] == 2
     engine.finetune(resume=cut, progress=False)
-    a, b = (load_checkpoint(run / "checkpoints" / "last.pt") for run in (full, cut))
+    a, b = (read_checkpoint(run / "checkpoints" / "last.pt") for run in (full, cut))
     assert a["step"] == b["step"] == 4
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
@@ -103,7 +104,7 @@ def test_pretrained_input_normalisation_is_adopted_and_said(phantoms, tmp_path, 
     said = capsys.readouterr().out
     assert "preprocess.ct_window [-175.0, 250.0] -> [-500.0, 500.0]" in said
     assert ("adopting the preprocessing" in said) is adopt and ("warning" in said) is not adopt
-    plan = load_checkpoint(run / "checkpoints" / "last.pt")["plan"]["preprocess"]
+    plan = read_checkpoint(run / "checkpoints" / "last.pt")["plan"]["preprocess"]
     assert plan["ct_window"] == ([-500.0, 500.0] if adopt else [-175.0, 250.0])
     assert plan["roi_size"] == [32, 32, 32]  # crops are the fine-tuning's own: only the input's grid and intensities
 
@@ -127,7 +128,7 @@ def test_pretrained_plan_is_adopted_and_encoder_loaded(phantoms, tmp_path, capsy
     run = engine.finetune(cfg, progress=False)
     said = capsys.readouterr().out
     assert "feature_size 24 -> 12" in said and "loaded" in said
-    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    ckpt = read_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["plan"]["network"]["feature_size"] == 12
     assert torch.all(ckpt["model"]["swinViT.patch_embed.proj.weight"] == 0.125)  # lr 0: still the loaded weights
 
@@ -195,7 +196,7 @@ def test_fold_all_trains_every_fold_into_one_folder(cross_validation, phantoms):
         assert sorted(val) == sorted(folds["validation"][name])
         held += val
         # One preprocessing cache for all folds, where a single run's would be.
-        assert load_checkpoint(run / "checkpoints" / "last.pt")["plan"]["cache"] == str((out / "cache").resolve())
+        assert read_checkpoint(run / "checkpoints" / "last.pt")["plan"]["cache"] == str((out / "cache").resolve())
     assert sorted(held) == labelled  # every labelled case validated on exactly once
 
 
@@ -225,7 +226,7 @@ def test_resuming_a_cross_validation_trains_only_the_folds_left(cross_validation
     assert engine.finetune(resume=parent, progress=False) == parent
     said = capsys.readouterr().out
     assert "fold 1/2" in said and "fold 2/2" in said
-    assert load_checkpoint(parent / "fold_1" / "checkpoints" / "last.pt")["step"] == 1
+    assert read_checkpoint(parent / "fold_1" / "checkpoints" / "last.pt")["step"] == 1
     assert load_config(parent / "fold_1" / "config.yaml").finetune.fold == 1
     assert done.stat().st_mtime_ns == written  # the finished fold is not trained again
 
@@ -269,7 +270,7 @@ def test_layer_decay_reaches_the_optimizer(phantoms, tmp_path):
     cfg = tiny_config(phantoms, tmp_path, "decay", "train.steps=1", "train.lr=1e-3", "finetune.layer_decay=0.5",
                       "train.val_every=1", "train.checkpoint_every=1")
     run = engine.finetune(cfg, progress=False)
-    groups = load_checkpoint(run / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
+    groups = read_checkpoint(run / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
     assert sorted(g["initial_lr"] for g in groups) == pytest.approx(sorted(1e-3 * 0.5 ** (5 - d) for d in range(6)))
 
 

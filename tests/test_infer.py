@@ -380,11 +380,11 @@ def test_run_directory_uses_best_then_last(tmp_path):
         load_model(run)
     save_checkpoint(run / "checkpoints" / "last.pt", classes=2, prefix="module.")  # saved under DDP
     model, the_plan = load_model(run)
-    assert model.config["out_channels"] == 2 and not model.training
+    assert model.out.conv.conv.out_channels == 2 and not model.training
     assert the_plan.preprocess.spacing == (2.0, 2.0, 2.0) and the_plan.out_channels == 2
     save_checkpoint(run / "checkpoints" / "best.pt")
     model, _ = load_model(run)
-    assert model.config["out_channels"] == 3
+    assert model.out.conv.conv.out_channels == 3
 
 
 def test_weights_that_do_not_fit_the_plan_are_refused(tmp_path):
@@ -404,21 +404,21 @@ def test_every_prediction_option_reaches_the_sliding_window_and_the_record(tmp_p
     seen = {}
     real = predict_module.predict_volume
 
-    def spy(model, image, roi_size, overlap, sw_batch_size, mode, flips, views, on_windows=None):
+    def spy(model, image, roi_size, overlap, sw_batch_size, mode, flips, views, on_windows=None, method=None):
         seen.update(roi_size=tuple(roi_size), overlap=overlap, sw_batch_size=sw_batch_size, mode=mode, flips=flips,
-                    views=views)
-        return real(model, image, roi_size, overlap, sw_batch_size, mode, flips, views, on_windows)
+                    views=views, method=method.name)
+        return real(model, image, roi_size, overlap, sw_batch_size, mode, flips, views, on_windows, method=method)
 
     monkeypatch.setattr(predict_module, "predict_volume", spy)
     options = PredictOptions(roi_size=24, overlap=0.25, sw_batch_size=3, mode="constant", flips=True, views="swap_xy",
                              cache="off")
     predict(threshold_checkpoint, path, tmp_path / "out", options, progress=False)
     assert seen == {"roi_size": (24, 24, 24), "overlap": 0.25, "sw_batch_size": 3, "mode": "constant", "flips": True,
-                    "views": "swap_xy"}
+                    "views": "swap_xy", "method": "swin_unetr"}  # the plan's hooks (auto for a plan without the name)
     record = json.loads((tmp_path / "out" / "predictions.json").read_text())["options"]
     assert record == {"roi_size": [24, 24, 24], "overlap": 0.25, "sw_batch_size": 3, "mode": "constant", "flips": True,
                       "views": "swap_xy", "output_format": "nifti", "device": "cpu", "cache": None}
-    monkeypatch.setattr(predict_module, "window_batch", lambda model, roi: 5)
+    monkeypatch.setattr(predict_module, "window_batch", lambda model, roi, method=None: 5)
     predict(threshold_checkpoint, path, tmp_path / "default", progress=False)
     assert seen["roi_size"] == (16, 16, 16) and seen["views"] == "single"  # the plan's crop; auto -> plain: single
     assert seen["sw_batch_size"] == 5  # no window batch given: window_batch's, and the record says which
@@ -507,14 +507,14 @@ def test_window_batch_is_one_per_cpu_thread_within_a_quarter_of_free_memory(monk
     assert volume.window_batch(net, roi) == volume.MAX_WINDOW_BATCH
     monkeypatch.setattr(volume, "_available_memory", lambda: 4 * 3 * per_window)  # a quarter holds 3 windows
     assert volume.window_batch(net, roi) == 3
-    multiview = SwinUNETR(1, 2, feature_size=12)
-    multiview.config = {**multiview.config, "multiview": True}  # three views per window: one fits
-    assert volume.window_batch(multiview, roi) == 1
+    from swinssl.methods import get_method
+
+    assert volume.window_batch(net, roi, get_method("swinmm")) == 1  # its hooks: three views per window, one fits
     monkeypatch.setattr(volume, "_available_memory", lambda: per_window)  # not even one: still one
     assert volume.window_batch(net, roi) == 1
     seen = []
     monkeypatch.setattr(volume, "sliding_window_inference",
                         lambda x, roi, batch, *args, **kwargs: seen.append(batch) or torch.zeros(1, 2, *x.shape[2:]))
-    monkeypatch.setattr(volume, "window_batch", lambda model, roi: 7)
+    monkeypatch.setattr(volume, "window_batch", lambda model, roi, method=None: 7)
     volume.predict_volume(net, torch.zeros(1, 8, 8, 8), 8)
     assert seen == [7]

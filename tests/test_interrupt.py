@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import TINY_PRETRAIN
 
-from swinssl.engine.checkpoint import load_checkpoint
+from swinssl.checkpoint import read_checkpoint
 
 STEPS = 5
 OVERRIDES = [*TINY_PRETRAIN, "train.batch_size=1", "train.val_every=100", "train.preview_every=100",
@@ -63,7 +63,7 @@ def setup(tmp_path_factory):
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr
     window = time.monotonic() - first
-    return root, runner, load_checkpoint(root / "runs" / "full" / "checkpoints" / "last.pt"), window
+    return root, runner, read_checkpoint(root / "runs" / "full" / "checkpoints" / "last.pt"), window
 
 
 def wait_for_checkpoint(process, run_dir) -> float:
@@ -95,7 +95,7 @@ def resume(runner, root, name):
 
 
 def assert_same_parameters(run_dir, reference):
-    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert ckpt["step"] == reference["step"] == STEPS
     for key, value in reference["model"].items():
         torch.testing.assert_close(ckpt["model"][key], value, rtol=0, atol=1e-6, msg=key)
@@ -108,7 +108,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one_and_resumes_exac
     checkpoints = root / "runs" / "cut_in_save" / "checkpoints"
     leftovers = list(checkpoints.glob(".last.pt.*"))
     assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the kill did land mid-write
-    assert load_checkpoint(checkpoints / "last.pt")["step"] == 2  # the half-written step 3 never replaced it
+    assert read_checkpoint(checkpoints / "last.pt")["step"] == 2  # the half-written step 3 never replaced it
 
     resumed = resume(runner, root, "cut_in_save")
     assert resumed.returncode == 0, resumed.stderr
@@ -128,7 +128,7 @@ def test_kill_at_a_random_moment_then_resume_ends_like_the_uninterrupted_run(set
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before the kill"
     last = root / "runs" / "cut_random" / "checkpoints" / "last.pt"
-    print(f"killed {delay:.2f} s after the first checkpoint (seed {seed}); step on disk {load_checkpoint(last)['step']}")
+    print(f"killed {delay:.2f} s after the first checkpoint (seed {seed}); step on disk {read_checkpoint(last)['step']}")
     resumed = resume(runner, root, "cut_random")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_parameters(root / "runs" / "cut_random", reference)

@@ -49,7 +49,7 @@ import pytest
 # Workflows (demo, studies, verdict, estimate) sit above the engine, inference, metrics and report, below the CLI.
 ABOVE_THE_ENGINE = frozenset({"workflows", "cli"})
 EVERY_LAYER = frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "workflows", "report",
-                         "nnunet", "config", "plan", "runs", "plots", "utils", "runtime", "checkpoint"})
+                         "nnunet", "config", "plan", "runs", "plots", "utils", "runtime", "checkpoint", "results"})
 
 
 def _leaf(*may_use: str) -> frozenset[str]:
@@ -59,7 +59,7 @@ def _leaf(*may_use: str) -> frozenset[str]:
 
 FORBIDDEN: dict[str, frozenset[str]] = {
     "nn": frozenset({"engine", "data", "ssl", "methods", "infer", "metrics", "report", "runs", "plots"}) | ABOVE_THE_ENGINE,
-    "data": frozenset({"nn", "engine", "ssl", "methods", "infer", "metrics", "report", "plan", "checkpoint"})
+    "data": frozenset({"nn", "engine", "ssl", "methods", "infer", "metrics", "report", "plan", "checkpoint", "results"})
     | ABOVE_THE_ENGINE,
     "ssl": frozenset({"engine", "methods", "infer", "data", "report", "checkpoint"}) | ABOVE_THE_ENGINE,
     "methods": frozenset({"engine", "infer", "report", "data", "checkpoint"}) | ABOVE_THE_ENGINE,
@@ -81,6 +81,7 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "plan": _leaf("config", "utils"),
     "runs": _leaf("utils"),
     "checkpoint": _leaf("plan", "runs", "utils", "config"),
+    "results": _leaf("utils"),
     "plots": _leaf("utils"),
 }
 
@@ -295,8 +296,8 @@ def test_scan_sees_the_package(swinssl_graph):
     assert {"swinssl", "swinssl.nn.load", "swinssl.engine.pretrain", "swinssl.cli"} <= set(modules)
     importers = {e.importer for e in edges}
     assert {"swinssl.cli", "swinssl.engine.pretrain", "swinssl.infer"} <= importers
-    # an import inside a function body is seen (cli imports its commands lazily)
-    assert any(e.importer == "swinssl.cli" and layer_of(e.imported) == "engine" for e in edges)
+    # an import inside a function body is seen (the CLI imports what its commands call lazily)
+    assert any(e.importer == "swinssl.cli.train" and layer_of(e.imported) == "engine" for e in edges)
 
 
 def test_no_import_cycles(swinssl_graph):

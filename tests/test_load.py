@@ -170,7 +170,7 @@ def test_no_state_dict_inside(tmp_path):
 def test_exported_safetensors_holds_only_tensors_and_loads_like_the_checkpoint(tmp_path, monai_net):
     import json
 
-    from swinssl.engine.checkpoint import export_weights, save_checkpoint
+    from swinssl.checkpoint import export_weights, save_checkpoint
 
     plan = {"network": {"feature_size": 12, "in_channels": 1, "out_channels": 3, "downsample": "merging"}}
     ckpt = save_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", {
@@ -190,7 +190,7 @@ def test_exported_safetensors_holds_only_tensors_and_loads_like_the_checkpoint(t
 
 
 def test_export_refuses_other_names_and_foreign_checkpoints(tmp_path, monai_net):
-    from swinssl.engine.checkpoint import export_weights
+    from swinssl.checkpoint import export_weights
 
     torch.save(monai_net.state_dict(), tmp_path / "monai.pt")
     with pytest.raises(CheckpointError, match="monai.pt: not a swinssl checkpoint"):

@@ -5,7 +5,7 @@ DIM always fed two streams, and a new task added by one function plus one preset
 import io
 import math
 import tokenize
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from swinssl.config import Config, MethodConfig, ModelConfig, PreprocessConfig, 
 from swinssl.runs import read_metrics
 from swinssl.engine.pretrain import pretrain
 from swinssl.errors import ConfigError
-from swinssl.methods import TASKS, TaskInput, get_method, network_method, register_task, view_choices, window_predictor
+from swinssl.methods import TASKS, TaskInput, finetune_method, get_method, register_task, view_choices, window_predictor
 
 TINY_MODEL = ModelConfig(feature_size=12, depths=(1, 1, 1, 1))
 ROI64 = PreprocessConfig(roi_size=(64, 64, 64))
@@ -70,7 +70,7 @@ def test_every_registered_task_names_an_existing_head_and_view_fields_some_maker
 
 @pytest.mark.parametrize("overrides, message", [
     (["method.weights={mutual: 1.0}"], r"task 'mutual' needs view fields \['mask', 'orders'\].*method.views=masked"),
-    (["method.weights={density: 1.0}"], r"task 'density' .*model.domain_invariance=true"),
+    (["method.weights={density: 1.0}"], r"task 'density' .*model.encoder=domain_invariant_swin"),
     (["method.weights={inpaint: 0.0}"], "no task has a non-zero weight"),
     (["method.weights={inpaint: 1.0, nope: 0.0}"], "unknown task 'nope'; registered tasks: inpaint, rotate"),
     (["method.views=sideways"], "method.views 'sideways': unknown view maker"),
@@ -98,7 +98,7 @@ def test_swin_unetr_with_masked_views_takes_the_mutual_task():
 
 @pytest.mark.parametrize("preset", ["pretrain/swinmm_tiny", "pretrain/swin_unetr_tiny", "pretrain/swinfuse_tiny"])
 def test_dim_output_of_a_sample_changes_when_only_its_partner_view_changes(preset):
-    cfg = load_config(preset, ["model.domain_invariance=true", "model.dim_heads=3", "model.depths=[1,1,1,1]"])
+    cfg = load_config(preset, ["model.encoder=domain_invariant_swin", "model.invariance_heads=3", "model.depths=[1,1,1,1]"])
     torch.manual_seed(0)
     model = get_method(cfg.method.name).build_model(cfg).eval()
     views, partner = torch.rand(2, 1, 64, 64, 64), torch.rand(1, 1, 64, 64, 64)
@@ -108,7 +108,7 @@ def test_dim_output_of_a_sample_changes_when_only_its_partner_view_changes(prese
     assert (before["streams"][0] - after["streams"][0]).abs().max() > 1e-4
     assert (before["reconstruction"][0] - after["reconstruction"][0]).abs().max() > 1e-6
     # Without the module, a view's output is its own alone.
-    plain = get_method(cfg.method.name).build_model(replace(cfg, model=replace(cfg.model, domain_invariance=False)))
+    plain = get_method(cfg.method.name).build_model(replace(cfg, model=replace(cfg.model, encoder="swin")))
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(views)["reconstruction"][0],
                                    plain(torch.cat([views[:1], partner]))["reconstruction"][0])
@@ -152,7 +152,7 @@ def test_combined_preset_trains_every_term_of_both_methods(phantoms, tmp_path):
     cfg = load_config("pretrain/swinmm_fuse_tiny", [f"data={phantoms}", f"train.out={tmp_path}", "train.name=mix",
                                                     *TINY_PRETRAIN, "train.steps=2", "train.batch_size=2",
                                                     "train.val_every=2", "train.preview_every=2"])
-    assert cfg.model.domain_invariance and cfg.method.views == "masked"
+    assert cfg.model.encoder == "domain_invariant_swin" and cfg.method.views == "masked"
     run = pretrain(cfg, progress=False)
     logged = {(r["split"], r["name"]): r["value"] for r in read_metrics(run)}
     for term in ("inpaint", "rotate", "contrast", "mutual", "density", "jsd", "loss"):
@@ -183,17 +183,42 @@ def test_combined_preset_on_real_ct_and_mri_for_a_few_dozen_steps(tmp_path):
 # --- the engine, inference and the CLI know no method by name -----------------------------------
 
 
-def test_fine_tuning_and_inference_hooks_follow_the_network():
-    assert network_method({"multiview": True}).name == "swinmm"
-    assert network_method({"multiview": False}).name == MethodConfig().name
+def test_fine_tuning_and_inference_hooks_are_looked_up_by_name():
+    plain, multiview = asdict(ModelConfig()), asdict(ModelConfig(multiview=True))
+    invariant = asdict(ModelConfig(encoder="domain_invariant_swin"))
+    assert finetune_method("swinmm", multiview).name == "swinmm"
+    assert finetune_method("swin_unetr", plain).name == "swin_unetr"
+    # auto: the method whose declared network it is, one for each
+    assert [finetune_method("auto", n).name for n in (plain, multiview, invariant)] == ["swin_unetr", "swinmm", "swinfuse"]
+    # a named method is checked against the network its hooks drive
+    with pytest.raises(ConfigError, match="finetune.method swinmm: .* model.multiview=true"):
+        finetune_method("swinmm", plain)
+    with pytest.raises(ConfigError, match="finetune.method swin_unetr: .* model.multiview=false"):
+        finetune_method("swin_unetr", multiview)
+    with pytest.raises(ConfigError, match="finetune.method 'nope'"):
+        finetune_method("nope", plain)
     assert set(view_choices()) == {"auto", "single", "fused", "identity", "swap_xy", "swap_xz"}
-    plain = lambda w: w * 2  # noqa: E731
-    predictor, chosen = window_predictor(plain, {}, "auto")
-    assert chosen == "single" and predictor is plain
+    double = lambda w: w * 2  # noqa: E731
+    predictor, chosen = window_predictor(double, None, "auto")
+    assert chosen == "single" and predictor is double
+    assert window_predictor(double, get_method("swinmm"), "auto")[1] == "fused"
     with pytest.raises(ConfigError, match="views 'diagonal'"):
-        window_predictor(plain, {}, "diagonal")
+        window_predictor(double, None, "diagonal")
     with pytest.raises(ConfigError, match="finetune.unlabeled needs model.multiview"):
-        network_method({}).check_finetune(load_config("finetune/tiny", ["finetune.unlabeled=somewhere"]))
+        finetune_method("auto", plain).check_finetune(load_config("finetune/tiny", ["finetune.unlabeled=somewhere"]))
+
+
+def test_a_plan_names_its_hooks_and_older_plans_get_them_from_their_network():
+    from swinssl.methods import method_of
+    from swinssl.plan import Plan
+
+    plan = Plan(network=ModelConfig(multiview=True), preprocess=load_config("finetune/tiny").preprocess, out_channels=2)
+    assert plan.finetune_method is None and method_of(plan).name == "swinmm"  # written before the name was recorded
+    plan.finetune_method = "swinmm"
+    assert Plan.from_dict(plan.to_dict()).finetune_method == "swinmm"
+    plan.finetune_method = "swin_unetr"  # a plan whose name and network disagree is refused, naming the key
+    with pytest.raises(ConfigError, match="plan.finetune_method swin_unetr"):
+        method_of(plan)
 
 
 def _code_tokens(path: Path) -> list[str]:
@@ -219,13 +244,14 @@ def test_engine_inference_and_cli_name_no_method():
     import ast
 
     package = Path(swinssl.__file__).parent
-    names = ("swin_unetr", "swinmm", "swinfuse", "multiview", "domain_invariance", "mutual", "density")
-    modules = [*sorted((package / "engine").glob("*.py")), *sorted((package / "infer").glob("*.py")), package / "cli.py"]
+    names = ("swin_unetr", "swinmm", "swinfuse", "multiview", "domain_invariant", "invariance", "mutual", "density")
+    cli = sorted((package / "cli").glob("*.py"))
+    modules = [*sorted((package / "engine").glob("*.py")), *sorted((package / "infer").glob("*.py")), *cli]
     for path in modules:
         imported = [node.module for node in ast.walk(ast.parse(path.read_text()))
                     if isinstance(node, ast.ImportFrom) and node.module]
         assert not [m for m in imported if m.startswith("swinssl.methods.")], f"{path.name} imports a method module"
-        if path.name != "cli.py":  # the CLI's help names preset files, which are data
+        if path not in cli:  # the CLI's help names preset files, which are data
             found = [t for t in _code_tokens(path) if any(n in t for n in names)]
             assert not found, f"{path.name} names a method or its parts: {found}"
 

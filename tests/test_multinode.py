@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from swinssl.engine.checkpoint import load_checkpoint
+from swinssl.checkpoint import read_checkpoint
 from swinssl.runs import read_metrics
 
 dist = pytest.importorskip("torch.distributed")
@@ -155,7 +155,7 @@ def test_two_nodes_train_as_one_process_on_the_concatenated_batch(phantoms, tmp_
     torch.testing.assert_close(torch.tensor([v for _, v in losses_two], dtype=torch.float64),
                                torch.tensor([v for _, v in losses_one], dtype=torch.float64),
                                rtol=LOSS_RTOL, atol=LOSS_ATOL, msg=lambda m: f"train losses per step differ:\n{m}")
-    a, b = (load_checkpoint(run / "checkpoints" / "last.pt") for run in (two, one))
+    a, b = (read_checkpoint(run / "checkpoints" / "last.pt") for run in (two, one))
     assert a["step"] == b["step"] == STEPS
     assert a["model"].keys() == b["model"].keys()
     for key, value in b["model"].items():

@@ -113,7 +113,7 @@ def test_legacy_rule_pads_a_32_cube_to_64_along_the_last_axis():
     net = swin_unetr("tiny", out_channels=2, single_voxel_bottleneck="pad").eval()
     seen, out = _network_input_shapes(net, torch.randn(1, 1, 32, 32, 32))
     assert seen == [(32, 32, 64)] and out.shape == (1, 2, 32, 32, 32)
-    assert net.config["single_voxel_bottleneck"] == "pad"  # part of the plan
+    assert net.single_voxel_bottleneck == "pad"
     with pytest.raises(ValueError, match="single_voxel_bottleneck must be 'exact' or 'pad', got 'crop'"):
         swin_unetr("tiny", single_voxel_bottleneck="crop")
 

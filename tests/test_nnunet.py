@@ -27,7 +27,7 @@ pytest.importorskip("nnunetv2")
 from swinssl.cli import app  # noqa: E402
 from swinssl.config import load_config, to_dict  # noqa: E402
 from swinssl.data.phantom import LABELS, write_phantom_dataset  # noqa: E402
-from swinssl.engine.checkpoint import save_checkpoint  # noqa: E402
+from swinssl.checkpoint import save_checkpoint  # noqa: E402
 from swinssl.errors import CheckpointError, DependencyError  # noqa: E402
 from swinssl.methods import get_method  # noqa: E402
 from swinssl.nnunet import install as shims  # noqa: E402

@@ -34,7 +34,7 @@ def test_plan_of_an_older_checkpoint_is_read():
     # Its segmentation network was trained padding 32^3 crops to 64 along the last axis: it keeps
     # that; a plan without a segmentation head (pre-training) takes today's rule.
     assert plan.network.single_voxel_bottleneck == "pad"
-    assert build_network(plan.network_fields()).config["single_voxel_bottleneck"] == "pad"
+    assert build_network(plan.network_fields()).single_voxel_bottleneck == "pad"
     pretraining = {"network": {k: v for k, v in to_dict(ModelConfig()).items() if k != "single_voxel_bottleneck"},
                    "preprocess": to_dict(PreprocessConfig())}
     assert Plan.from_dict(pretraining).network.single_voxel_bottleneck == "exact"

@@ -9,7 +9,7 @@ from conftest import TINY_PRETRAIN
 from swinssl.config import load_config
 from swinssl.engine import loop
 from swinssl.engine import pretrain as engine
-from swinssl.engine.checkpoint import load_checkpoint
+from swinssl.checkpoint import read_checkpoint
 from swinssl.runs import read_metrics
 from swinssl.errors import ConfigError, TrainingError
 from swinssl.nn import SwinUNETR, load_pretrained
@@ -35,7 +35,7 @@ def test_run_directory_contents_and_encoder_loads_into_swinunetr(phantoms, tmp_p
     names = {(r["split"], r["name"]) for r in rows}
     for task in ("loss", "inpaint", "rotate", "contrast"):
         assert ("train", task) in names and ("val", task) in names
-    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    ckpt = read_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["step"] == 2 and ckpt["plan"]["network"]["feature_size"] == 12
     assert ckpt["plan"]["manifest_sha256"]
     assert ckpt["plan"]["modality"] == "CT"  # fine-tuning on another modality is refused unless allowed
@@ -63,11 +63,11 @@ def test_resume_after_interruption_matches_uninterrupted_run(phantoms, tmp_path,
         with pytest.raises(KeyboardInterrupt):
             engine.pretrain(tiny_config(phantoms, tmp_path, "cut", "train.steps=4", "train.val_every=100"), progress=False)
     cut = tmp_path / "cut"
-    assert load_checkpoint(cut / "checkpoints" / "last.pt")["step"] == 2
+    assert read_checkpoint(cut / "checkpoints" / "last.pt")["step"] == 2
     engine.pretrain(resume=cut, overrides=["train.val_every=2"], progress=False)
 
-    a = load_checkpoint(full / "checkpoints" / "last.pt")
-    b = load_checkpoint(cut / "checkpoints" / "last.pt")
+    a = read_checkpoint(full / "checkpoints" / "last.pt")
+    b = read_checkpoint(cut / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 4
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
@@ -91,7 +91,7 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(phantoms, t
     monkeypatch.setattr(engine.get_method("swin_unetr"), "compute_losses", poisoned)
     with pytest.raises(TrainingError, match=r"step 2: loss is not finite \(inpaint=nan"):
         engine.pretrain(tiny_config(phantoms, tmp_path, "nan", "train.steps=4", "train.val_every=100"), progress=False)
-    assert load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")["step"] == 2
+    assert read_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")["step"] == 2
 
 
 def test_bad_method_configs_are_refused(phantoms, tmp_path):
@@ -104,7 +104,7 @@ def test_bad_method_configs_are_refused(phantoms, tmp_path):
     # A registered task whose views cannot feed it: one line naming the task, what it needs and the fix.
     with pytest.raises(ConfigError, match=r"task 'mutual' needs view fields \['mask', 'orders'\].*method.views=masked"):
         engine.pretrain(tiny_config(phantoms, tmp_path, "x", "method.weights={mutual: 1.0}"), progress=False)
-    with pytest.raises(ConfigError, match=r"task 'density' .* model.domain_invariance=true"):
+    with pytest.raises(ConfigError, match=r"task 'density' .* model.encoder=domain_invariant_swin"):
         engine.pretrain(tiny_config(phantoms, tmp_path, "x", "method.weights={density: 1.0}"), progress=False)
     with pytest.raises(ConfigError, match="run directory exists"):
         (tmp_path / "taken").mkdir()
@@ -153,7 +153,7 @@ def test_compiled_model_computes_the_eager_losses(phantoms, tmp_path):
     eager, compiled = ({(r["name"], r["split"]): r["value"] for r in read_metrics(run)} for run in runs)
     for key in ("loss", "inpaint", "rotate", "contrast"):
         assert compiled[(key, "train")] == pytest.approx(eager[(key, "train")], rel=1e-4), key
-    state = load_checkpoint(runs[1] / "checkpoints" / "last.pt")["model"]
+    state = read_checkpoint(runs[1] / "checkpoints" / "last.pt")["model"]
     assert not any(k.startswith("_orig_mod.") for k in state)  # in-place compile: plain keys in checkpoints
 
 
@@ -190,5 +190,5 @@ def test_probe_during_pretraining_logs_the_encoder_beside_random_and_leaves_the_
     assert probe("random", probe_cfg, steps=30, seed=cfg.seed).dice == pytest.approx(logged[2, "probe_dice_random"],
                                                                                    abs=1e-6)
     # The probe trains a copy: the run's weights are those of the same run without it.
-    a, b = (load_checkpoint(run / "checkpoints" / "last.pt")["model"] for run in (plain, probed))
+    a, b = (read_checkpoint(run / "checkpoints" / "last.pt")["model"] for run in (plain, probed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

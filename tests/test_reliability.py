@@ -12,7 +12,7 @@ from swinssl.cli import app
 from swinssl.config import load_config
 from swinssl.engine import pretrain as engine
 from swinssl.engine import runner
-from swinssl.engine.checkpoint import load_checkpoint
+from swinssl.checkpoint import read_checkpoint
 from swinssl.runs import read_metrics
 from swinssl.errors import OutputError, TrainingError
 from swinssl.utils import writable_dir
@@ -59,20 +59,22 @@ def test_nonfinite_gradients_stop_the_run_and_keep_the_last_checkpoint(phantoms,
     poison_steps(monkeypatch, {3})
     with pytest.raises(TrainingError, match=r"step 2: gradient norm is nan; the last good checkpoint is .*last.pt"):
         engine.pretrain(config(phantoms, tmp_path, "stop", "train.steps=4"), progress=False)
-    ckpt = load_checkpoint(tmp_path / "stop" / "checkpoints" / "last.pt")
+    ckpt = read_checkpoint(tmp_path / "stop" / "checkpoints" / "last.pt")
     assert ckpt["step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
 def test_skip_mode_skips_the_bad_step_without_touching_the_weights(phantoms, tmp_path, monkeypatch):
+    from swinssl.checkpoint import Checkpoint
+
     saved = {}
-    real_save = runner.save_checkpoint
+    real_save = Checkpoint.save
 
-    def remember(path, state):  # the weights after every step
-        saved[state["step"]] = {k: v.clone() for k, v in state["model"].items()}
-        return real_save(path, state)
+    def remember(checkpoint, path):  # the weights after every step
+        saved[checkpoint.step] = {k: v.clone() for k, v in checkpoint.model.items()}
+        return real_save(checkpoint, path)
 
-    monkeypatch.setattr(runner, "save_checkpoint", remember)
+    monkeypatch.setattr(Checkpoint, "save", remember)
     poison_steps(monkeypatch, {3})
     engine.pretrain(config(phantoms, tmp_path, "skip", "train.steps=4", "train.on_nonfinite=skip"), progress=False)
     assert sorted(saved) == [1, 2, 3, 4]
@@ -90,7 +92,7 @@ def test_skip_mode_stops_when_bad_steps_keep_coming(phantoms, tmp_path, monkeypa
     with pytest.raises(TrainingError, match=r"step 2: gradient norm is nan, 2 steps in a row"):
         engine.pretrain(config(phantoms, tmp_path, "diverged", "train.steps=4", "train.on_nonfinite=skip"),
                         progress=False)
-    assert load_checkpoint(tmp_path / "diverged" / "checkpoints" / "last.pt")["step"] == 2
+    assert read_checkpoint(tmp_path / "diverged" / "checkpoints" / "last.pt")["step"] == 2
 
 
 def test_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(phantoms, tmp_path, monkeypatch):
@@ -112,16 +114,16 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(phant
         engine.pretrain(config(phantoms, tmp_path, "full_disk", "train.steps=3"), progress=False)
     monkeypatch.undo()
     checkpoints = tmp_path / "full_disk" / "checkpoints"
-    assert load_checkpoint(checkpoints / "last.pt")["step"] == 1
+    assert read_checkpoint(checkpoints / "last.pt")["step"] == 1
     assert [p.name for p in checkpoints.iterdir()] == ["last.pt"]  # no temporary left behind
 
 
 def test_same_seed_and_config_give_bitwise_identical_weights(phantoms, tmp_path):
     runs = [engine.pretrain(config(phantoms, tmp_path, name, "train.steps=2"), progress=False) for name in "ab"]
-    a, b = (load_checkpoint(run / "checkpoints" / "last.pt")["model"] for run in runs)
+    a, b = (read_checkpoint(run / "checkpoints" / "last.pt")["model"] for run in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     other = engine.pretrain(config(phantoms, tmp_path, "c", "train.steps=2", "seed=1"), progress=False)
-    c = load_checkpoint(other / "checkpoints" / "last.pt")["model"]
+    c = read_checkpoint(other / "checkpoints" / "last.pt")["model"]
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the comparison can tell runs apart
 
 

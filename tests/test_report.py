@@ -191,7 +191,7 @@ def test_demo_and_study_folders(tmp_path, dataset, evaluated):
         shutil.copytree(evaluated, demo / f"predictions_{init}")
     write_run(demo / "pretrain")
     (demo / "report.md").write_text("# swinssl demo\n")
-    (demo / "results.json").write_text(json.dumps({"verdict": "no detectable difference: +0.01 Dice",
+    (demo / "results.json").write_text(json.dumps({"kind": "demo", "verdict": "no detectable difference: +0.01 Dice",
                                                    "probe": {"random": 0.2, "pretrained": 0.4},
                                                    "dice": {"scratch": {"mean": 0.5}, "pretrained": {"mean": 0.6}}}))
     report = collect(demo)
@@ -200,13 +200,17 @@ def test_demo_and_study_folders(tmp_path, dataset, evaluated):
     assert len(report.cases) == 2  # one case per image, each prediction a layer
     assert "no detectable difference: +0.01 Dice" in report.summary[0] and "0.400" in report.summary[1]
     assert {row["layer"] for row in report.scores} == {"pretrained", "scratch"}
-    (demo / "results.json").unlink()  # as older demos left it
-    assert collect(demo).kind == "demo" and not collect(demo).summary
+    (demo / "results.json").unlink()  # as older demos left it: shown as a folder of runs, said so
+    older = collect(demo)
+    assert older.kind == "study" and not older.summary and "results.json: none" in older.notes[0]
+    (demo / "results.json").write_text(json.dumps({"verdict": "x"}))  # no kind: said, not guessed
+    assert not collect(demo).summary and "no 'kind'" in collect(demo).notes[0]
 
     study = tmp_path / "study"
     study.mkdir()
     (study / "report.md").write_text("# views study\n")
-    (study / "results.json").write_text(json.dumps([{"model": "swinmm", "view": "fused", "dice": 0.5}]))
+    (study / "results.json").write_text(json.dumps({"kind": "study views",
+                                                    "rows": [{"model": "swinmm", "view": "fused", "dice": 0.5}]}))
     report = collect(study)
     assert report.kind == "study" and report.tables[0].columns == ["model", "view", "dice"]
     assert "# views study" in render(report)

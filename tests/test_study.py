@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from swinssl.workflows import study, verdict
+from swinssl.results import EvaluationFolder, read_results
+from swinssl.workflows import study
 
 PRESETS = Path(__file__).parent / "presets"  # micro-size overlays, as configs/study/ has for tiny and full
 MICRO = {
@@ -21,18 +22,18 @@ MICRO = {
 def test_modality_study_runs_every_cell_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setitem(study.PRESETS, "micro", MICRO)
     report = study.run_modality_study(tmp_path, preset="micro", progress=False)
-    rows = json.loads((tmp_path / "results.json").read_text())
+    rows = read_results(tmp_path)["rows"]
     cells = {(r["init"], r["trained_on"], r["tested_on"]) for r in rows}
     assert cells == {(i, a, b) for i in ("scratch", "swin_unetr", "swinfuse") for a in ("CT", "MRI") for b in ("CT", "MRI")}
     assert all(0.0 <= r["dice"] <= 1.0 for r in rows)
     text = report.read_text()
     assert text.count("| swinfuse |") == 2 and "Out-of-modality" in text
     # The fine-tuning from SwinFUSE kept the domain-invariance module.
-    from swinssl.engine.checkpoint import load_checkpoint
+    from swinssl.checkpoint import read_checkpoint
 
-    ckpt = load_checkpoint(tmp_path / "finetune_swinfuse_CT" / "checkpoints" / "last.pt")
-    assert ckpt["plan"]["network"]["domain_invariance"] is True
-    assert any(".dim." in k for k in ckpt["model"])
+    ckpt = read_checkpoint(tmp_path / "finetune_swinfuse_CT" / "checkpoints" / "last.pt")
+    assert ckpt["plan"]["network"]["encoder"] == "domain_invariant_swin"
+    assert any(".invariance." in k for k in ckpt["model"])
 
     # Run again: everything is reused, nothing trains.
     def refuse(*args, **kwargs):
@@ -42,7 +43,7 @@ def test_modality_study_runs_every_cell_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "finetune", refuse)
     monkeypatch.setattr(study, "predict", refuse)
     study.run_modality_study(tmp_path, preset="micro", progress=False)
-    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    assert read_results(tmp_path)["rows"] == rows
 
 
 def test_unknown_study_preset_is_refused(tmp_path):
@@ -59,7 +60,7 @@ def test_data_efficiency_study_runs_every_cell_reports_and_resumes(tmp_path, mon
              "finetune": MICRO["finetune"]}
     monkeypatch.setitem(study.EFFICIENCY, "micro", micro)
     report = study.run_data_efficiency_study("pretrain/swin_unetr_tiny", out=tmp_path, preset="micro", progress=False)
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = read_results(tmp_path)
     rows = results["runs"]
     assert {(r["init"], r["ratio"], r["seed"]) for r in rows} == {
         (i, r, 0) for i in ("scratch", "swin_unetr") for r in (0.5, 1.0)}
@@ -85,7 +86,7 @@ def test_data_efficiency_study_runs_every_cell_reports_and_resumes(tmp_path, mon
     monkeypatch.setattr(study, "finetune", refuse)
     monkeypatch.setattr(study, "predict", refuse)
     study.run_data_efficiency_study("pretrain/swin_unetr_tiny", out=tmp_path, preset="micro", progress=False)
-    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert read_results(tmp_path) == results
 
 
 @pytest.mark.slow  # make test-slow: 1 pre-training + 4 two-view fine-tunings (about 5 minutes on 2 cores)
@@ -94,7 +95,7 @@ def test_data_efficiency_semi_protocol_trains_both_stages_never_reads_left_out_l
     from swinssl.data import io
     from swinssl.data.discover import find_dataset
     from swinssl.engine import finetune as engine
-    from swinssl.engine.checkpoint import load_checkpoint
+    from swinssl.checkpoint import read_checkpoint
 
     micro = {"cases": 5, "size": 32, "ratios": [0.5], "seeds": [0],
              "pretrain": str(PRESETS / "micro_pretrain_64.yaml"), "finetune_config": "finetune/tiny",
@@ -112,7 +113,7 @@ def test_data_efficiency_semi_protocol_trains_both_stages_never_reads_left_out_l
     monkeypatch.setattr(engine, "read_volume", spy(engine.read_volume))
     report = study.run_data_efficiency_study("pretrain/swin_unetr_tiny", out=tmp_path, preset="micro", protocol="semi",
                                              progress=False)
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = read_results(tmp_path)
     rows = results["runs"]
     assert results["protocol"] == "semi"
     # 5 phantoms: 1 test case, 1 of the other 4 validates, 3 are labelled training cases; half of them is 2,
@@ -120,10 +121,10 @@ def test_data_efficiency_semi_protocol_trains_both_stages_never_reads_left_out_l
     assert {(r["init"], r["ratio"], r["stage"]): (r["train_cases"], r["unlabeled_cases"]) for r in rows} == {
         (i, 0.5, s): (2, 1 if s == "semi" else 0) for i in ("scratch", "swin_unetr") for s in ("base", "semi")}
     # The semi stage started from its base model, which started from the pre-training (or scratch).
-    semi_plan = load_checkpoint(tmp_path / "finetune_swin_unetr_ratio050_seed0_semi" / "checkpoints" / "last.pt")["plan"]
+    semi_plan = read_checkpoint(tmp_path / "finetune_swin_unetr_ratio050_seed0_semi" / "checkpoints" / "last.pt")["plan"]
     assert semi_plan["pretrained"] == str(tmp_path / "finetune_swin_unetr_ratio050_seed0_base")
     assert semi_plan["network"]["multiview"] is True
-    base_plan = load_checkpoint(tmp_path / "finetune_swin_unetr_ratio050_seed0_base" / "checkpoints" / "last.pt")["plan"]
+    base_plan = read_checkpoint(tmp_path / "finetune_swin_unetr_ratio050_seed0_base" / "checkpoints" / "last.pt")["plan"]
     assert base_plan["pretrained"] == str(tmp_path / "pretrain")
     # The left-out case was trained on through its image only: its label file was never read.
     manifest = json.loads((tmp_path / "finetune_scratch_ratio050_seed0_semi" / "manifest.json").read_text())
@@ -144,7 +145,7 @@ def test_data_efficiency_semi_protocol_trains_both_stages_never_reads_left_out_l
     monkeypatch.setattr(study, "predict", refuse)
     study.run_data_efficiency_study("pretrain/swin_unetr_tiny", out=tmp_path, preset="micro", protocol="semi",
                                     progress=False)
-    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert read_results(tmp_path) == results
 
 
 def test_efficiency_verdict_pairs_cases_and_seeds_and_reports_one_line_per_ratio(tmp_path):
@@ -283,16 +284,17 @@ def test_views_study_tests_every_view_of_both_models_and_resumes(tmp_path, monke
 
     monkeypatch.setattr(study, "predict", spy)
     report = study.run_views_study(out=tmp_path, preset="micro", progress=False)
-    rows = json.loads((tmp_path / "results.json").read_text())
+    rows = read_results(tmp_path)["rows"]
     assert {(r["model"], r["view"]) for r in rows} == {
         (m, v) for m in ("swinmm", "swinunetr") for v in ("identity", "swap_xy", "swap_xz", "fused")}
     assert sorted(calls) == sorted(["identity", "swap_xy", "swap_xz", "fused"] * 2)
     text = report.read_text()
     assert text.count("| swinmm |") == 4 and "Fused minus the mean of the single views" in text
     assert (tmp_path / "dice_by_view.png").read_bytes()[:4] == b"\x89PNG"
-    from swinssl.engine.checkpoint import load_checkpoint
+    from swinssl.checkpoint import read_checkpoint
 
-    assert load_checkpoint(tmp_path / "finetune_swinmm_seed0" / "checkpoints" / "last.pt")["plan"]["network"]["multiview"]
+    plan = read_checkpoint(tmp_path / "finetune_swinmm_seed0" / "checkpoints" / "last.pt")["plan"]
+    assert plan["network"]["multiview"] and plan["finetune_method"] == "swinmm"
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
@@ -300,7 +302,7 @@ def test_views_study_tests_every_view_of_both_models_and_resumes(tmp_path, monke
     monkeypatch.setattr(study, "finetune", refuse)
     monkeypatch.setattr(study, "predict", refuse)
     study.run_views_study(out=tmp_path, preset="micro", progress=False)
-    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    assert read_results(tmp_path)["rows"] == rows
 
 
 def test_every_study_preset_gives_valid_configs():
@@ -325,4 +327,4 @@ def test_every_study_preset_gives_valid_configs():
 def test_case_dice_is_each_cases_mean_over_its_classes(tmp_path):
     (tmp_path / "metrics.csv").write_text("case_id,class,class_name,dice,hd95,nsd\n"
                                           "a,1,liver,0.8,1,1\na,2,kidney,0.4,1,1\nb,1,liver,0.5,1,1\nb,2,kidney,0.0,1,1\n")
-    assert verdict.case_dice(tmp_path) == pytest.approx({"a": 0.6, "b": 0.25})
+    assert EvaluationFolder(tmp_path).case_dice() == pytest.approx({"a": 0.6, "b": 0.25})

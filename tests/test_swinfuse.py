@@ -14,7 +14,8 @@ from swinssl.ssl.losses import kde_jsd, nn_bandwidth, sample_tokens
 
 METHOD = MethodConfig(name="swinfuse", weights={"inpaint": 1.0, "rotate": 1.0, "contrast": 1.0, "density": 1.0})
 # Two co-attention layers of the paper's form keep the method tests fast; the four-layer stack has its own tests.
-TINY = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), domain_invariance=True, dim_heads=(3, 6), dim_pool=4)
+TINY = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), encoder="domain_invariant_swin", invariance_heads=(3, 6),
+                   invariance_pool=4)
 SWINFUSE = get_method("swinfuse")
 
 
@@ -132,21 +133,23 @@ def test_untrained_paper_dim_is_the_identity():
     torch.testing.assert_close(dim(a), a)
 
 
-def test_dim_heads_chooses_the_form_and_old_checkpoints_keep_the_light_one():
+def test_invariance_heads_chooses_the_form_and_old_checkpoints_keep_the_light_one():
     from swinssl.config import load_config, to_dict
     from swinssl.nn.build import build_network
     from swinssl.plan import Plan
 
     cfg = load_config("pretrain/swinfuse_tiny")
     paper = build_network(cfg.model, out_channels=2)
-    light = build_network(load_config("pretrain/swinfuse_tiny", ["model.dim_heads=3"]).model, out_channels=2)
-    assert isinstance(paper.swinViT.dim, DomainInvarianceModule) and len(paper.swinViT.dim.stream1) == 4
-    assert isinstance(light.swinViT.dim, LightDomainInvarianceModule)
-    # A plan written before the paper's form existed holds an integer: it rebuilds the light module.
-    network = {**to_dict(cfg.model), "dim_heads": 4}
-    plan = Plan.from_dict({"network": network, "preprocess": {}})
-    assert plan.network.dim_heads == 4
-    assert isinstance(build_network(plan.network, out_channels=2).swinViT.dim, LightDomainInvarianceModule)
+    light = build_network(load_config("pretrain/swinfuse_tiny", ["model.invariance_heads=3"]).model, out_channels=2)
+    assert isinstance(paper.swinViT.invariance, DomainInvarianceModule) and len(paper.swinViT.invariance.stream1) == 4
+    assert isinstance(light.swinViT.invariance, LightDomainInvarianceModule)
+    # A plan written before the paper's form existed holds an integer: it rebuilds the light module. Plans
+    # written before the encoder was a variant of its own say domain_invariance / dim_heads: read the same.
+    network = {k: v for k, v in to_dict(cfg.model).items() if k not in ("encoder", "invariance_heads")}
+    plan = Plan.from_dict({"network": {**network, "domain_invariance": True, "dim_heads": 4}, "preprocess": {}})
+    assert plan.network.encoder == "domain_invariant_swin" and plan.network.invariance_heads == 4
+    assert isinstance(build_network(plan.network, out_channels=2).swinViT.invariance, LightDomainInvarianceModule)
+    assert Plan.from_dict({"network": {**network, "domain_invariance": False}, "preprocess": {}}).network.encoder == "swin"
 
 
 @pytest.mark.parametrize("form", ["paper", "light"])
@@ -179,7 +182,7 @@ def test_dim_attention_maps_for_figures(tmp_path):
     view = torch.rand(1, 64, 64, 64)
     path = swinfuse.save_attention_overlay(model.swinViT, view, view.flip(-1), tmp_path / "attention.png")
     assert path.is_file() and path.stat().st_size > 1000
-    dim = model.swinViT.dim
+    dim = model.swinViT.invariance
     embed = model.swinViT.embed(view[None])
     _, _, on_a, on_b = dim.gates(embed, embed, weights=True)
     assert on_a.shape == on_b.shape == (1, 8, 8, 8)  # 32^3 tokens pooled by 4
@@ -199,7 +202,7 @@ def test_swinfuse_losses_reach_the_dim_and_log_every_term():
     expected = parts["inpaint"] + parts["rotate"] + parts["contrast"] - parts["jsd"]
     torch.testing.assert_close(total, expected)
     total.backward()
-    assert model.swinViT.dim.out1.weight.grad.abs().sum() > 0  # zero-initialised: only the output moves at first
+    assert model.swinViT.invariance.out1.weight.grad.abs().sum() > 0  # zero-initialised: only the output moves at first
     assert previews["DIM gate (view 1)"].shape == (64, 64, 64)
 
 
@@ -209,7 +212,7 @@ def test_density_term_alone_moves_the_dim():
     out = model(torch.rand(4, 1, 64, 64, 64))
     points = sample_tokens(list(out["streams"]), 128, torch.Generator().manual_seed(0))
     kde_jsd(*points).backward()
-    assert model.swinViT.dim.out2.weight.grad.abs().sum() > 0
+    assert model.swinViT.invariance.out2.weight.grad.abs().sum() > 0
 
 
 def test_swinfuse_needs_the_module():
@@ -219,29 +222,36 @@ def test_swinfuse_needs_the_module():
     from swinssl.errors import ConfigError
 
     # Without its module, swinfuse is refused even with the density term weighted 0 (it would be Swin UNETR SSL).
-    with pytest.raises(ConfigError, match="method swinfuse needs model.domain_invariance=true"):
+    with pytest.raises(ConfigError, match="method swinfuse needs model.encoder=domain_invariant_swin"):
         SWINFUSE.check(Config(preprocess=PreprocessConfig(roi_size=(64, 64, 64)),
-                              model=replace(TINY, domain_invariance=False),
+                              model=replace(TINY, encoder="swin"),
                               method=replace(METHOD, weights={**METHOD.weights, "density": 0.0})))
-    with pytest.raises(ConfigError, match="domain_invariance"):
+    with pytest.raises(ConfigError, match="model.encoder"):
         SWINFUSE.check(Config(preprocess=PreprocessConfig(roi_size=(64, 64, 64)),
-                              model=replace(TINY, domain_invariance=False), method=METHOD))
+                              model=replace(TINY, encoder="swin"), method=METHOD))
     # Without its module, swinfuse is refused even with the density term weighted 0 (it would be Swin UNETR SSL).
-    with pytest.raises(ConfigError, match="method swinfuse needs model.domain_invariance=true"):
+    with pytest.raises(ConfigError, match="method swinfuse needs model.encoder=domain_invariant_swin"):
         SWINFUSE.check(Config(preprocess=PreprocessConfig(roi_size=(64, 64, 64)),
-                              model=replace(TINY, domain_invariance=False),
+                              model=replace(TINY, encoder="swin"),
                               method=replace(METHOD, weights={**METHOD.weights, "density": 0.0})))
-    with pytest.raises(ConfigError, match="domain_invariance"):
-        SWINFUSE.check(load_config("pretrain/swinfuse_tiny", ["model.domain_invariance=false"]))
+    with pytest.raises(ConfigError, match="model.encoder=domain_invariant_swin"):
+        SWINFUSE.check(load_config("pretrain/swinfuse_tiny", ["model.encoder=swin"]))
+    # the key configs wrote before the encoder was a variant of its own still reads
+    assert load_config("pretrain/swinfuse_tiny", ["model.domain_invariance=false"]).model.encoder == "swin"
 
 
 def test_pretrained_dim_loads_into_segmentation_network_and_adapts_channels():
     model = build()
-    net = SwinUNETR(in_channels=4, out_channels=3, feature_size=12, depths=(1, 1, 1, 1), domain_invariance=True,
-                    dim_heads=(3, 6))
+    net = SwinUNETR(in_channels=4, out_channels=3, feature_size=12, depths=(1, 1, 1, 1), encoder="domain_invariant_swin",
+                    invariance_heads=(3, 6))
     report = load_pretrained(net, {"state_dict": model.state_dict()})
-    assert {k for k in report.loaded if ".dim." in k}  # the module's weights came along
-    torch.testing.assert_close(net.swinViT.dim.stream2[1].key_value.weight, model.swinViT.dim.stream2[1].key_value.weight)
+    assert {k for k in report.loaded if ".invariance." in k}  # the module's weights came along
+    torch.testing.assert_close(net.swinViT.invariance.stream2[1].key_value.weight,
+                               model.swinViT.invariance.stream2[1].key_value.weight)
+    # a swinssl checkpoint written when the module was the encoder's ``dim``: its keys load as before
+    older = {k.replace(".invariance.", ".dim."): v for k, v in model.state_dict().items()}
+    report = load_pretrained(net, {"format": "swinssl", "model": older})
+    assert {k for k in report.loaded if ".invariance." in k} and not any(".dim." in k for k in report.unexpected)
     assert net.swinViT.patch_embed.proj.weight.shape[1] == 4  # 1-channel stem adapted to 4 MRI sequences
     with torch.no_grad():
         assert net(torch.rand(1, 4, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
@@ -252,13 +262,14 @@ def test_pretrained_dim_loads_into_segmentation_network_and_adapts_channels():
 
 def test_segmentation_network_takes_a_second_stream_through_the_module():
     torch.manual_seed(0)
-    net = SwinUNETR(out_channels=3, feature_size=12, depths=(1, 1, 1, 1), domain_invariance=True, dim_heads=(3, 6))
-    draw_outputs(net.swinViT.dim)  # so that the gates depend on the streams
+    net = SwinUNETR(out_channels=3, feature_size=12, depths=(1, 1, 1, 1), encoder="domain_invariant_swin",
+                    invariance_heads=(3, 6))
+    draw_outputs(net.swinViT.invariance)  # so that the gates depend on the streams
     x, other = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net(x, second=x), net(x))  # one input is both streams
         assert (net(x, second=other) - net(x)).abs().max() > 1e-4
-    with pytest.raises(ValueError, match="second stream needs the domain-invariance module"):
+    with pytest.raises(ValueError, match="second stream needs the domain-invariant encoder"):
         SwinUNETR(out_channels=3, feature_size=12, depths=(1, 1, 1, 1))(x, second=x)
 
 
@@ -276,11 +287,11 @@ class StreamSpy(torch.nn.Module):
 
 def test_swinfuse_fine_tuning_feeds_the_crop_and_a_cut_out_copy():
     from swinssl.config import FinetuneConfig
-    from swinssl.methods import network_method
+    from swinssl.methods import finetune_method
 
-    assert network_method({"domain_invariance": True}) is SWINFUSE
-    assert network_method({"domain_invariance": True, "multiview": True}) is not SWINFUSE
-    assert network_method({}) is not SWINFUSE
+    assert finetune_method("auto", {"encoder": "domain_invariant_swin", "multiview": False}) is SWINFUSE
+    assert finetune_method("auto", {"encoder": "domain_invariant_swin", "multiview": True}) is not SWINFUSE
+    assert finetune_method("auto", {"encoder": "swin", "multiview": False}) is not SWINFUSE
     x, y = torch.rand(2, 1, 16, 16, 16), torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)
     seg = lambda logits, target: logits.sum() * 0  # noqa: E731
     spy = StreamSpy()

@@ -223,7 +223,7 @@ def test_cross_attention_site_is_where_the_views_meet(site, width):
     skip decoder5 joins (the stage-4 Swin output, 8 x feature size), and nowhere else."""
     torch.manual_seed(0)
     net = build_network({**TINY_NET, "multiview": True, "cross_attention_at": site}).eval()
-    assert net.config["cross_attention_at"] == site
+    assert net.cross_attention_at == site
     seen = []
     net.cross_attention.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape))
     with torch.no_grad():
@@ -266,11 +266,11 @@ def test_cross_attention_site_travels_in_the_plan_and_rebuilds_the_network():
     raw = Plan(network=model, preprocess=PreprocessConfig(), out_channels=3).to_dict()
     assert raw["network"]["cross_attention_at"] == "intermediate"
     rebuilt = build_network(Plan.from_dict(raw).network_fields())
-    assert rebuilt.config["cross_attention_at"] == "intermediate"
+    assert rebuilt.cross_attention_at == "intermediate"
     rebuilt.load_state_dict(net.state_dict())  # strict: the same block at the same place
     # A plan written before the option existed means the bottleneck.
     del raw["network"]["cross_attention_at"]
-    assert build_network(Plan.from_dict(raw).network_fields()).config["cross_attention_at"] == "bottleneck"
+    assert build_network(Plan.from_dict(raw).network_fields()).cross_attention_at == "bottleneck"
     with pytest.raises(ValueError, match="cross_attention_at"):
         MultiViewSwinUNETR(**TINY_NET, cross_attention_at="decoder")
 
@@ -393,7 +393,7 @@ def test_multiview_finetuning_predicts_fused_by_default_and_single_on_request(tm
 def test_semi_supervised_training_never_reads_unlabelled_labels(tmp_path, small_phantoms, monkeypatch):
     import shutil
 
-    from swinssl.data import transforms
+    from swinssl.data import splits, transforms
     from swinssl.engine import finetune as engine
     from swinssl.runs import read_metrics
 
@@ -403,7 +403,7 @@ def test_semi_supervised_training_never_reads_unlabelled_labels(tmp_path, small_
     assert labels
     for label in labels:
         label.write_bytes(b"POISON: this label must never be read")
-    real_label, real_volume = transforms.read_label, engine.read_volume
+    real_label, real_volume = transforms.read_label, splits.read_volume
 
     def guard(real):
         def read(path, *args, **kwargs):
@@ -412,7 +412,7 @@ def test_semi_supervised_training_never_reads_unlabelled_labels(tmp_path, small_
         return read
 
     monkeypatch.setattr(transforms, "read_label", guard(real_label))
-    monkeypatch.setattr(engine, "read_volume", guard(real_volume))
+    monkeypatch.setattr(splits, "read_volume", guard(real_volume))
     run = engine.finetune(load_config("finetune/swinmm_tiny", [
         f"data={small_phantoms}", f"train.out={tmp_path}", "train.name=semi", "train.steps=2",
         f"finetune.unlabeled={poisoned / 'dataset.json'}", *FINETUNE_TINY,

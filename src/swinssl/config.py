@@ -82,12 +82,14 @@ class ModelConfig:
     # encoder10, as SwinMM), intermediate (the skip decoder5 joins: the stage-4 Swin output, 8x feature_size
     # channels at 1/16 of the input), none (no cross-view attention: the views meet only in the losses)
     cross_attention_at: Literal["bottleneck", "intermediate", "none"] = "bottleneck"
-    domain_invariance: bool = False  # SwinFUSE: the domain-invariance module after the patch embedding
-    # Domain-invariance module: a list is the paper's co-attention stack, one layer per entry with
-    # that many heads (layer i is feature_size x 2^i wide); an integer is the light module, one
-    # shared attention layer with that many heads (swinssl.nn.dim).
-    dim_heads: int | tuple[int, ...] = (3, 6, 12, 24)
-    dim_pool: int = 4  # domain-invariance module: keys/values average-pooled by this per axis (memory)
+    # The encoder variant (swinssl.nn.swin_transformer.ENCODERS): swin, or domain_invariant_swin (SwinFUSE:
+    # the domain-invariance module between the patch embedding and the first stage)
+    encoder: Literal["swin", "domain_invariant_swin"] = "swin"
+    # domain_invariant_swin: a list is the paper's co-attention stack, one layer per entry with that many
+    # heads (layer i is feature_size x 2^i wide); an integer is the light module, one shared attention
+    # layer with that many heads (swinssl.nn.dim).
+    invariance_heads: int | tuple[int, ...] = (3, 6, 12, 24)
+    invariance_pool: int = 4  # domain_invariant_swin: keys/values average-pooled by this per axis (memory)
     # Inputs of at most 32 voxels per axis have a one-voxel bottleneck: exact = its instance norm's
     # value there (zero); pad = pad the last axis to 64 (twice the work; what plans written before this key did)
     single_voxel_bottleneck: Literal["exact", "pad"] = "exact"
@@ -161,6 +163,10 @@ class FinetuneConfig:
     """Segmentation fine-tuning (``swinssl finetune``): start weights, case subsets, loss, validation."""
 
     pretrained: str = ""  # a pre-training run directory or checkpoint (any load_pretrained layout); "" = scratch
+    # Whose fine-tuning and inference hooks (swinssl.methods): swin_unetr (a plain SwinUNETR), swinmm
+    # (model.multiview), swinfuse (model.encoder=domain_invariant_swin), or auto: the one whose network
+    # the model is. Recorded in the plan; prediction looks the hooks up by that name.
+    method: str = "auto"
     # Adopt the pre-trained plan's orientation, spacing and intensity normalisation (what its encoder
     # saw), saying what changed; false keeps this config's and says how they differ.
     adopt_preprocessing: bool = True
@@ -243,8 +249,12 @@ def resolve_preset(preset: str | Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    names = sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in PRESET_DIR.rglob("*.yaml"))
-    raise ConfigError(f"{preset}: no such config file or preset; presets: {', '.join(names)}")
+    raise ConfigError(f"{preset}: no such config file or preset; presets: {', '.join(preset_names())}")
+
+
+def preset_names() -> list[str]:
+    """The presets shipped in ``configs/``, by the name ``--config`` takes (``finetune/tiny``)."""
+    return sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in PRESET_DIR.rglob("*.yaml"))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -291,12 +301,28 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def legacy_model_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """Model keys as configs and plans wrote them before the domain-invariant encoder was a variant of its
+    own: ``domain_invariance: true`` is ``encoder: domain_invariant_swin``; ``dim_heads`` and ``dim_pool``
+    are ``invariance_heads`` and ``invariance_pool``. Read, never written."""
+    out = dict(raw)  # an old key wins over the new one: it can only be there as an override laid over a preset
+    if "domain_invariance" in out:
+        flag = out.pop("domain_invariance")
+        out["encoder"] = "domain_invariant_swin" if flag is True else "swin" if flag is False else flag
+    for old, new in (("dim_heads", "invariance_heads"), ("dim_pool", "invariance_pool")):
+        if old in out:
+            out[new] = out.pop(old)
+    return out
+
+
 def from_dict(cls: type, raw: dict[str, Any], source: str = "config", prefix: str = "") -> Any:
     """Construct dataclass ``cls`` from nested dicts, checking keys and types."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a section (key: value), got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    if cls is ModelConfig:
+        raw = legacy_model_fields(raw)
     kwargs = {}
     for key, value in raw.items():
         if f"{prefix}{key}" in RETIRED:
@@ -392,6 +418,11 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+def to_yaml(cfg: Any) -> str:
+    """A config as the YAML ``config.yaml`` holds and ``swinssl config show`` prints."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (tuples as lists) that ``from_dict`` reads back."""
 
@@ -408,4 +439,4 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def save_config(cfg: Any, path: str | Path) -> None:
     from swinssl.utils import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, to_yaml(cfg))

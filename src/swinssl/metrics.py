@@ -34,9 +34,6 @@ Conventions (also written into ``summary.json`` so a result file explains itself
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import math
 import warnings
@@ -51,12 +48,12 @@ from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surf
 from swinssl.data.discover import VOLUME_SUFFIXES, find_dataset, is_volume_file, volume_stem
 from swinssl.data.io import check_grids, check_same_grid, read_volume, spacing_of
 from swinssl.errors import ConfigError, DataError
-from swinssl.utils import atomic_write_text, writable_dir
+from swinssl.results import EvaluationFolder
+from swinssl.utils import writable_dir
 
 log = logging.getLogger(__name__)
 
 METRICS = ("dice", "hd95", "nsd")
-CSV_COLUMNS = ("case_id", "class", "class_name", "dice", "hd95", "nsd")
 CONVENTIONS = {
     "both_empty": "dice 1, hd95 0 mm, nsd 1",
     "one_empty": "dice 0, nsd 0, hd95 = diagonal of the volume's field of view in mm (worst case)",
@@ -264,7 +261,7 @@ def evaluate(
         }
     )
     if out_dir is not None:
-        _write_outputs(out_dir, rows, summary)
+        EvaluationFolder(out_dir).write(rows, summary)
     return summary
 
 
@@ -418,12 +415,3 @@ def _rows(
             values = metrics.get(c, both_empty)
             rows.append({"case_id": case_id, "class": c, "class_name": names.get(c, _default_name(c)), **values})
     return rows
-
-
-def _write_outputs(out_dir: Path, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: row[k] for k in CSV_COLUMNS} for row in rows)
-    atomic_write_text(out_dir / "metrics.csv", buffer.getvalue())
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -7,6 +7,7 @@ checkpoint it is plain data (``Plan.to_dict``)::
     {"network": {<ModelConfig fields>, "out_channels": K, "patch_size": 2},
      "preprocess": {<PreprocessConfig fields>},
      "method": {<MethodConfig fields>} (pre-training),
+     "finetune_method": "swin_unetr" | "swinmm" | "swinfuse" (fine-tuning: whose hooks predict),
      "labels": {"0": "background", "1": "liver", ...} (fine-tuning),
      "channel_names": [...], "modality": "CT" | "MRI" | None,
      "overlap": float | None (fine-tuning: its sliding-window overlap, prediction's default),
@@ -27,13 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import swinssl
-from swinssl.config import MethodConfig, ModelConfig, PreprocessConfig, from_dict, to_dict
+from swinssl.config import MethodConfig, ModelConfig, PreprocessConfig, from_dict, legacy_model_fields, to_dict
 from swinssl.errors import CheckpointError, ConfigError
 
 # Architecture fields a pre-trained plan fixes: the encoder's weights only fit this shape. Not the
 # input channels: those are the data's, and load_pretrained adapts a pre-trained stem to them.
 ARCHITECTURE = ("feature_size", "depths", "num_heads", "window_size", "use_v2", "downsample",
-                "domain_invariance", "dim_heads", "dim_pool")
+                "encoder", "invariance_heads", "invariance_pool")
 # Preprocessing fields that make what a pre-trained encoder saw: its input's grid and intensities.
 INPUT_FIELDS = ("orientation", "spacing", "ct_window", "mri_percentiles", "mri_normalization")
 
@@ -52,6 +53,7 @@ class Plan:
     out_channels: int | None = None  # classes incl. background of a fine-tuned network
     patch_size: int = 2
     method: MethodConfig | None = None  # the pre-training method
+    finetune_method: str | None = None  # whose fine-tuning and inference hooks (swinssl.methods.method_of)
     labels: dict[str, str] = field(default_factory=dict)  # class index (as text) -> name
     channel_names: list[str] = field(default_factory=list)
     modality: str | None = None  # the one modality trained on, else None (mixed or unknown)
@@ -72,7 +74,8 @@ class Plan:
         out: dict[str, Any] = {"network": self.network_fields(), "preprocess": to_dict(self.preprocess)}
         if self.method is not None:
             out["method"] = to_dict(self.method)
-        out.update(labels=dict(self.labels), channel_names=list(self.channel_names), modality=self.modality,
+        out.update(finetune_method=self.finetune_method, labels=dict(self.labels),
+                   channel_names=list(self.channel_names), modality=self.modality,
                    overlap=self.overlap, cache=self.cache, pretrained=self.pretrained, manifest_sha256=self.manifest_sha256,
                    package_version=self.package_version)
         return out
@@ -140,6 +143,7 @@ def architecture_of(raw: Any, source: str = "checkpoint") -> dict[str, Any]:
     network = raw.get("network") if isinstance(raw, Mapping) else None
     if not isinstance(network, Mapping):
         return {}
+    network = legacy_model_fields(dict(network))
     held = {k: network[k] for k in ARCHITECTURE if k in network}
     try:
         model = from_dict(ModelConfig, held, source=source, prefix="plan.network.")

@@ -25,20 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from swinssl.errors import CheckpointError
+from swinssl.utils import Folder, atomic_write_text
 
 
 @dataclass(frozen=True)
-class RunDir:
-    path: Path
-
-    def __post_init__(self):
-        object.__setattr__(self, "path", Path(self.path).expanduser())
-
+class RunDir(Folder):
     @property
     def name(self) -> str:
         return self.path.name
@@ -50,6 +47,22 @@ class RunDir:
     @property
     def manifest(self) -> Path:
         return self.path / "manifest.json"
+
+    def write_manifest(self, entries: dict[str, list[dict]]) -> str:
+        """Write ``manifest.json`` (split -> [{case_id, modality, files: [{path, bytes, sha256}]}]); its SHA-256."""
+        text = json.dumps(entries, indent=2)
+        atomic_write_text(self.manifest, text)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def read_manifest(self) -> dict[str, list[dict]]:
+        """The data manifest: split -> its cases (``CheckpointError`` naming the file when unreadable)."""
+        try:
+            entries = json.loads(self.manifest.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{self.manifest}: unreadable data manifest ({err})") from None
+        if not isinstance(entries, dict) or not all(isinstance(v, list) for v in entries.values()):
+            raise CheckpointError(f"{self.manifest}: not a data manifest (split -> list of cases)")
+        return entries
 
     @property
     def environment(self) -> Path:

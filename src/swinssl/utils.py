@@ -7,6 +7,7 @@ import hashlib
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -87,3 +88,13 @@ def count_windows(shape, roi, overlap: float) -> int:
         step = max(int(side * (1 - overlap)), 1)
         total *= math.ceil((size - side) / step) + 1
     return total
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A folder whose files one owner names (``runs.RunDir``, ``results.PredictionFolder``, ...); ``~`` expanded."""
+
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path).expanduser())

@@ -43,7 +43,7 @@ from swinssl.engine.run_dir import open_folds_dir
 from swinssl.engine.runner import run_stage
 from swinssl.engine.validate import validate
 from swinssl.errors import ConfigError
-from swinssl.methods import network_method
+from swinssl.methods import finetune_method
 from swinssl.nn import build_network, load_pretrained
 from swinssl.plan import Plan, adopt_input, input_of
 from swinssl.runs import RunDir
@@ -90,7 +90,7 @@ class FinetuneStage:
                   "one labelled case): no validation Dice and no checkpoints/best.pt; predict will use last.pt")
         if self.pretrained is not None:
             check_modality(pretrained_modality, common_modality(self.train_cases), ft)
-        self.objective = network_method(dataclasses.asdict(cfg.model))  # the fine-tuning hooks of the network's method
+        self.objective = FinetuneStage.method(cfg)  # the fine-tuning hooks, by name
         self.objective.check_finetune(cfg)
         self.unlabeled = (unlabeled_cases(ft.unlabeled, cfg.data.modality, self.dataset,
                                           self.train_cases + self.val_cases) if ft.unlabeled else [])
@@ -100,8 +100,13 @@ class FinetuneStage:
                                             lambda_ce=ft.ce_weight)
 
     @staticmethod
+    def method(cfg: Config):
+        """The method whose fine-tuning hooks ``cfg`` names (``finetune.method``), checked against its network."""
+        return finetune_method(cfg.finetune.method, dataclasses.asdict(cfg.model))
+
+    @staticmethod
     def check(cfg: Config) -> None:
-        network_method(dataclasses.asdict(cfg.model)).check_finetune(cfg)
+        FinetuneStage.method(cfg).check_finetune(cfg)
 
     def splits(self) -> dict[str, list[Case]]:
         splits = {"train": self.train_cases, "validation": self.val_cases}
@@ -126,6 +131,7 @@ class FinetuneStage:
         return Plan(network=cfg.model, preprocess=cfg.preprocess, out_channels=len(self.classes), labels=self.labels,
                     channel_names=self.dataset.channel_names or ["image"] * cfg.model.in_channels,
                     modality=common_modality(self.train_cases), pretrained=cfg.finetune.pretrained or None,
+                    finetune_method=self.objective.name,
                     overlap=cfg.finetune.overlap,
                     manifest_sha256=manifest,
                     # Where the preprocessed volumes are: predict reads them from there too (prediction_cache).

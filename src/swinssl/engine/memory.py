@@ -1,6 +1,6 @@
 """Memory of a training run: how much the device has, what fits, and one line when a run runs out.
 
-The estimate (``engine.estimate``) measures a run's peak at two crop counts and fits
+The estimate (``workflows.estimate``) measures a run's peak at two crop counts and fits
 ``peak = base + crops x per_crop`` (``Fit``); ``largest_batch`` and ``largest_roi`` read the
 settings that fit a budget off that line. The runner turns an out-of-memory error into a
 ``TrainingError`` of one line (``out_of_memory_line``): where, on which device, the estimate made

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from swinssl.config import Config, to_dict
+from swinssl.config import Config, ModelConfig, from_dict, to_dict
 from swinssl.engine.checkpoint import pretrained_start
 from swinssl.engine.validate import ProbeTask, random_encoder
 from swinssl.nn import build_network, load_pretrained
@@ -56,6 +56,17 @@ def probe(source: str | Path, cfg: Config, steps: int = 200, seed: int = 0, devi
     dice, per_class = task.score(encoder if encoder is not None else random_encoder(cfg.model, seed), steps, device)
     return ProbeResult(str(source), dice, per_class, steps, seed, [c.case_id for c in task.train_cases],
                        [c.case_id for c in task.test_cases], to_dict(cfg.model))
+
+
+def probe_against_random(source: str | Path, cfg: Config, steps: int = 200, seed: int = 0,
+                         device: str = "cpu") -> list[ProbeResult]:
+    """The probe of ``source`` and, unless it is ``random`` itself, of a random encoder of the network
+    its plan adopted (same crops, held-out cases, steps and seed): the baseline it has to beat."""
+    results = [probe(source, cfg, steps, seed, device)]
+    if str(source) != "random":
+        network = from_dict(ModelConfig, results[0].network, source=str(source), prefix="model.")
+        results.append(probe("random", dataclasses.replace(cfg, model=network), steps, seed, device))
+    return results
 
 
 def write_probe(results: list[ProbeResult], out: str | Path) -> Path:

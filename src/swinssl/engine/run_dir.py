@@ -18,6 +18,7 @@ import swinssl
 from swinssl.config import load_config, save_config
 from swinssl.data.discover import Case
 from swinssl.engine.distributed import launched_as_rank_zero
+from swinssl.checkpoint import Checkpoint
 from swinssl.errors import ConfigError
 from swinssl.runs import RunDir
 from swinssl.utils import atomic_write_text, sha256_file, writable_dir
@@ -46,9 +47,7 @@ def write_manifest(path: Path, splits: dict[str, Sequence[Case]]) -> str:
                 "modality": case.modality,
                 "files": [{"path": str(f), "bytes": _size(f), "sha256": _digest(f)} for f in files],
             })
-    text = json.dumps(entries, indent=2)
-    atomic_write_text(RunDir(path).manifest, text)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return RunDir(path).write_manifest(entries)
 
 
 def _size(path: Path) -> int:
@@ -93,17 +92,15 @@ def write_run_files(path: Path, cfg, splits: dict[str, Sequence[Case]]) -> str:
     return write_manifest(path, splits)
 
 
-def resume_state(resume: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, dict | None]:
+def resume_state(resume: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, Checkpoint | None]:
     """The saved config of run directory ``resume`` (plus overrides) and its last checkpoint, if any."""
-    from swinssl.engine.checkpoint import load_checkpoint
-
     run = RunDir(resume)
     if not run.config.is_file():
         raise ConfigError(f"{run.path}: not a run directory (no config.yaml)")
     cfg = load_config(run.config, overrides)
     for stale in run.stale_checkpoints():
         stale.unlink(missing_ok=True)
-    return cfg, load_checkpoint(run.last) if run.last.is_file() else None
+    return cfg, Checkpoint.load(run.last) if run.last.is_file() else None
 
 
 def open_folds_dir(cfg, kind: str, validation: dict[str, list[str]]) -> Path:
@@ -128,7 +125,7 @@ def open_folds_dir(cfg, kind: str, validation: dict[str, list[str]]) -> Path:
     return path
 
 
-def open_run_dir(fabric, cfg, kind: str, resume: str | Path | None, state: dict | None,
+def open_run_dir(fabric, cfg, kind: str, resume: str | Path | None, state: Checkpoint | None,
                  splits: dict[str, Sequence[Case]]) -> tuple[Path, str | None]:
     """The run directory (new, or ``resume``) and the data manifest's hash.
 

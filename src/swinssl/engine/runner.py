@@ -26,17 +26,17 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-import swinssl
 from swinssl.config import Config
 from swinssl.data.discover import Case
-from swinssl.engine.checkpoint import restore_rng, rng_state, save_checkpoint
+from swinssl.engine.checkpoint import restore_rng, rng_state
 from swinssl.engine.data import BadVolumes
 from swinssl.engine.distributed import DistributedFaults
 from swinssl.engine.logging import MetricLogger
 from swinssl.engine.loop import due, nonfinite_gradients, progress_bar, setup_fabric, warmup_cosine
 from swinssl.engine.memory import is_out_of_memory, out_of_memory_line
 from swinssl.engine.run_dir import open_run_dir, resume_state
-from swinssl.nn.load import load_exactly
+from swinssl.nn.load import filter_swinssl, load_exactly
+from swinssl.checkpoint import Checkpoint
 from swinssl.errors import TrainingError
 from swinssl.plan import Plan
 from swinssl.plots import save_preview
@@ -99,7 +99,7 @@ def run_stage(stage_of, cfg: Config | None = None, resume: str | Path | None = N
 class Runner:
     """The optimisation of one stage: ``train`` runs optimiser steps until ``train.steps``."""
 
-    def __init__(self, stage: Stage, cfg: Config, fabric, run: RunDir, manifest: str | None, state: dict | None,
+    def __init__(self, stage: Stage, cfg: Config, fabric, run: RunDir, manifest: str | None, state: Checkpoint | None,
                  progress: bool, start_estimate: dict | None = None):
         t = cfg.train
         self.stage, self.cfg, self.t, self.fabric, self.run = stage, cfg, t, fabric, run
@@ -109,16 +109,17 @@ class Runner:
         self.scheduler = LambdaLR(self.optimizer, warmup_cosine(t.warmup_steps, t.steps))
         self.start, self.best, self.wall_before = 0, -math.inf, 0.0
         if state is not None:
-            load_exactly(model, state["model"], f"{run.last}: the weights do not fit the model of the run's config",
+            load_exactly(model, {filter_swinssl(k): v for k, v in state.model.items()},
+                         f"{run.last}: the weights do not fit the model of the run's config",
                          "the resume's overrides changed the network or a task's weight, or the run predates heads "
                          "built only for weighted tasks")
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            restore_rng(state["rng"])
-            self.start = int(state["step"])
-            self.wall_before = float(state.get("wall_s", 0.0))  # the time spent before the resume
-            self.best = float(state.get(f"best_{stage.best_metric}", -math.inf)) if stage.best_metric else -math.inf
-            manifest = Plan.from_dict(state["plan"], str(run.last)).manifest_sha256
+            self.optimizer.load_state_dict(state.optimizer)
+            self.scheduler.load_state_dict(state.scheduler)
+            restore_rng(state.rng)
+            self.start = state.step
+            self.wall_before = state.wall_s  # the time spent before the resume
+            self.best = state.best.get(stage.best_metric, -math.inf) if stage.best_metric else -math.inf
+            manifest = Plan.from_dict(state.plan, str(run.last)).manifest_sha256
         self.raw_model = model  # unwrapped: its state-dict keys carry no DDP / compile prefix
         if t.compile:  # in place, so state-dict keys stay unprefixed
             model.compile()
@@ -242,14 +243,9 @@ class Runner:
     def save(self, path: Path, step: int, metrics: dict) -> None:
         if not self.fabric.is_global_zero:
             return
-        payload = {
-            "format": "swinssl", "version": swinssl.__version__, "kind": self.stage.kind, "step": step,
-            "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "plan": self.plan.to_dict(),
-            "metrics": metrics,
-            # The compute the run has cost so far: wall seconds since it first started, and its processes.
-            "wall_s": self.wall_before + time.perf_counter() - self.started, "world_size": self.fabric.world_size,
-        }
-        if self.stage.best_metric:
-            payload[f"best_{self.stage.best_metric}"] = self.best
-        save_checkpoint(path, payload)
+        Checkpoint(kind=self.stage.kind, step=step, model=self.raw_model.state_dict(), plan=self.plan.to_dict(),
+                   optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), rng=rng_state(),
+                   metrics=metrics, best={self.stage.best_metric: self.best} if self.stage.best_metric else {},
+                   # The compute the run has cost so far: wall seconds since it first started, and its processes.
+                   wall_s=self.wall_before + time.perf_counter() - self.started,
+                   world_size=self.fabric.world_size).save(path)

@@ -26,7 +26,7 @@ from swinssl.data.splits import class_indices, finetune_split
 from swinssl.data.transforms import case_item, finetune_transforms
 from swinssl.engine.data import SeededDataset, cache_root, images_of, labels_of, sample_seed
 from swinssl.errors import ConfigError
-from swinssl.methods import window_predictor
+from swinssl.methods import finetune_method, window_predictor
 from swinssl.nn import build_encoder
 from swinssl.nn.heads import FrozenEncoderProbe
 from swinssl.plots import save_overlay
@@ -42,7 +42,7 @@ def validate(model, cfg: Config, cases: list[Case], classes: list[int], names: d
     """
     was_training = model.training
     model.eval()
-    predictor, _ = window_predictor(model, dataclasses.asdict(cfg.model), views)
+    predictor, _ = window_predictor(model, finetune_method(cfg.finetune.method, dataclasses.asdict(cfg.model)), views)
     pipeline = finetune_transforms(cfg.preprocess, classes=classes, channels=cfg.model.in_channels, train=False,
                                    cache=cache_root(cfg))
     k = len(classes)

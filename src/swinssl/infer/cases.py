@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import sys
 from collections import Counter
@@ -23,14 +22,15 @@ from swinssl.data.discover import Case, find_dataset
 from swinssl.data.io import guess_modality, read_volume
 from swinssl.data.transforms import Pipeline, case_item, inference_transforms, invert
 from swinssl.errors import ConfigError, DataError, SwinsslError
-from swinssl.infer.exported import exported_views
+from swinssl.infer.exported import exported_views, is_exported
 from swinssl.infer.model import load_ensemble
 from swinssl.infer.volume import predict_volume, window_batch
 from swinssl.infer.write import OutputFormat, output_suffix, write_mask
-from swinssl.methods import view_choices, window_predictor
+from swinssl.methods import Method, check_views, method_of, window_predictor
 from swinssl.plan import Plan
+from swinssl.results import PredictionFolder
 from swinssl.runtime import release_freed_memory
-from swinssl.utils import atomic_write_text, count_windows, writable_dir
+from swinssl.utils import count_windows, writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class PredictOptions:
     ``infer.volume.window_batch``); ``flips``: average over the 8 axis flips;
     ``views``: a choice of ``swinssl.methods.view_choices()`` (``auto``: the network's method
     decides); ``output_format``: ``nifti``, or ``same`` to keep NRRD for NRRD inputs;
-    ``device`` of the network; ``cache``: the preprocessing cache folder, ``auto`` (the one
+    ``device`` of the network (``auto``: cuda when there is one, except for exported predictors); ``cache``: the preprocessing cache folder, ``auto`` (the one
     the model was trained with, ``prediction_cache``) or ``off``/None.
     """
 
@@ -92,10 +92,10 @@ def predict_case(model: nn.Module | Sequence[nn.Module], plan: Plan, case_or_pat
         labels = torch.zeros((1, *image.shape[1:]))
     else:
         models = [model] if isinstance(model, nn.Module) else list(model)
-        roi = _roi(options.roi_size, plan)
-        options = dataclasses.replace(options, sw_batch_size=options.sw_batch_size or window_batch(models[0], roi))
+        roi, method = _roi(options.roi_size, plan), method_of(plan)
+        options = dataclasses.replace(options, sw_batch_size=options.sw_batch_size or window_batch(models[0], roi, method))
         with _window_bar(progress, case, image.shape[1:], roi, options, len(models)) as bar:
-            probs = ensemble_probabilities(models, image, roi, options, on_windows=bar.update)
+            probs = ensemble_probabilities(models, image, roi, options, on_windows=bar.update, method=method)
         num_classes = probs.shape[0]
         labels = probs.argmax(dim=0, keepdim=True).float()
         # Inverting resamples onto the file's grid, the memory peak of a prediction: free what we can first.
@@ -108,19 +108,20 @@ def predict_case(model: nn.Module | Sequence[nn.Module], plan: Plan, case_or_pat
 
 def ensemble_probabilities(models: Sequence[nn.Module], image: torch.Tensor, roi_size: Sequence[int],
                            options: PredictOptions = PredictOptions(),
-                           on_windows: Callable[[int], None] | None = None) -> torch.Tensor:
+                           on_windows: Callable[[int], None] | None = None, method: Method | None = None) -> torch.Tensor:
     """Softmax probabilities ``(C, X, Y, Z)`` of one preprocessed image: the mean over ``models`` of each
     one's ``predict_volume`` (its sliding windows, flips and views, with ``options``).
 
     Probabilities are averaged, not logits, as nnU-Net ensembles its folds: a model sure of a voxel
     adds at most 1 to its class, so one over-confident model cannot outvote the others. One model:
-    its own output. ``options.overlap`` None: ``DEFAULT_OVERLAP``; ``on_windows``: ``predict_volume``'s.
+    its own output. ``options.overlap`` None: ``DEFAULT_OVERLAP``; ``on_windows``, ``method``: ``predict_volume``'s.
     """
     o = options
     overlap = DEFAULT_OVERLAP if o.overlap is None else o.overlap
     total: torch.Tensor | None = None
     for model in models:
-        probs = predict_volume(model, image, roi_size, overlap, o.sw_batch_size, o.mode, o.flips, o.views, on_windows)
+        probs = predict_volume(model, image, roi_size, overlap, o.sw_batch_size, o.mode, o.flips, o.views, on_windows,
+                               method=method)
         total = probs if total is None else total.add_(probs)
     assert total is not None, "ensemble_probabilities: no model"
     return total / len(models)
@@ -222,20 +223,22 @@ def predict(model_source: str | Path | Sequence[str | Path], inputs: str | Path 
     """
     if options.output_format not in ("nifti", "same"):
         raise ConfigError(f"output_format must be one of nifti, same, got {options.output_format!r}")
-    if options.views not in view_choices():
-        raise ConfigError(f"views {options.views!r}: choose one of {', '.join(view_choices())}")
+    check_views(options.views)
     out_dir = writable_dir(out_dir)
     sources = [model_source] if isinstance(model_source, (str, Path)) else list(model_source)
+    if options.device == "auto":  # exported predictors run on the CPU (onnxruntime, torch.export's CPU graph)
+        gpu = torch.cuda.is_available() and not any(is_exported(s) for s in sources)
+        options = dataclasses.replace(options, device="cuda" if gpu else "cpu")
     models, plan, checkpoints = load_ensemble(sources, options.device)
     if len(models) > 1:
         log.info("ensemble of %d models: %s", len(models), ", ".join(map(str, checkpoints)))
     roi = _roi(options.roi_size, plan)
     # auto resolved, so the record says which (one plan: the same for every model); exported
     # predictors hold theirs, baked into their graphs
-    views = exported_views(models, options.views, roi) or window_predictor(models[0], plan.network_fields(),
-                                                                           options.views)[1]
+    method = method_of(plan)
+    views = exported_views(models, options.views, roi) or window_predictor(models[0], method, options.views)[1]
     options = dataclasses.replace(options, roi_size=roi, views=views, overlap=overlap_of(options.overlap, plan),
-                                  sw_batch_size=options.sw_batch_size or window_batch(models[0], roi))
+                                  sw_batch_size=options.sw_batch_size or window_batch(models[0], roi, method))
     cache = prediction_cache(options.cache, plan.cache)
     pipeline = inference_pipeline(plan, cache)  # one for all cases: an unusable cache is found (and said) once
     cases, failed = collect_cases(inputs)
@@ -257,7 +260,7 @@ def predict(model_source: str | Path | Sequence[str | Path], inputs: str | Path 
         raise DataError(f"{_describe(inputs)}: no mask written ({len(failed)} input(s) failed: {reasons})")
     record = {**dataclasses.asdict(options), "roi_size": list(options.roi_size), "device": str(options.device),
               "cache": str(cache) if cache else None}
-    _write_record(out_dir, sources[0], checkpoints, plan, record, written, failed)
+    PredictionFolder(out_dir).write_record(str(sources[0]), checkpoints, plan.labels, record, written, failed)
     log.info("wrote %d mask(s) to %s; %d input(s) skipped", len(written), out_dir, len(failed))
     return [Path(p) for p in written.values()]
 
@@ -315,18 +318,3 @@ def _roi(roi_size: Sequence[int] | int | None, plan: Plan) -> tuple[int, ...]:
 def _describe(inputs: str | Path | Iterable[str | Path]) -> str:
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     return str(items[0]) if len(items) == 1 else f"{items[0]} (+{len(items) - 1} more)" if items else "inputs"
-
-
-def _write_record(out_dir: Path, model_source: str | Path, checkpoints: list[Path], plan: Plan, options: dict,
-                  written: dict[str, str], failed: dict[str, str]) -> None:
-    """``predictions.json``: enough to know later which models and options made which file."""
-    record = {
-        "model": str(model_source),
-        "checkpoint": str(checkpoints[0].resolve()),
-        "models": [str(c.resolve()) for c in checkpoints],  # every model averaged; one without an ensemble
-        "labels": plan.labels,
-        "options": options,
-        "predictions": written,
-        "failed": failed,
-    }
-    atomic_write_text(out_dir / "predictions.json", json.dumps(record, indent=2) + "\n")

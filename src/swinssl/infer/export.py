@@ -3,7 +3,7 @@
 (the layout and the reading side: ``swinssl.infer.exported``).
 
 What is exported is ``WindowNetwork``: the function that ``predict_volume``'s sliding windows call,
-``swinssl.methods.window_predictor(network, plan fields, views)``, as a module -- a plain
+``swinssl.methods.window_predictor(network, method_of(plan), views)``, as a module -- a plain
 SwinUNETR; a SwinMM multi-view network fused over its three view pairs (``fused``, its default)
 or one axis order; a SwinFUSE network whose domain-invariance module gets the window in both
 streams -- traced for windows of the plan's ROI, the batch a dynamic axis (spatial axes fixed).
@@ -37,10 +37,11 @@ import torch
 from torch import nn
 
 import swinssl
+from swinssl.checkpoint import export_weights
 from swinssl.errors import ConfigError, DependencyError
 from swinssl.infer.exported import FORMAT, FORMAT_VERSION, INPUT_NAME, ONNX_INSTALL, OUTPUT_NAME, SUFFIXES
 from swinssl.infer.model import load_model
-from swinssl.methods import view_choices, window_predictor
+from swinssl.methods import Method, check_views, method_of, window_predictor
 from swinssl.plan import Plan
 from swinssl.runs import resolve_checkpoint
 from swinssl.utils import atomic_path, writable_dir
@@ -58,14 +59,14 @@ EXAMPLE_BATCH = 2  # traced with 2 windows: a batch of 1 would be specialised to
 
 
 class WindowNetwork(nn.Module):
-    """The function sliding windows call for ``network`` (fields ``fields``) and ``views``, as a module:
+    """The function sliding windows call for ``network`` (fine-tuned with ``method``'s hooks) and ``views``, as a module:
     ``(B, C, *roi)`` -> logits (or log-probabilities, for fused views) ``(B, K, *roi)``.
     ``views`` is the resolved choice (``auto`` replaced by the method's default)."""
 
-    def __init__(self, network: nn.Module, fields: dict, views: str = "auto"):
+    def __init__(self, network: nn.Module, method: Method | None = None, views: str = "auto"):
         super().__init__()
         self.network = network
-        function, self.views = window_predictor(network, fields, views)
+        function, self.views = window_predictor(network, method, views)
         self._function = (function,)  # a tuple: not registered twice when it is the network itself
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +121,20 @@ def metadata(plan: Plan, views: str, roi: tuple[int, ...], source: str | Path) -
     }
 
 
+def export(source: str | Path, out: str | Path, views: str = "auto") -> Path:
+    """``swinssl export``: the format by the name's ending: ``.safetensors`` (weights and plan,
+    ``swinssl.checkpoint.export_weights``; no views choice), ``.onnx`` or ``.pt2`` (``export_predictor``)."""
+    suffix = Path(out).suffix.lower()
+    if suffix == ".safetensors":
+        if views != "auto":
+            raise ConfigError("--views applies to .onnx and .pt2 predictors, not to .safetensors weights")
+        return export_weights(source, out)
+    if suffix in SUFFIXES:
+        return export_predictor(source, out, views)
+    raise ConfigError(f"{out}: the name's ending picks the format: .safetensors (weights and plan), "
+                      ".onnx (onnxruntime predictor) or .pt2 (torch.export predictor)")
+
+
 def export_predictor(source: str | Path, out: str | Path, views: str = "auto") -> Path:
     """Write the window network of a fine-tuned checkpoint (or run directory) ``source`` to ``out``:
     ONNX for a name ending in ``.onnx``, ``torch.export`` for ``.pt2``; returns ``out``.
@@ -134,8 +149,7 @@ def export_predictor(source: str | Path, out: str | Path, views: str = "auto") -
     suffix = out.suffix.lower()
     if suffix not in SUFFIXES:
         raise ConfigError(f"{out}: an exported predictor's name ends in {' or '.join(SUFFIXES)}")
-    if views not in view_choices():
-        raise ConfigError(f"views {views!r}: choose one of {', '.join(view_choices())}")
+    check_views(views)
     if suffix == ".onnx":
         _check_onnx_exporter(out)
     path = resolve_checkpoint(source)
@@ -144,12 +158,12 @@ def export_predictor(source: str | Path, out: str | Path, views: str = "auto") -
     example = torch.zeros((EXAMPLE_BATCH, plan.network.in_channels, *roi))
     writable_dir(out.parent)
     if suffix == ".onnx":
-        window = WindowNetwork(with_instance_norm_by_axes(network), plan.network_fields(), views).eval()
+        window = WindowNetwork(with_instance_norm_by_axes(network), method_of(plan), views).eval()
         meta = metadata(plan, window.views, roi, path)
         with atomic_path(out, suffix=suffix) as tmp:
             _write_onnx(window, example, tmp, meta)
     else:
-        window = WindowNetwork(network, plan.network_fields(), views).eval()
+        window = WindowNetwork(network, method_of(plan), views).eval()
         meta = metadata(plan, window.views, roi, path)
         with atomic_path(out, suffix=suffix) as tmp:
             _write_pt2(window, example, tmp, meta)

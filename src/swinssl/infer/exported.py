@@ -59,15 +59,14 @@ class ExportedPredictor(nn.Module):
     """A window network read from an exported file: ``(B, C, *roi)`` float32 -> logits ``(B, K, *roi)``.
 
     ``path``: the file; ``plan``: its plan; ``views``: the views choice baked in; ``roi``: the
-    window size it takes (no other); ``config``: the plan's network fields (``window_batch`` sizes
-    window batches by them). The network's method hooks were applied at export: ``predict_volume``
+    window size it takes (no other). The network's method hooks were applied at export: ``predict_volume``
     calls ``window_function``, not ``window_predictor``, for it.
     """
 
     def __init__(self, path: Path, plan: Plan, views: str, roi: tuple[int, int, int]):
         super().__init__()
         self.path, self.plan, self.views, self.roi = path, plan, views, roi
-        self.config: dict[str, Any] = plan.network_fields()
+        self.feature_size = plan.network.feature_size  # window_batch sizes window batches by it
 
     def window_function(self, views: str, roi_size: Sequence[int] | int) -> nn.Module:
         """Itself, the function sliding windows call, once ``views`` and ``roi_size`` are what it was

@@ -13,7 +13,8 @@ from torch import nn
 from swinssl.errors import CheckpointError
 from swinssl.infer.exported import is_exported, load_exported
 from swinssl.nn.build import build_network
-from swinssl.nn.load import filter_swinssl, load_exactly, read_checkpoint
+from swinssl.checkpoint import FORMAT, Checkpoint, read_checkpoint
+from swinssl.nn.load import filter_swinssl, load_exactly
 from swinssl.nn.swin_unetr import SwinUNETR
 from swinssl.plan import Plan, plan_difference
 from swinssl.runs import resolve_checkpoint, resolve_checkpoints
@@ -30,10 +31,10 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[
     a plan without network or preprocessing, or weights that do not fit the planned network.
     """
     path = resolve_checkpoint(source)
-    ckpt = read_checkpoint(path)
-    plan = _finetune_plan(ckpt, path)
+    ckpt = _finetune_checkpoint(read_checkpoint(path), path)
+    plan = Plan.from_dict(ckpt.plan or None, source=str(path))
     model = build_network(plan.network_fields())
-    _load_weights(model, ckpt.get("model"), path)
+    _load_weights(model, ckpt.model, path)
     return model.to(device).eval(), plan
 
 
@@ -68,23 +69,21 @@ def load_ensemble(sources: Sequence[str | Path], device: str | torch.device = "c
     return models, plans[0], checkpoints
 
 
-def _finetune_plan(ckpt: Any, path: Path) -> Plan:
-    if not isinstance(ckpt, Mapping) or ckpt.get("format") != "swinssl":
+def _finetune_checkpoint(data: Any, path: Path) -> Checkpoint:
+    if not isinstance(data, Mapping) or data.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: not a swinssl checkpoint; predict needs a fine-tuned checkpoint or run directory (swinssl finetune)"
         )
-    kind = ckpt.get("kind")
-    if kind != "finetune":
+    ckpt = Checkpoint.from_dict(data, str(path))
+    if ckpt.kind != "finetune":
         raise CheckpointError(
-            f"{path}: a {kind!r} checkpoint holds no segmentation head; fine-tune it first (swinssl finetune) "
+            f"{path}: a {ckpt.kind!r} checkpoint holds no segmentation head; fine-tune it first (swinssl finetune) "
             "and predict with that run"
         )
-    return Plan.from_dict(ckpt.get("plan"), source=str(path))
+    return ckpt
 
 
-def _load_weights(model: nn.Module, state: Any, path: Path) -> None:
+def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
     """Strict load: a prediction from half-loaded weights would look plausible and be wrong."""
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: the checkpoint's 'model' is not a state dict of tensors")
     state = {filter_swinssl(k): v for k, v in state.items()}  # DDP / torch.compile prefixes
     load_exactly(model, state, f"{path}: weights do not fit the network of its plan")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 from monai.data import MetaTensor
@@ -13,7 +13,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from swinssl.infer.exported import ExportedPredictor
-from swinssl.methods import network_method, window_predictor
+from swinssl.methods import Method, window_predictor
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ def predict_volume(
     flips: bool = False,
     views: str = "auto",
     on_windows: Callable[[int], None] | None = None,
+    method: Method | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities ``(C, X, Y, Z)`` (float32, CPU) for one preprocessed image ``(C_in, X, Y, Z)``.
 
@@ -70,8 +71,9 @@ def predict_volume(
     pipeline's output), so a large volume does not have to fit in GPU memory at once.
     ``flips``: average the softmax over the 8 flips of the spatial axes (flip, predict, flip back).
     ``views``: what each window is predicted through, a choice of the methods' inference hooks
-    (``swinssl.methods.window_predictor``): ``auto`` (the network's method decides: fused for
-    SwinMM multi-view networks, else single), ``single``, ``fused`` (the softmax of the three
+    (``swinssl.methods.window_predictor``) of ``method``, whose hooks the model was fine-tuned with
+    (``methods.method_of`` its plan; None: a plain network's): ``auto`` (the method decides: fused
+    for SwinMM multi-view networks, else single), ``single``, ``fused`` (the softmax of the three
     axis orders averaged) or one axis order (``identity``, ``swap_xy``, ``swap_xz``). An exported
     predictor (``swinssl.infer.exported``) is that function already: ``views`` must be its own (or
     ``auto``) and ``roi_size`` its window size. ``on_windows(n)`` is called after each forward
@@ -83,11 +85,11 @@ def predict_volume(
     x = (image.as_tensor() if isinstance(image, MetaTensor) else image).float().unsqueeze(0)
     device = _device_of(model)
     roi = (roi_size,) * 3 if isinstance(roi_size, int) else tuple(roi_size)
-    sw_batch_size = sw_batch_size or window_batch(model, roi)
+    sw_batch_size = sw_batch_size or window_batch(model, roi, method)
     if isinstance(model, ExportedPredictor):
         predictor = model.window_function(views, roi)
     else:
-        predictor, _ = window_predictor(model, getattr(model, "config", {}), views)
+        predictor, _ = window_predictor(model, method, views)
     if on_windows is not None:
         predictor = _counted(predictor, on_windows)
     total: torch.Tensor | None = None
@@ -118,19 +120,22 @@ WINDOW_BYTES_PER_VOXEL_FEATURE = 40
 MAX_WINDOW_BATCH = 16
 
 
-def window_batch(model: nn.Module, roi_size: Sequence[int], memory_share: float = 0.25) -> int:
+def window_batch(model: nn.Module, roi_size: Sequence[int], method: Method | None = None,
+                 memory_share: float = 0.25) -> int:
     """Windows per forward pass when none is given: one per CPU thread (a batch of small windows
     keeps the cores busy where one window's many small operations do not), as many as fit
     ``memory_share`` of the free GPU memory on a GPU; on either, no more than fit that share of
-    the free memory, at least 1 and at most ``MAX_WINDOW_BATCH``."""
-    return network_window_batch(getattr(model, "config", {}), roi_size, _device_of(model), memory_share)
+    the free memory, at least 1 and at most ``MAX_WINDOW_BATCH``. ``method``: whose inference
+    hooks run the model (its streams per window); None: a plain network's."""
+    streams = method.window_streams() if method is not None else 1
+    return network_window_batch(getattr(model, "feature_size", 48), roi_size, _device_of(model), streams, memory_share)
 
 
-def network_window_batch(config: Mapping[str, Any], roi_size: Sequence[int], device: torch.device | str,
+def network_window_batch(feature_size: int, roi_size: Sequence[int], device: torch.device | str, streams: int = 1,
                          memory_share: float = 0.25) -> int:
-    """``window_batch`` of a network described by its constructor fields (``config``), on ``device``."""
-    streams = network_method(config).window_streams(config)
-    per_window = WINDOW_BYTES_PER_VOXEL_FEATURE * math.prod(roi_size) * config.get("feature_size", 48) * streams
+    """``window_batch`` of a network of ``feature_size`` whose windows hold ``streams`` inputs' worth
+    of activations, on ``device``."""
+    per_window = WINDOW_BYTES_PER_VOXEL_FEATURE * math.prod(roi_size) * feature_size * streams
     device = torch.device(device)
     if device.type == "cuda":
         wanted, free = MAX_WINDOW_BATCH, torch.cuda.mem_get_info(device)[0]

@@ -141,16 +141,20 @@ def weighted_tasks(method: MethodConfig) -> dict[str, float]:
 class Method:
     """A method: its default view maker, its checks, and its hooks after pre-training.
 
-    Pre-training (shared by every method): ``check``, ``build_model``, ``compute_losses``.
-    Fine-tuning and inference hooks, for the networks this method ``owns`` (base: a plain
-    SwinUNETR): ``check_finetune``, ``finetune_losses``, ``views`` choices at inference,
-    ``default_views`` and ``window_predictor``.
+    Pre-training (shared by every method): ``check``, ``build_model``, ``compute_losses``; a
+    method whose tasks need an encoder variant names it (``encoder``).
+    Fine-tuning and inference hooks, looked up by the method's name (``finetune.method``, recorded
+    in the plan): ``check_finetune``, ``finetune_losses``, ``views`` choices at inference,
+    ``default_views`` and ``window_predictor``. ``network``: the model fields of the networks the
+    hooks drive.
     """
 
     views: tuple[str, ...] = ("single",)  # inference choices this method's predictor understands
+    # Model fields of the networks the fine-tuning hooks drive (base: a plain SwinUNETR).
+    network: Mapping[str, Any] = {"multiview": False, "encoder": "swin"}
 
-    def __init__(self, name: str, view_maker: str, needs_dim: bool = False):
-        self.name, self.view_maker, self.needs_dim = name, view_maker, needs_dim
+    def __init__(self, name: str, view_maker: str, encoder: str = "swin"):
+        self.name, self.view_maker, self.encoder = name, view_maker, encoder
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -165,8 +169,8 @@ class Method:
 
     def check(self, cfg: Config) -> None:
         """Refuse, in one line naming the key or task, a config this method cannot train."""
-        if self.needs_dim and not cfg.model.domain_invariance:
-            raise ConfigError(f"method {self.name} needs model.domain_invariance=true (its presets set it)")
+        if self.encoder != "swin" and cfg.model.encoder != self.encoder:
+            raise ConfigError(f"method {self.name} needs model.encoder={self.encoder} (its presets set it)")
         maker = self.view_maker_of(cfg.method)
         maker.check(cfg)
         check_task_names(cfg.method)
@@ -207,9 +211,9 @@ class Method:
 
     # -- fine-tuning and inference hooks (base: a plain SwinUNETR) --
 
-    def owns(self, network: Mapping[str, Any]) -> bool:
-        """Whether this method's fine-tuning and inference hooks apply to a network (config or plan)."""
-        return False
+    def drives(self, network: Mapping[str, Any]) -> bool:
+        """Whether the network (model fields, a config's or a plan's) has what ``network`` says the hooks need."""
+        return all(network.get(key) == value for key, value in self.network.items())
 
     def check_finetune(self, cfg: Config) -> None:
         if cfg.finetune.unlabeled:
@@ -221,14 +225,14 @@ class Method:
         micro-step's own, for any random choice the objective makes."""
         return segmentation_loss(model(x), y), {}
 
-    def default_views(self, network: Mapping[str, Any]) -> str:
+    def default_views(self) -> str:
         return "single"
 
     def window_predictor(self, model: nn.Module, views: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """The function sliding windows call: a window's logits (or log-probabilities) in its frame."""
         return model
 
-    def window_streams(self, network: Mapping[str, Any]) -> int:
+    def window_streams(self) -> int:
         """How many inputs' worth of activations one window holds at once in inference (the
         memory ``infer.volume.window_batch`` plans for)."""
         return 1

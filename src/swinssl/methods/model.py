@@ -32,21 +32,21 @@ class SSLModel(nn.Module):
 
     def __init__(self, model: ModelConfig, method: MethodConfig, heads: Sequence[str]):
         super().__init__()
-        dim = 16 * model.feature_size  # bottleneck width
+        width = 16 * model.feature_size  # bottleneck channels
         self.swinViT = build_encoder(model)
         self.head_names = tuple(heads)
         for name in self.head_names:
-            setattr(self, f"{name}_head", HEADS[name](dim, model.in_channels, method))
+            setattr(self, f"{name}_head", HEADS[name](width, model.in_channels, method))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         encoder, out = self.swinViT, {}
-        if encoder.dim is None:
+        if not hasattr(encoder, "invariance"):  # the plain Swin encoder: one stream
             hidden = encoder(x, normalize=True)
         else:
             if x.shape[0] % 2:
                 raise ValueError(f"expected the two views concatenated (an even batch), got {x.shape[0]} samples")
             first, second = encoder.embed(x).chunk(2)
-            gate_first, gate_second = encoder.dim.gates(first, second)
+            gate_first, gate_second = encoder.invariance.gates(first, second)
             streams = (first * gate_first, second * gate_second)
             hidden = encoder.stages(torch.cat(streams), normalize=True)
             out["streams"] = streams

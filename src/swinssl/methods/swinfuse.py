@@ -14,7 +14,6 @@ and attends across the batch; see docs/methods.md.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +31,7 @@ class SwinFUSE(Method):
     (which the conv path, the label and inference see) and a copy with up to
     ``finetune.dim_cutout`` of it cut out (noise boxes, as pre-training's views)."""
 
-    def owns(self, network: Mapping[str, Any]) -> bool:
-        return bool(network.get("domain_invariance")) and not network.get("multiview")
+    network = {"encoder": "domain_invariant_swin", "multiview": False}
 
     def check_finetune(self, cfg: Config) -> None:
         super().check_finetune(cfg)
@@ -46,11 +44,11 @@ class SwinFUSE(Method):
         second = cutout(x, torch.Generator().manual_seed(seed), cfg.finetune.dim_cutout)
         return segmentation_loss(model(x, second=second), y), {}
 
-    def window_streams(self, network: Mapping[str, Any]) -> int:
+    def window_streams(self) -> int:
         return 2  # the input goes through the module as both of its streams
 
 
-METHOD = SwinFUSE("swinfuse", view_maker="cutout", needs_dim=True)
+METHOD = SwinFUSE("swinfuse", view_maker="cutout", encoder="domain_invariant_swin")
 
 
 @torch.no_grad()
@@ -60,7 +58,7 @@ def save_attention_overlay(encoder: nn.Module, view_a: torch.Tensor, view_b: tor
     queries and heads), upsampled to the image and drawn over it. Memory grows with tokens x
     pooled tokens: for figures of single crops, not whole volumes."""
     embed_a, embed_b = encoder.embed(view_a[None]), encoder.embed(view_b[None])
-    _, _, on_a, on_b = encoder.dim.gates(embed_a, embed_b, weights=True)
+    _, _, on_a, on_b = encoder.invariance.gates(embed_a, embed_b, weights=True)
     size = tuple(view_a.shape[1:])
     up = [F.interpolate(m[:, None], size=size, mode="trilinear", align_corners=False)[0, 0] for m in (on_a, on_b)]
     return save_heatmap_overlay(Path(path), view_a[0], {"attention on view 1": up[0], "attention on view 2": up[1]},

@@ -24,7 +24,7 @@ Where the published code differs, the paper wins (see docs/methods.md).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 import numpy as np
 import torch
@@ -61,8 +61,7 @@ def multiview_loss(model, x: torch.Tensor, y: torch.Tensor | None, orders, loss_
 class SwinMM(Method):
     views = ("single", "fused", *PERMUTATIONS)
 
-    def owns(self, network: Mapping[str, Any]) -> bool:
-        return bool(network.get("multiview"))
+    network = {"multiview": True}
 
     def check_finetune(self, cfg: Config) -> None:
         pass  # unlabelled volumes are welcome: the views' mean gives their pseudo-labels
@@ -80,10 +79,10 @@ class SwinMM(Method):
                                                    + ft.consistency_weight * parts["unlabeled_consistency"])
         return total, parts
 
-    def default_views(self, network: Mapping[str, Any]) -> str:
+    def default_views(self) -> str:
         return "fused"
 
-    def window_streams(self, network: Mapping[str, Any]) -> int:
+    def window_streams(self) -> int:
         return 3  # the three axis orders of a fused window
 
     def window_predictor(self, model: nn.Module, views: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -121,9 +121,9 @@ def mutual(s: TaskInput) -> torch.Tensor:
 
 
 def _check_density(cfg: Config) -> None:
-    if not cfg.model.domain_invariance:
+    if cfg.model.encoder != "domain_invariant_swin":
         raise ConfigError("method.weights.density: task 'density' compares the domain-invariance module's two "
-                          "streams; set model.domain_invariance=true")
+                          "streams; set model.encoder=domain_invariant_swin")
     if cfg.method.density_points < 2:
         raise ConfigError(f"method.density_points must be at least 2, got {cfg.method.density_points}")
 

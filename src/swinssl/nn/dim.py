@@ -1,7 +1,7 @@
 """SwinFUSE's domain-invariance module (Talasila et al., 2024): two streams of patch embeddings
 co-attend over spatial tokens before the first Swin stage.
 
-Two forms, chosen by ``model.dim_heads`` (``domain_invariance_module``):
+Two forms, chosen by ``model.invariance_heads`` (``domain_invariance_module``):
 
 * a list, ``[3, 6, 12, 24]`` in the presets: **the paper's** (sec. 2.2, Eq. 1)
   ``P1 . Psi1(Q2, K1, V1) + P2 . Psi2(Q1, K2, V2)``. Each stream has its own stack ``Psi`` of
@@ -103,7 +103,7 @@ class DomainInvarianceModule(nn.Module):
         super().__init__()
         heads = list(heads)
         if not heads:
-            raise ValueError("domain-invariance module: model.dim_heads needs at least one layer")
+            raise ValueError("domain-invariance module: model.invariance_heads needs at least one layer")
         _check(dim, heads, pool)
 
         def stack() -> nn.ModuleList:  # layer i: width C 2^(i-1) in, C 2^i out
@@ -176,7 +176,7 @@ class LightDomainInvarianceModule(nn.Module):
 
 
 def domain_invariance_module(dim: int, heads: int | Sequence[int], pool: int) -> nn.Module:
-    """The module ``model.dim_heads`` names: a list -> the paper's stack, an integer -> the light one."""
+    """The module ``model.invariance_heads`` names: a list -> the paper's stack, an integer -> the light one."""
     if isinstance(heads, int):
         return LightDomainInvarianceModule(dim, heads, pool)
     return DomainInvarianceModule(dim, heads, pool)

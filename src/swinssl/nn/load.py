@@ -26,10 +26,8 @@ checkpoints carry their network config and a mismatch raises.
 
 from __future__ import annotations
 
-import json
 
 import logging
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -37,6 +35,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from swinssl.checkpoint import read_checkpoint
 from swinssl.errors import CheckpointError
 from swinssl.plan import architecture_of
 
@@ -108,7 +107,8 @@ def filter_swinmm(key: str) -> str | None:
 
 
 def filter_swinssl(key: str) -> str | None:
-    return _strip_wrappers(key)
+    # Checkpoints written before the domain-invariant encoder was a variant of its own kept its module as ``dim``.
+    return _strip_wrappers(key).replace("swinViT.dim.", "swinViT.invariance.")
 
 
 FILTERS: dict[str, Callable[[str], str | None]] = {
@@ -117,49 +117,6 @@ FILTERS: dict[str, Callable[[str], str | None]] = {
     "swinmm": filter_swinmm,
     "swinssl": filter_swinssl,
 }
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """``torch.load(weights_only=True)`` with one-line errors; never executes pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
-        detail = f" ({lines[0][:160]})" if lines else ""
-        raise CheckpointError(
-            f"{path}: refused to load: the file holds objects other than tensors and plain data, "
-            f"which could run code{detail}"
-        ) from None
-    except Exception as err:  # noqa: BLE001 - truncated zip, not a torch file, ...
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(err).__name__}: {str(err)[:160]})") from None
-
-
-def read_safetensors(path: Path) -> dict:
-    """An exported weights file (``swinssl export``) as a checkpoint dict: tensors only, by
-    construction, and the plan from the file's metadata."""
-    try:
-        from safetensors.torch import load_file, safe_open
-    except ImportError:
-        raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)") from None
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as err:  # noqa: BLE001 - truncated, not safetensors, ...
-        raise CheckpointError(f"{path}: cannot read as safetensors ({type(err).__name__}: {str(err)[:160]})") from None
-    ckpt: dict = {"model": tensors}
-    if meta.get("format") == "swinssl":
-        try:
-            ckpt.update(format="swinssl", version=meta.get("version"), kind=meta.get("kind"),
-                        step=int(meta.get("step", 0)), plan=json.loads(meta.get("plan", "{}")))
-        except ValueError as err:
-            raise CheckpointError(f"{path}: malformed swinssl metadata ({err})") from None
-    return ckpt
 
 
 def _tensor_dict(ckpt: Mapping, source: str) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -286,10 +243,9 @@ def _width_hint(state: Mapping[str, torch.Tensor], model: nn.Module) -> str:
 
 def _check_plan(ckpt: Mapping, model: nn.Module, name: str) -> None:
     """Our checkpoints say which patch-merging order they used; loading into the other is wrong silently."""
-    config = getattr(model, "config", None)
-    if not isinstance(ckpt.get("plan"), Mapping) or not isinstance(config, dict):
+    ours = getattr(getattr(model, "swinViT", None), "merging", None)
+    if not isinstance(ckpt.get("plan"), Mapping) or ours is None:
         return
     theirs = architecture_of(ckpt["plan"], name).get("downsample")
-    ours = config.get("downsample")
     if theirs and ours and theirs != ours:
         raise CheckpointError(f"{name}: weights use patch merging '{theirs}' but the model uses '{ours}'; build the model with downsample='{theirs}'")

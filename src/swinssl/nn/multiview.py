@@ -73,10 +73,8 @@ class MultiViewSwinUNETR(SwinUNETR):
         if cross_attention_at not in CROSS_ATTENTION_WIDTH:
             raise ValueError(f"cross_attention_at must be one of {', '.join(CROSS_ATTENTION_WIDTH)}, "
                              f"got {cross_attention_at!r}")
-        self.config["multiview"] = True
-        self.config["cross_residual"] = cross_residual
-        self.config["cross_attention_at"] = cross_attention_at
-        dim = CROSS_ATTENTION_WIDTH[cross_attention_at] * self.config["feature_size"]
+        self.cross_attention_at = cross_attention_at
+        dim = CROSS_ATTENTION_WIDTH[cross_attention_at] * self.feature_size
         self.cross_attention = CrossViewAttention(dim, max(1, dim // 32), residual=cross_residual) if dim else None
 
     def forward(self, x: torch.Tensor, orders: Sequence[Order] | None = None):
@@ -97,7 +95,7 @@ class MultiViewSwinUNETR(SwinUNETR):
     def join_views(self, a: tuple[list, torch.Tensor], b: tuple[list, torch.Tensor]) -> list[tuple[list, torch.Tensor]]:
         """The two views' encodings ``(skips, bottleneck)`` after the cross-view block at ``cross_attention_at``."""
         (skips_a, bottom_a), (skips_b, bottom_b) = a, b
-        site = self.config["cross_attention_at"]
+        site = self.cross_attention_at
         if site == "bottleneck":
             bottom_a, bottom_b = self.cross_attention(bottom_a, bottom_b)
         elif site == "intermediate":  # the deepest skip (stage-4 Swin output), which decoder5 joins

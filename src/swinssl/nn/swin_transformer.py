@@ -288,11 +288,15 @@ class SwinTransformer(nn.Module):
                  num_heads: Sequence[int] = (3, 6, 12, 24), mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  patch_norm: bool = False, use_checkpoint: bool = False, downsample: str = "merging",
-                 use_v2: bool = False, domain_invariance: bool = False, dim_heads: int | Sequence[int] = (3, 6, 12, 24),
-                 dim_pool: int = 4):
+                 use_v2: bool = False):
         super().__init__()
-        if len(depths) != 4 or len(num_heads) != 4:
-            raise ValueError(f"depths and num_heads need 4 stages, got {tuple(depths)} and {tuple(num_heads)}")
+        for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
+                           ("drop_path_rate", drop_path_rate)):
+            if not 0 <= rate <= 1:  # NaN too
+                raise ValueError(f"{name} must be in [0, 1], got {rate!r}")
+        for name, stages in (("depths", depths), ("num_heads", num_heads)):  # so equally many, too
+            if len(stages) != 4:
+                raise ValueError(f"{name} must have 4 entries, one per stage, got {tuple(stages)}")
         if downsample not in MERGING:
             raise ValueError(f"downsample must be one of {', '.join(MERGING)}, got {downsample!r}")
         for i, heads in enumerate(num_heads):
@@ -300,10 +304,9 @@ class SwinTransformer(nn.Module):
                 raise ValueError(f"stage {i + 1}: {embed_dim * 2**i} channels are not divisible by {heads} heads")
         self.embed_dim = embed_dim
         self.use_v2 = use_v2
+        self.merging = downsample  # the neighbour order of patch merging, which weights cannot tell (nn.load)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm=patch_norm)
         self.pos_drop = nn.Dropout(drop_rate)
-        # SwinFUSE: the domain-invariance module between the patch embedding and stage 1 (``dim.*`` keys).
-        self.dim = domain_invariance_module(embed_dim, dim_heads, dim_pool) if domain_invariance else None
         n = sum(depths)
         rates = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # stochastic depth grows linearly
         for i in range(4):
@@ -322,14 +325,10 @@ class SwinTransformer(nn.Module):
         return F.layer_norm(x.permute(0, 2, 3, 4, 1), x.shape[1:2]).permute(0, 4, 1, 2, 3)
 
     def forward(self, x: torch.Tensor, normalize: bool = True, second: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """``second``: the domain-invariance module's second stream (another view of ``x``); by
-        default ``x`` is both streams."""
-        x = self.embed(x)
-        if self.dim is not None:
-            x = self.dim(x, None if second is None else self.embed(second))
-        elif second is not None:
-            raise ValueError("a second stream needs the domain-invariance module (model.domain_invariance=true)")
-        return self.stages(x, normalize)
+        """The 5 feature maps of ``x``. ``second`` (another view) is for the domain-invariant variant."""
+        if second is not None:
+            raise ValueError("a second stream needs the domain-invariant encoder (model.encoder=domain_invariant_swin)")
+        return self.stages(self.embed(x), normalize)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding ``(B, C, D/2, H/2, W/2)``, channel-first."""
@@ -344,3 +343,28 @@ class SwinTransformer(nn.Module):
             x = getattr(self, f"layers{i}")[0](x.contiguous())
             outs.append(self.proj_out(x, normalize))
         return outs
+
+
+class DomainInvariantSwinTransformer(SwinTransformer):
+    """SwinFUSE's encoder (Talasila et al., 2024): the Swin encoder with the domain-invariance module
+    (``nn.dim``; ``invariance.*`` keys) between the patch embedding and stage 1. Two streams (two
+    views of one crop) co-attend there; ``forward`` takes the second as ``second`` (default: ``x``
+    itself), and pre-training reads each gated stream on its own (``methods.model.SSLModel``).
+
+    ``invariance_heads``: a list is the paper's co-attention stack (one layer per entry with that many
+    heads), an integer the light module of one shared layer; ``invariance_pool``: keys and values
+    average-pooled by this per axis."""
+
+    def __init__(self, *args, invariance_heads: int | Sequence[int] = (3, 6, 12, 24), invariance_pool: int = 4,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.invariance = domain_invariance_module(self.embed_dim, invariance_heads, invariance_pool)
+
+    def forward(self, x: torch.Tensor, normalize: bool = True, second: torch.Tensor | None = None) -> list[torch.Tensor]:
+        x = self.embed(x)
+        return self.stages(self.invariance(x, None if second is None else self.embed(second)), normalize)
+
+
+# Encoder variants by the name ``model.encoder`` gives them; the second takes ``invariance_*`` arguments too.
+ENCODERS: dict[str, type[SwinTransformer]] = {"swin": SwinTransformer,
+                                              "domain_invariant_swin": DomainInvariantSwinTransformer}

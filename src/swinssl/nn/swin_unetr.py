@@ -22,9 +22,36 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from swinssl.nn.swin_transformer import SwinTransformer
+from swinssl.nn.swin_transformer import ENCODERS
 
 SIZES = {"tiny": 12, "small": 24, "base": 48, "large": 96}
+
+
+def check_arguments(in_channels: int, out_channels: int, feature_size: int, depths: Sequence[int],
+                    num_heads: Sequence[int], window_size: int, patch_size: int, drop_rate: float,
+                    attn_drop_rate: float, dropout_path_rate: float, single_voxel_bottleneck: str) -> None:
+    """Refuse, before anything is built, arguments that cannot make a Swin UNETR: a ``ValueError``
+    naming the argument and its value. MONAI's SwinUNETR refuses the rates and a ``feature_size``
+    that is not a multiple of 12 the same way; the rest it accepts or fails on later, less clearly."""
+    for name, size in (("in_channels", in_channels), ("out_channels", out_channels),
+                       ("window_size", window_size), ("patch_size", patch_size)):
+        if not size >= 1:
+            raise ValueError(f"{name} must be at least 1, got {size!r}")
+    if not (feature_size >= 12 and feature_size % 12 == 0):
+        raise ValueError(f"feature_size must be a positive multiple of 12, got {feature_size!r}")
+    for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
+                       ("dropout_path_rate", dropout_path_rate)):
+        if not 0 <= rate <= 1:  # NaN too
+            raise ValueError(f"{name} must be in [0, 1], got {rate!r}")
+    for name, stages in (("depths", depths), ("num_heads", num_heads)):
+        if isinstance(stages, str) or not hasattr(stages, "__len__") or len(stages) != 4:
+            raise ValueError(f"{name} must have 4 entries, one per encoder stage (the decoder joins 4), got {stages!r}")
+    if not all(depth >= 0 for depth in depths):
+        raise ValueError(f"depths must not be negative, got {depths!r}")
+    if not all(heads >= 1 for heads in num_heads):
+        raise ValueError(f"num_heads must be at least 1 in every stage, got {num_heads!r}")
+    if single_voxel_bottleneck not in ("exact", "pad"):
+        raise ValueError(f"single_voxel_bottleneck must be 'exact' or 'pad', got {single_voxel_bottleneck!r}")
 
 
 class SwinUNETR(nn.Module):
@@ -35,28 +62,22 @@ class SwinUNETR(nn.Module):
                  window_size: int = 7, patch_size: int = 2, use_v2: bool = False, downsample: str = "merging",
                  norm_name: str = "instance", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  dropout_path_rate: float = 0.0, normalize: bool = True, use_checkpoint: bool = False,
-                 domain_invariance: bool = False, dim_heads: int | Sequence[int] = (3, 6, 12, 24),
-                 dim_pool: int = 4, single_voxel_bottleneck: str = "exact"):
+                 encoder: str = "swin", invariance_heads: int | Sequence[int] = (3, 6, 12, 24),
+                 invariance_pool: int = 4, single_voxel_bottleneck: str = "exact"):
+        check_arguments(in_channels, out_channels, feature_size, depths, num_heads, window_size, patch_size,
+                        drop_rate, attn_drop_rate, dropout_path_rate, single_voxel_bottleneck)
+        if encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
         super().__init__()
-        if single_voxel_bottleneck not in ("exact", "pad"):
-            raise ValueError(f"single_voxel_bottleneck must be 'exact' or 'pad', got {single_voxel_bottleneck!r}")
-        # Constructor arguments, as plain data: checkpoints store them as the network plan.
-        self.config = dict(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size,
-                           depths=list(depths), num_heads=list(num_heads), window_size=window_size,
-                           patch_size=patch_size, use_v2=use_v2, downsample=downsample, norm_name=norm_name,
-                           drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                           dropout_path_rate=dropout_path_rate, normalize=normalize, use_checkpoint=use_checkpoint,
-                           domain_invariance=domain_invariance,
-                           dim_heads=dim_heads if isinstance(dim_heads, int) else list(dim_heads), dim_pool=dim_pool,
-                           single_voxel_bottleneck=single_voxel_bottleneck)
-        self.normalize = normalize
+        self.in_channels, self.feature_size, self.normalize = in_channels, feature_size, normalize
+        self.use_checkpoint, self.single_voxel_bottleneck = use_checkpoint, single_voxel_bottleneck
         self.multiple = patch_size**5  # five halvings: patch embedding + four stages
         f = feature_size
-        self.swinViT = SwinTransformer(in_channels, f, (window_size,) * 3, (patch_size,) * 3, depths, num_heads,
-                                       drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                                       drop_path_rate=dropout_path_rate, use_checkpoint=use_checkpoint,
-                                       downsample=downsample, use_v2=use_v2, domain_invariance=domain_invariance,
-                                       dim_heads=dim_heads, dim_pool=dim_pool)
+        variant = {"invariance_heads": invariance_heads, "invariance_pool": invariance_pool} if encoder != "swin" else {}
+        self.swinViT = ENCODERS[encoder](in_channels, f, (window_size,) * 3, (patch_size,) * 3, depths, num_heads,
+                                         drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                                         drop_path_rate=dropout_path_rate, use_checkpoint=use_checkpoint,
+                                         downsample=downsample, use_v2=use_v2, **variant)
 
         def enc(cin: int, cout: int) -> UnetrBasicBlock:
             return UnetrBasicBlock(3, cin, cout, kernel_size=3, stride=1, norm_name=norm_name, res_block=True)
@@ -89,11 +110,11 @@ class SwinUNETR(nn.Module):
         """Input zero-padded to a multiple of 32 (any size works), and its original spatial size."""
         if x.ndim != 5:
             raise ValueError(f"expected input (B, C, D, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.config["in_channels"]:
-            raise ValueError(f"expected {self.config['in_channels']} input channels, got {x.shape[1]}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channels, got {x.shape[1]}")
         size = tuple(x.shape[2:])
         pads = [(-s) % self.multiple for s in size]
-        if self.config["single_voxel_bottleneck"] == "pad" and all(s + p == self.multiple for s, p in zip(size, pads)):
+        if self.single_voxel_bottleneck == "pad" and all(s + p == self.multiple for s, p in zip(size, pads)):
             pads[2] += self.multiple  # older plans: two bottleneck voxels along the last axis
         if any(pads):
             x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]))
@@ -125,7 +146,7 @@ class SwinUNETR(nn.Module):
 
     def _run(self, block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         # The full-resolution conv blocks hold most of the activation memory: recompute them in backward.
-        if self.config["use_checkpoint"] and self.training and torch.is_grad_enabled():
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint(block, *inputs, use_reentrant=False)
         return block(*inputs)
 

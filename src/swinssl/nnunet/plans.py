@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from swinssl import __version__
-from swinssl.config import ModelConfig, PreprocessConfig
+from swinssl.config import ModelConfig, PreprocessConfig, legacy_model_fields
 from swinssl.data.discover import read_json_object
 from swinssl.errors import CheckpointError, ConfigError, DataError
 from swinssl.nn.build import build_network
-from swinssl.nn.load import read_checkpoint, renamed_state
+from swinssl.checkpoint import read_checkpoint
+from swinssl.nn.load import renamed_state
 from swinssl.plan import architecture_of, input_of
 from swinssl.runs import resolve_checkpoint
 from swinssl.utils import atomic_write_text
@@ -226,7 +227,7 @@ def _plain(architecture: Mapping[str, Any]) -> dict[str, Any]:
 
 def network_fields(configuration: Mapping[str, Any]) -> dict[str, Any]:
     """The ModelConfig fields of the network a configuration records (defaults where it records none)."""
-    recorded = (configuration.get("swinssl") or {}).get("network") or {}
+    recorded = legacy_model_fields((configuration.get("swinssl") or {}).get("network") or {})
     return {**dataclasses.asdict(ModelConfig()), **recorded}
 
 

@@ -15,7 +15,6 @@ The folder's kind is read from its files:
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import tempfile
@@ -23,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swinssl.data.discover import find_dataset, is_volume_file, read_json_object, volume_stem
-from swinssl.errors import DataError
+from swinssl.checkpoint import CheckpointHead, read_head
+from swinssl.data.discover import find_dataset, is_volume_file, volume_stem
+from swinssl.errors import CheckpointError, DataError
+from swinssl.results import RESULTS, EvaluationFolder, PredictionFolder, read_results
 from swinssl.runs import RunDir
 
-PREDICTIONS = "predictions.json"
 EXPECTED = ("predictions.json (a prediction folder; a folder of masks needs --labels), config.yaml and metrics.csv "
             "(a training run), folds.json (a cross-validation) or report.md (a demo or study folder)")
-SCORE_COLUMNS = ("dice", "hd95", "nsd")
 
 
 @dataclass
@@ -112,7 +111,7 @@ def collect(path: str | Path, labels: str | Path | None = None, evaluation: str 
     if labels is not None and not labels.exists():
         raise DataError(f"{labels}: no such dataset or folder of labels")
     run = RunDir(path)
-    if (path / PREDICTIONS).is_file() or (labels is not None and _volume_files(path)):
+    if PredictionFolder(path).exists() or (labels is not None and _volume_files(path)):
         report = Report(path, "prediction folder")
         _add_predictions(report, path, "prediction", labels, Path(evaluation) if evaluation else path)
     elif run.config.is_file() and run.metrics.is_file():
@@ -164,7 +163,7 @@ def _add_predictions(report: Report, folder: Path, layer: str, labels: Path | No
         case.layers.append(Layer(layer, mask if mask.is_file() else None,
                                  "" if mask.is_file() else f"mask not found: {mask}"))
 
-    rows = _read_scores(evaluation / "metrics.csv")
+    rows = EvaluationFolder(evaluation).read_scores()
     if rows is None and labels is not None:
         try:
             rows = _score_now(folder, labels)
@@ -179,11 +178,10 @@ def _add_predictions(report: Report, folder: Path, layer: str, labels: Path | No
 def _read_masks(folder: Path) -> tuple[dict, list[tuple[str, str]]]:
     """A prediction folder's record and its (input, mask) pairs as recorded; a bare folder of masks
     has no record and no inputs (its images are found in the labels' dataset by case id)."""
-    if not (folder / PREDICTIONS).is_file():
+    predictions = PredictionFolder(folder)
+    if not predictions.exists():
         return {}, [("", str(p)) for p in _volume_files(folder)]
-    record = read_json_object(folder / PREDICTIONS)
-    if not isinstance(record.get("predictions"), dict):
-        raise DataError(f"{folder / PREDICTIONS}: no 'predictions' mapping of input -> mask")
+    record = predictions.read_record()
     return record, list(record["predictions"].items())
 
 
@@ -195,7 +193,7 @@ def _find_labels(report: Report, folder: Path, labels: Path | None,
     from swinssl.metrics import label_files
 
     if labels is None:
-        summary = _json_or_none(evaluation / "summary.json")
+        summary = EvaluationFolder(evaluation).read_summary()
         if not summary or not summary.get("labels"):
             report.notes.append(f"{folder.name}: no labels (pass --labels DATASET, or evaluate the folder first)")
             return None, {}, {}
@@ -229,29 +227,13 @@ def _dataset_images(labels: Path) -> dict[str, Path]:
     return {}
 
 
-def _read_scores(path: Path) -> list[dict[str, Any]] | None:
-    """The rows of an evaluation's metrics.csv (``swinssl evaluate``), or None when there is none."""
-    if not path.is_file():
-        return None
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"case_id", "class", "class_name", *SCORE_COLUMNS} - set(reader.fieldnames or ())
-        if missing:
-            raise DataError(f"{path}: not an evaluation's metrics.csv (no column {', '.join(sorted(missing))})")
-        try:
-            return [{"case_id": r["case_id"], "class": int(r["class"]), "class_name": r["class_name"],
-                     **{m: float(r[m]) for m in SCORE_COLUMNS}} for r in reader]
-        except (TypeError, ValueError) as err:
-            raise DataError(f"{path}: unreadable row ({err})") from None
-
-
 def _score_now(folder: Path, labels: Path) -> list[dict[str, Any]] | None:
     """Evaluate a prediction folder that has none (``swinssl.metrics.evaluate`` into a scratch folder)."""
     from swinssl.metrics import evaluate
 
     with tempfile.TemporaryDirectory() as scratch:
         evaluate(folder, labels, out_dir=scratch)
-        return _read_scores(Path(scratch) / "metrics.csv")
+        return EvaluationFolder(scratch).read_scores()
 
 
 def _locate(recorded: Any, folder: Path) -> Path | None:
@@ -266,10 +248,6 @@ def _locate(recorded: Any, folder: Path) -> Path | None:
         if (base / path).exists():
             return base / path
     return None
-
-
-def _json_or_none(path: Path) -> dict | None:
-    return read_json_object(path) if path.is_file() else None
 
 
 # --- runs ----------------------------------------------------------------------------------------------
@@ -292,24 +270,24 @@ def read_run(path: Path) -> Run:
         metrics = []
         notes.append(f"{run.metrics}: unreadable ({err}); no curves")
     checkpoint = next((p for p in (run.best, run.last) if p.is_file()), None)
-    ckpt: dict = {}
+    ckpt = CheckpointHead()
     if checkpoint is not None:
         try:
-            ckpt = _checkpoint_head(checkpoint)
+            ckpt = read_head(checkpoint)
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: the report goes on without its plan
             notes.append(f"{checkpoint}: unreadable ({type(err).__name__}); no plan shown")
     else:
         notes.append(f"{run.checkpoints}: no checkpoint; no plan shown")
-    kind = {"pretrain": "pre-training", "finetune": "fine-tuning"}.get(str(ckpt.get("kind")))
+    kind = {"pretrain": "pre-training", "finetune": "fine-tuning"}.get(str(ckpt.kind))
     if kind is None:
         kind = "fine-tuning" if any(r["name"] == "dice" for r in metrics) else "pre-training"
     manifest_sha, manifest_files = None, {}
     if run.manifest.is_file():
         manifest_sha = hashlib.sha256(run.manifest.read_bytes()).hexdigest()
         try:
-            manifest_files = {k: len(v) for k, v in json.loads(run.manifest.read_text()).items()}
-        except (ValueError, TypeError, AttributeError):
-            notes.append(f"{run.manifest}: not a data manifest")
+            manifest_files = {k: len(v) for k, v in run.read_manifest().items()}
+        except CheckpointError as err:
+            notes.append(str(err))
     environment = None
     if run.environment.is_file():
         try:
@@ -318,21 +296,8 @@ def read_run(path: Path) -> Run:
             notes.append(f"{run.environment}: not JSON")
     previews = sorted((path / "previews").glob("step_*.png"))
     return Run(path.name, path, kind, metrics, previews, run.config.read_text(),
-               ckpt.get("plan") if isinstance(ckpt.get("plan"), dict) else None, checkpoint,
-               ckpt.get("step") if isinstance(ckpt.get("step"), int) else None, environment if isinstance(environment, dict)
+               ckpt.plan, checkpoint, ckpt.step, environment if isinstance(environment, dict)
                else None, manifest_sha, manifest_files, notes)
-
-
-def _checkpoint_head(path: Path) -> dict:
-    """A checkpoint's kind, step and plan, read without executing code; the weights are memory-mapped,
-    not read, so a large checkpoint costs little."""
-    import torch
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # an old (non-zip) file cannot be memory-mapped
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: ckpt.get(k) for k in ("kind", "step", "plan")} if isinstance(ckpt, dict) else {}
 
 
 # --- the demo and studies ------------------------------------------------------------------------------
@@ -340,26 +305,31 @@ def _checkpoint_head(path: Path) -> dict:
 
 def _collection(path: Path, labels: Path | None) -> Report:
     """A folder of runs and prediction folders with a report.md: the demo, or a study."""
-    results = path / "results.json"
-    try:
-        data = json.loads(results.read_text()) if results.is_file() else None
-    except ValueError as err:
-        raise DataError(f"{results}: not JSON ({err})") from None
     text = (path / "report.md").read_text()
-    demo = text.startswith("# swinssl demo")  # older demos wrote no results.json
-    report = Report(path, "demo" if demo else "study", text=text)
+    try:
+        data = read_results(path)
+    except DataError as err:
+        data = None
+        note = str(err)
+    else:
+        note = "" if data else f"{path / RESULTS}: none (a folder written by an older swinssl); the runs and predictions only"
+    kind = "demo" if data and data["kind"] == "demo" else "study"
+    report = Report(path, kind, text=text)
+    if note:
+        report.notes.append(note)
     for sub in _subfolders(path):
-        if (sub / PREDICTIONS).is_file():
+        if PredictionFolder(sub).exists():
             name = sub.name.removeprefix("predictions_") or sub.name
             _add_predictions(report, sub, name, labels, sub)
         elif _is_run(sub):
             report.runs.append(read_run(sub))
     report.figures = sorted(path.glob("*.png"))
-    if demo and isinstance(data, dict) and "verdict" in data:
+    if kind == "demo" and "verdict" in data:
         _demo_summary(report, data)
-    elif isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
-        columns = list(dict.fromkeys(k for r in data for k in r))
-        report.tables.append(Table(results.name, columns, [[r.get(c) for c in columns] for r in data]))
+    elif data and isinstance(data.get("rows"), list) and all(isinstance(r, dict) for r in data["rows"]):
+        rows = data["rows"]
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        report.tables.append(Table(RESULTS, columns, [[r.get(c) for c in columns] for r in rows]))
     return report
 
 

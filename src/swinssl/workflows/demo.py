@@ -19,7 +19,6 @@ makes; the report lists those commands. Sizes are in ``DEMO`` (plain data).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,10 +36,11 @@ from swinssl.infer import predict
 from swinssl.metrics import evaluate, format_summary
 from swinssl.plots import figure, save_figure, save_overlay, save_probe_curve
 from swinssl.report import write_report as write_html_report
+from swinssl.results import EvaluationFolder, write_results
 from swinssl.runs import RunDir, probe_curve, read_metrics
 from swinssl.utils import atomic_write_text
 from swinssl.workflows.fresh import FreshProcess
-from swinssl.workflows.verdict import case_dice, paired_verdict
+from swinssl.workflows.verdict import paired_verdict
 
 DEMO = {
     "cases": 30,  # phantoms
@@ -94,8 +94,8 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, progress: bool 
         timed(f"predict {init}", predict, runs[init], test_images, pred_dir, progress=progress)
         summaries[init] = timed(f"evaluate {init}", evaluate, pred_dir, data, out_dir=pred_dir, split="test")
     timings["total"] = time.perf_counter() - started
-    results = demo_results(pre_run, summaries, {init: case_dice(out / f"predictions_{init}") for init in INITS})
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    results = demo_results(pre_run, summaries, {init: EvaluationFolder(out / f"predictions_{init}").case_dice() for init in INITS})
+    write_results(out, "demo", results)
     report = write_report(out, data, demo, pre_run, runs, summaries, results, test_images, timings)
     write_html_report(out, out / "report.html")
     return report
@@ -201,9 +201,8 @@ def write_report(out: Path, data: Path, demo: dict, pre_run: Path, runs: dict[st
     masks.update({init: read_volume(out / f"predictions_{init}" / f"{case_id}.nii.gz")[0].long() for init in INITS})
     save_overlay(out / "overlay.png", image=shown, masks=masks, title=f"{case_id} (test case)")
 
-    manifest = json.loads(RunDir(runs["scratch"]).manifest.read_text())
-    used = len(manifest["train"])
-    volumes = json.loads(RunDir(pre_run).manifest.read_text())
+    used = len(RunDir(runs["scratch"]).read_manifest()["train"])
+    volumes = RunDir(pre_run).read_manifest()
     probe, verdict = results["probe"], results["verdict"]
     lines = [
         "# swinssl demo",

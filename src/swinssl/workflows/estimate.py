@@ -32,7 +32,9 @@ that an out-of-memory error ends with the estimate and a setting that fits.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import resource
 import statistics
 import sys
@@ -40,11 +42,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
-from swinssl.config import Config, from_dict, to_dict
+from swinssl.config import Config, from_dict, load_config, to_dict
 from swinssl.engine.memory import GIB, Fit, Setting, device_memory, gib, largest_batch, largest_roi, roi_checker
-from swinssl.errors import ConfigError
-from swinssl.utils import count_windows
+from swinssl.errors import ConfigError, SwinsslError
+from swinssl.runs import RunDir
+from swinssl.utils import atomic_write_text, count_windows
 from swinssl.workflows.fresh import FreshProcessFailed, run_fresh
 
 PROBE_STEPS = 3  # optimiser steps of a training probe; the first is not timed
@@ -173,6 +177,10 @@ class Estimate:
             out[key] = {"overrides": value.overrides, "peak": value.peak} if value else None
         return out
 
+    def write_json(self, path: str | Path) -> Path:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return Path(path)
+
 
 def duration(seconds: float) -> str:
     if seconds < 120:
@@ -233,6 +241,61 @@ def estimate(cfg: Config, stage: str = "pretrain", device: str = "cpu", budget_g
         if stage == "predict":
             return _estimate_predict(cfg, device, budget, Path(tmp), shape, overlap, sw_batch_size)
         return _estimate_training(cfg, stage, device, budget, steps, fit, Path(tmp))
+
+
+def estimate_at_start(stage: str, cfg: Config | None, resume: str | Path | None = None, overrides=(),
+                      say: Callable[[str], None] = print) -> Estimate | None:
+    """What ``swinssl pretrain`` / ``finetune`` measure before a run (its ``line()`` to print and its
+    ``hint()`` for the run's out-of-memory line, ``start_estimate``); None when none is made: a
+    process of a torchrun launch (every process would probe), a resumed folder without a config, no
+    data yet, a device the estimate does not measure, or a failed probe. A config or data problem is
+    left for the run to report; any other failure of the probe is said and the run starts anyway."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    if resume is not None:
+        if not RunDir(resume).config.is_file():
+            return None
+        cfg = load_config(RunDir(resume).config, list(overrides))
+    device = device_of(cfg)
+    if not cfg.data.path or not Path(cfg.data.path).exists() or device is None:
+        return None
+    say(f"estimate: measuring {PROBE_STEPS} steps in a separate process (--no-estimate skips this)")
+    try:
+        found = estimate(cfg, stage, device)
+    except FreshProcessFailed as err:
+        if err.out_of_memory or err.exit_code not in (2, 3, 5):  # config, data, output: the run says which
+            say(f"estimate: not available ({err})")
+        return None
+    except SwinsslError:
+        return None
+    return found
+
+
+def estimate_request(presets: list[str] | None, overrides: list[str], stage: str, device: str | None,
+                     budget_gib: float | None = None, steps: int = PROBE_STEPS, shape: list[int] | None = None,
+                     overlap: float | None = None, sw_batch_size: int | None = None,
+                     say: Callable[[str], None] = print) -> Estimate:
+    """``swinssl estimate``: the config of ``presets`` (default: the stage's tiny preset) with
+    ``overrides`` on ``device`` (default: the config's), each default of a predict estimate as
+    ``swinssl predict`` would choose it (overlap from the config, windows per batch for the device)."""
+    presets = presets or ["pretrain/swin_unetr_tiny" if stage == "pretrain" else "finetune/tiny"]
+    cfg = load_config(presets, overrides)
+    device = device or device_of(cfg)
+    if device is None:
+        raise ConfigError(f"train.accelerator {cfg.train.accelerator}: the estimate measures cpu or cuda; pass --device")
+    check_request(stage, device, budget_gib, steps)
+    if shape is not None and len(shape) != 3:
+        raise ConfigError(f"--shape: three sizes X Y Z, got {len(shape)}")
+    if stage == "predict" and sw_batch_size is None:
+        from swinssl.infer.volume import network_window_batch
+
+        from swinssl.methods import finetune_method
+
+        streams = finetune_method(cfg.finetune.method, dataclasses.asdict(cfg.model)).window_streams()
+        sw_batch_size = network_window_batch(cfg.model.feature_size, cfg.preprocess.roi_size, device, streams)
+    say(f"estimate: measuring {stage} of {' + '.join(presets)} on {device} in a separate process")
+    return estimate(cfg, stage, device, budget_gib, steps, shape=tuple(shape) if shape else None,
+                    overlap=cfg.finetune.overlap if overlap is None else overlap, sw_batch_size=sw_batch_size or 1)
 
 
 def _estimate_training(cfg: Config, stage: str, device: str, budget: float | None, steps: int,
@@ -399,7 +462,7 @@ def _train_probe(spec: dict) -> dict:
 def _predict_probe(spec: dict) -> dict:
     import torch
 
-    from swinssl.methods import window_predictor
+    from swinssl.methods import finetune_method, window_predictor
     from swinssl.nn import build_network
 
     cfg = from_dict(Config, spec["config"], source="estimate")
@@ -424,7 +487,7 @@ def _predict_probe(spec: dict) -> dict:
         shape, what = list(PREDICT_SHAPE), "the default volume"
     classes = classes or 2
     model = build_network(cfg.model, out_channels=classes).to(device).eval()
-    predictor, _ = window_predictor(model, dataclasses.asdict(cfg.model))
+    predictor, _ = window_predictor(model, finetune_method(cfg.finetune.method, dataclasses.asdict(cfg.model)))
     roi, sw = tuple(cfg.preprocess.roi_size), spec["sw_batch_size"]
     # One window first, then the batch: the peak only grows, so the two give the memory of a window.
     peaks, times = [], []

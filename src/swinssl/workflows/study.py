@@ -29,14 +29,13 @@ presets in ``configs/study/``.
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 from pathlib import Path
 
+from swinssl.checkpoint import read_head
 from swinssl.config import Config, load_config
 from swinssl.data.discover import find_dataset
 from swinssl.data.phantom import write_phantom_dataset
-from swinssl.engine.checkpoint import load_checkpoint
 from swinssl.data.splits import REST
 from swinssl.engine.finetune import finetune
 from swinssl.engine.pretrain import pretrain
@@ -44,9 +43,10 @@ from swinssl.errors import ConfigError
 from swinssl.infer import PredictOptions, predict
 from swinssl.metrics import evaluate
 from swinssl.plots import save_lines
+from swinssl.results import EvaluationFolder, write_results
 from swinssl.runs import RunDir
 from swinssl.utils import atomic_write_text
-from swinssl.workflows.verdict import case_dice, paired_verdict
+from swinssl.workflows.verdict import paired_verdict
 
 # Sizes are plain data: phantom counts, and overlay presets (configs/study/) laid over the
 # methods' and fine-tuning's own presets.
@@ -124,7 +124,7 @@ def run_modality_study(out: str | Path = "runs/study_modality", preset: str = "t
                 rows.append({"init": init, "trained_on": train_mod, "tested_on": test_mod,
                              "dice": summary["mean"]["dice"], "hd95": summary["mean"]["hd95"],
                              "dice_by_class": {c["name"]: c["dice"]["mean"] for c in summary["classes"].values()}})
-    atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
+    write_results(out, "study modality", {"rows": rows})
     report = out / "report.md"
     atomic_write_text(report, modality_report(rows, p, out))
     return report
@@ -170,7 +170,7 @@ def run_views_study(data: str | Path | None = None, out: str | Path = "runs/stud
                 summary = _evaluate(run, data, out / f"predictions_{model}_seed{seed}_{view}", progress, view)
                 rows.append({"model": model, "seed": seed, "view": view, "dice": summary["mean"]["dice"],
                              "hd95": summary["mean"]["hd95"]})
-    atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
+    write_results(out, "study views", {"rows": rows})
     save_lines(out / "dice_by_view.png", seed_table(rows, "model", "view"), "model", "view", "view", "test mean Dice")
     report = out / "report.md"
     atomic_write_text(report, views_report(rows, data, out))
@@ -227,7 +227,7 @@ def run_data_efficiency_study(config: str | Path = "pretrain/swin_unetr_tiny", d
     if not ratios or any(not 0 < r <= 1 for r in ratios) or not seeds:
         raise ConfigError(f"label ratios must be in (0, 1] and seeds non-empty, got ratios {ratios}, seeds {seeds}")
     if protocol not in PROTOCOLS:
-        raise ConfigError(f"protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+        raise ConfigError(f"--protocol {protocol!r}: choose one of {', '.join(map(repr, PROTOCOLS))}")
     out = Path(out)
     data = _study_data(data, out, p)
     cfg = load_config([config, p["pretrain"]], [f"data={data}", f"train.out={out}", "train.name=pretrain"])
@@ -244,7 +244,7 @@ def run_data_efficiency_study(config: str | Path = "pretrain/swin_unetr_tiny", d
     results = {"protocol": protocol, "runs": rows, "verdicts": verdicts, "pretraining": compute}
     if protocol == "semi":
         results["stage_verdicts"] = stage_verdicts(rows)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    write_results(out, "study data-efficiency", results)
     plot_efficiency(rows, out / "dice_vs_label_ratio.png")
     report = out / "report.md"
     atomic_write_text(report, efficiency_report(rows, method, data, out, verdicts, compute,
@@ -291,7 +291,7 @@ def _efficiency_row(run: Path, data: Path, pred_dir: Path, progress: bool, cell:
     """One result row: the ``cell``'s settings, its test mean Dice and HD95, per-case Dice and case counts."""
     summary = _evaluate(run, data, pred_dir, progress)
     row = {**cell, "dice": summary["mean"]["dice"], "hd95": summary["mean"]["hd95"],
-           "train_cases": _manifest_count(run, "train"), "case_dice": case_dice(pred_dir)}
+           "train_cases": _manifest_count(run, "train"), "case_dice": EvaluationFolder(pred_dir).case_dice()}
     if "stage" in cell:
         row["unlabeled_cases"] = _manifest_count(run, "unlabeled")
     return row
@@ -342,20 +342,20 @@ def stage_verdicts(rows: list[dict]) -> dict[str, dict[str, dict]]:
 
 def pretraining_compute(run: Path) -> dict:
     """What a pre-training run cost: wall hours and device-hours (wall time x processes)."""
-    ckpt = load_checkpoint(RunDir(run).last)
-    wall, devices = float(ckpt.get("wall_s", float("nan"))), int(ckpt.get("world_size", 1))
+    ckpt = read_head(RunDir(run).last)
+    wall, devices = float("nan") if ckpt.wall_s is None else ckpt.wall_s, ckpt.world_size
     return {"wall_hours": wall / 3600, "devices": devices, "device_hours": wall * devices / 3600}
 
 
 def _preset(presets: dict, name: str) -> dict:
     if name not in presets:
-        raise ConfigError(f"study preset {name!r}: choose one of {', '.join(presets)}")
+        raise ConfigError(f"study preset {name!r}: choose one of {', '.join(map(repr, presets))}")
     return presets[name]
 
 
 def _manifest_count(run: Path, split: str) -> int:
     """How many cases a run's data manifest lists in ``split`` (train, validation, unlabeled)."""
-    manifest = json.loads(RunDir(run).manifest.read_text())
+    manifest = RunDir(run).read_manifest()
     return len(manifest.get(split, []))
 
 
@@ -461,7 +461,7 @@ def _train(stage, cfg, progress: bool) -> Path:
     run_dir = Path(cfg.train.out) / cfg.train.name
     last = RunDir(run_dir).last
     if last.is_file():
-        if int(load_checkpoint(last)["step"]) >= cfg.train.steps:
+        if (read_head(last).step or 0) >= cfg.train.steps:
             return run_dir
         return stage(resume=run_dir, progress=progress)
     if run_dir.exists():
@@ -472,9 +472,9 @@ def _train(stage, cfg, progress: bool) -> Path:
 def _evaluate(run: Path, dataset: Path, pred_dir: Path, progress: bool, view: str = "auto") -> dict:
     """Predict the test cases of ``dataset`` through ``view`` (one axis order or ``fused``; ``auto``:
     the model's own) and evaluate them; reused when already done."""
-    summary_file = pred_dir / "summary.json"
-    if summary_file.is_file():
-        return json.loads(summary_file.read_text())
+    summary = EvaluationFolder(pred_dir).read_summary()
+    if summary is not None:
+        return summary
     images = [c.images[0] for c in find_dataset(dataset).split("test")]
     predict(run, images, pred_dir, PredictOptions(views=view), progress=progress)
     return evaluate(pred_dir, dataset, out_dir=pred_dir, split="test")

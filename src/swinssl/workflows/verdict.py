@@ -19,7 +19,6 @@ data-efficiency study's semi-supervised protocol pairs the pseudo-labelled stage
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -56,20 +55,10 @@ def paired_verdict(pretrained: Sequence[float], scratch: Sequence[float], metric
     mean = float(diff.mean())
     if p < alpha and low > 0:
         head = f"{subject} helps"
-    elif high < 0:
+    elif p < alpha and high < 0:
         head = f"{subject} hurts"
     else:
         head = "no detectable difference"
-    sentence = f"{head}: {mean:+.3f} {metric} (95% CI {low:+.3f}..{high:+.3f}, p={p:.2g}, n={len(diff)})"
+    sentence = (f"{head}: {mean:+.3f} {metric} ({100 * (1 - alpha):.0f}% CI {low:+.3f}..{high:+.3f}, p={p:.2g}, "
+                f"n={len(diff)})")
     return Verdict(mean, low, high, p, len(diff), sentence)
-
-
-def case_dice(pred_dir: Path) -> dict[str, float]:
-    """Each test case's mean Dice over the foreground classes, from an evaluation's ``metrics.csv``."""
-    import csv
-
-    per_case: dict[str, list[float]] = {}
-    with open(pred_dir / "metrics.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            per_case.setdefault(row["case_id"], []).append(float(row["dice"]))
-    return {case: sum(v) / len(v) for case, v in per_case.items()}

@@ -1,0 +1,3 @@
+from swinssl.cli import main
+
+main()
