@@ -34,10 +34,11 @@ from pathlib import Path
 
 import torch
 
+from swinssl.checkpoint import Checkpoint
 from swinssl.config import ModelConfig, PreprocessConfig
 from swinssl.infer import export_predictor, load_exported, load_model
-from swinssl.methods import method_of
 from swinssl.infer.export import WindowNetwork
+from swinssl.methods import method_of
 from swinssl.nn.build import build_network
 from swinssl.plan import Plan
 
@@ -51,7 +52,7 @@ def checkpoint(folder: Path, feature_size: int, roi: int) -> Path:
     torch.manual_seed(0)
     model = build_network(plan.network_fields())
     path = folder / f"f{feature_size}_roi{roi}.pt"
-    torch.save({"format": "swinssl", "kind": "finetune", "model": model.state_dict(), "plan": plan.to_dict()}, path)
+    Checkpoint(kind="finetune", step=0, model=model.state_dict(), plan=plan.to_dict()).save(path)
     return path
 
 

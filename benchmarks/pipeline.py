@@ -219,7 +219,6 @@ def _ssl_models(cfg: dict, reference: bool):
         model.swinViT = SwinTransformer(in_chans=1, embed_dim=cfg["feature"], window_size=(7, 7, 7), patch_size=(2, 2, 2),
                                         depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), spatial_dims=3)
         model.swinViT.load_state_dict(ours)
-        model.swinViT.dim = None  # no domain-invariance module (SSLModel asks its encoder)
     return model
 
 

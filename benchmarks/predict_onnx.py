@@ -120,6 +120,7 @@ def child(spec: dict) -> dict:
     import swinssl.infer.exported as exported
     import swinssl.infer.volume as volume
     from swinssl.infer import PredictOptions, predict
+    from swinssl.results import PredictionFolder
 
     row = spec["row"]
     spent = {"load_s": 0.0, "windows_s": 0.0}
@@ -184,7 +185,7 @@ def child(spec: dict) -> dict:
     written = predict(source, spec["volume"], spec["out"], PredictOptions(cache="off", sw_batch_size=batch),
                       progress=False)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    record = json.loads((Path(spec["out"]) / "predictions.json").read_text())
+    record = PredictionFolder(spec["out"]).read_record()
     return {"row": row, "wall_s": wall, "cpu_s": cpu, **spent, "rss_before_mib": rss_before / 1024,
             "maxrss_before_mib": before / 1024, "mask": str(written[0]),
             "sw_batch_size": record["options"]["sw_batch_size"]}

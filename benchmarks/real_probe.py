@@ -11,7 +11,7 @@ Probe: the ITK T1 brain MRI with its 7-class preliminary tissue segmentation, th
 multi-class labelled volume there. One labelled volume cannot be split into cases, so it is cut
 into its four quadrants (left/right x lower/upper slabs, each with its own affine): three train
 the probe head, one is held out (train.val_fraction 0.25). The probe and its random baseline are
-the ones ``train.probe_data`` runs (engine.probe). Writes real_probe.{json,txt,png} to --results.
+the ones ``train.probe_data`` runs (engine.validate.ProbeTask). Writes real_probe.{json,txt,png} to --results.
 """
 
 from __future__ import annotations
@@ -70,12 +70,11 @@ def main(argv=None) -> int:
         print(f"{args.data}: the real sample volumes are not there (see ../shared/data/README.md)", file=sys.stderr)
         return 2
 
+    from swinssl.checkpoint import read_head
     from swinssl.config import load_config
-    from swinssl.checkpoint import read_checkpoint
-    from swinssl.runs import read_metrics
     from swinssl.engine.pretrain import pretrain
-    from swinssl.runs import probe_curve
     from swinssl.plots import save_probe_curve
+    from swinssl.runs import RunDir, probe_curve, read_metrics
 
     probe_data = quadrant_dataset(args.data, args.out / "probe_data")
     volumes = pretrain_folder(args.data, args.out / "pretrain_data")
@@ -89,7 +88,7 @@ def main(argv=None) -> int:
     rows = read_metrics(run)
     probe, random = probe_curve(rows)
     cost = sum(r["value"] for r in rows if r["name"] == "probe_s")
-    wall = read_checkpoint(run / "checkpoints" / "last.pt")["wall_s"]
+    wall = read_head(RunDir(run).last).wall_s
     args.results.mkdir(parents=True, exist_ok=True)
     record = {"steps": args.steps, "probe_every": args.probe_every, "probe_steps": args.probe_steps,
               "seed": args.seed, "probe_dice": probe, "probe_dice_random": random,

@@ -33,10 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ENVELOPE_KEYS = {"plan", "step", "kind", "format", "model", "wall_s", "world_size", "best_dice"}
 RESULT_FILES = ("metrics.csv", "summary.json", "predictions.json", "results.json", "folds.json")
 STAGES = ("swinssl.engine.pretrain", "swinssl.engine.finetune", "swinssl.engine.probe", "swinssl.demo",
-          "swinssl.study", "swinssl.verdict", "swinssl.engine.estimate")
+          "swinssl.study", "swinssl.verdict", "swinssl.engine.estimate", "swinssl.workflows.demo",
+          "swinssl.workflows.study", "swinssl.workflows.verdict", "swinssl.workflows.estimate")
 SNIFFS = (re.compile(r"\.owns\("), re.compile(r"""\.get\(["'](multiview|domain_invariance)["']\)"""),
           re.compile(r"""\[["'](multiview|domain_invariance)["']\]"""), re.compile(r"model\.config\b"),
-          re.compile(r"""getattr\(model, ["']config["']"""))
+          re.compile(r"""getattr\(model, ["']config["']"""), re.compile(r"""hasattr\([^)]*["']invariance["']\)"""))
 
 
 def _docstrings(tree: ast.AST) -> set[int]:

@@ -203,3 +203,13 @@ def test_yaml_11_words_are_text_for_text_keys_and_booleans_for_boolean_keys():
                                                    "train.deterministic=off"])
     assert cfg.data.cache == "off" and cfg.train.name == "no"  # the README's data.cache=off
     assert cfg.train.compile is True and cfg.train.deterministic is False
+
+
+def test_older_model_keys_read_layer_by_layer_so_a_later_layer_wins(tmp_path):
+    older = tmp_path / "older.yaml"  # a run's config.yaml written before model.encoder existed
+    older.write_text("model:\n  domain_invariance: true\n  dim_heads: 3\n  dim_pool: 4\n")
+    cfg = load_config(older)
+    assert (cfg.model.encoder, cfg.model.invariance_heads, cfg.model.invariance_pool) == ("domain_invariant_swin", 3, 4)
+    cfg = load_config(older, ["model.invariance_pool=2", "model.encoder=swin"])
+    assert (cfg.model.encoder, cfg.model.invariance_pool) == ("swin", 2)
+    assert load_config("pretrain/swinfuse_tiny", ["model.dim_pool=2"]).model.invariance_pool == 2

@@ -24,7 +24,7 @@ OVERRIDES = [*TINY_PRETRAIN, "train.batch_size=1", "train.val_every=100", "train
 RUNNER = """
 import os, signal, sys
 import torch
-import swinssl.engine.checkpoint as checkpoint
+import swinssl.checkpoint as checkpoint
 
 kill_at = int(os.environ.get("SWINSSL_TEST_KILL_IN_SAVE", "0"))
 calls = {"n": 0}

@@ -167,7 +167,7 @@ def test_class_balanced_crops_centre_some_crops_on_background():
     assert _background_share(1.0) == 0.0
 
 
-# --- engine.estimate: the predict estimate ---------------------------------------------------------------
+# --- workflows.estimate: the predict estimate ---------------------------------------------------------------
 
 
 def _fake_predict_probe(monkeypatch, peak=GIB, batch_s=0.8, classes=3, loaded=False, per_window=100 * 2**20):

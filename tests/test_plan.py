@@ -1,6 +1,8 @@
 """The checkpoint plan and the run directory: one typed Plan (round trip, old layouts, validation)
 and one RunDir naming a run's files."""
 
+import dataclasses
+
 import pytest
 
 from swinssl.config import MethodConfig, ModelConfig, PreprocessConfig, to_dict
@@ -77,3 +79,13 @@ def test_run_dir_names_the_files_and_checkpoints_resolve(tmp_path):
     assert resolve_checkpoint(run.path) == run.best and resolve_checkpoint(run.checkpoints) == run.best
     assert resolve_checkpoint(run.path, prefer_best=False) == run.last
     assert resolve_checkpoint(run.last) == run.last
+
+
+def test_a_plan_without_the_hooks_name_ensembles_with_one_that_has_it():
+    from swinssl.plan import plan_difference
+
+    older = Plan(network=ModelConfig(), preprocess=PreprocessConfig(), out_channels=2)
+    newer = dataclasses.replace(older, finetune_method="swin_unetr")
+    assert plan_difference(older, newer) is None  # the older one's hooks follow from the same network
+    assert plan_difference(newer, dataclasses.replace(older, finetune_method="swinmm")) == (
+        "finetune_method", "swin_unetr", "swinmm")

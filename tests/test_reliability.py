@@ -96,7 +96,7 @@ def test_skip_mode_stops_when_bad_steps_keep_coming(phantoms, tmp_path, monkeypa
 
 
 def test_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(phantoms, tmp_path, monkeypatch):
-    import swinssl.engine.checkpoint as checkpoint
+    import swinssl.checkpoint as checkpoint
 
     real_save = torch.save
     calls = {"n": 0}

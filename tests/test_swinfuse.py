@@ -325,3 +325,13 @@ def test_light_module_gates_each_stream_by_its_queries_over_the_other_streams_ke
         torch.testing.assert_close(ga, expected[0])
         torch.testing.assert_close(gb, expected[1])
         torch.testing.assert_close(dim(a, b), (a * expected[0] + b * expected[1]) / 2)
+
+
+def test_an_unknown_encoder_variant_is_refused_by_name():
+    from swinssl.config import load_config
+    from swinssl.errors import ConfigError
+
+    with pytest.raises(ValueError, match="encoder must be one of swin, domain_invariant_swin, got 'swinv3'"):
+        SwinUNETR(out_channels=2, feature_size=12, encoder="swinv3")
+    with pytest.raises(ConfigError, match="model.encoder must be one of swin, domain_invariant_swin"):
+        load_config("finetune/tiny", ["model.encoder=swinv3"])

@@ -43,8 +43,9 @@ def test_a_fresh_process_reports_each_failure_in_one_line(targets):
     with pytest.raises(FreshProcessFailed, match="x.nii: not a volume") as err:
         run_fresh(f"{HERE}:refuse", {"file": "x.nii"})
     assert err.value.exit_code == DataError.exit_code and not err.value.out_of_memory  # the function's own code
-    with pytest.raises(FreshProcessFailed, match=r"failed \(exit code 1\): RuntimeError: something unexpected"):
+    with pytest.raises(FreshProcessFailed, match=r"failed \(exit code 1\): RuntimeError: something unexpected") as err:
         run_fresh(f"{HERE}:crash", {})
+    assert "Traceback" in err.value.worker_traceback and "def crash" not in str(err.value)  # for --debug
     with pytest.raises(FreshProcessFailed, match=r"was killed \(SIGKILL\)") as err:
         run_fresh(f"{HERE}:killed", {})
     assert err.value.out_of_memory

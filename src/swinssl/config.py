@@ -134,7 +134,7 @@ class TrainConfig:
     num_workers: int = 2
     val_fraction: float = 0.1  # held-out volumes for the validation loss (at least one when > 0)
     val_every: int = 100
-    # Pre-training: the frozen-encoder probe (engine.probe) on a labelled dataset every probe_every
+    # Pre-training: the frozen-encoder probe (engine.validate.ProbeTask) on a labelled dataset every probe_every
     # steps, logged as probe_dice beside probe_dice_random (a random encoder of the same plan,
     # measured once per run): the gain of the encoder's features over random ones for that task.
     probe_data: str = ""  # a labelled dataset (dataset.json, nnU-Net raw or labelled folder); "" = no probe
@@ -229,6 +229,8 @@ def load_config(preset: str | Path | Sequence[str | Path] | None = None, overrid
         path = resolve_preset(item)
         sources.append(str(path))
         for section, values in _read_yaml(path).items():
+            if section == "model" and isinstance(values, dict):
+                values = legacy_model_fields(values)  # per layer: a later layer's key wins, old name or new
             if isinstance(values, dict) and isinstance(raw.get(section), dict):
                 raw[section].update(values)
             else:
@@ -237,6 +239,8 @@ def load_config(preset: str | Path | Sequence[str | Path] | None = None, overrid
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
+        if isinstance(raw.get("model"), dict):
+            raw["model"] = legacy_model_fields(raw["model"])
     if overrides:
         source = "command line" if source == "defaults" else f"{source} + command line"
     return from_dict(cls, raw, source=source)
@@ -305,7 +309,7 @@ def legacy_model_fields(raw: dict[str, Any]) -> dict[str, Any]:
     """Model keys as configs and plans wrote them before the domain-invariant encoder was a variant of its
     own: ``domain_invariance: true`` is ``encoder: domain_invariant_swin``; ``dim_heads`` and ``dim_pool``
     are ``invariance_heads`` and ``invariance_pool``. Read, never written."""
-    out = dict(raw)  # an old key wins over the new one: it can only be there as an override laid over a preset
+    out = dict(raw)  # a mapping holds the old key or the new one (load_config maps each layer before merging)
     if "domain_invariance" in out:
         flag = out.pop("domain_invariance")
         out["encoder"] = "domain_invariant_swin" if flag is True else "swin" if flag is False else flag

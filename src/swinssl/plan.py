@@ -122,6 +122,8 @@ def plan_difference(a: Plan, b: Plan) -> tuple[str, Any, Any] | None:
     for key in dict.fromkeys([*flat_a, *flat_b]):
         if key.split(".")[0] in PROVENANCE or key in TRAINING_ONLY:
             continue
+        if key == "finetune_method" and None in (flat_a.get(key), flat_b.get(key)):
+            continue  # a plan written before the name was recorded: its hooks follow from its network, compared below
         if flat_a.get(key) != flat_b.get(key):
             return key, flat_a.get(key), flat_b.get(key)
     return None

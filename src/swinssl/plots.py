@@ -107,7 +107,7 @@ def save_lines(path: Path, points: Sequence[Mapping], series: str, x: str, xlabe
 
 
 def save_probe_curve(path: Path, curve: Mapping[int, float], random: float | None, title: str = "") -> Path:
-    """The probe during a pre-training (``engine.probe.probe_curve``): its mean Dice against the step, and
+    """The probe during a pre-training (``runs.probe_curve``): its mean Dice against the step, and
     the random encoder's as a dashed line."""
     fig, (ax,) = figure(1, 5.0, 3.5)
     steps = sorted(curve)

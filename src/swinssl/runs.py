@@ -174,7 +174,7 @@ def _fold_checkpoint(parent: str | Path, run: Path) -> Path:
 
 
 def probe_curve(rows: list[dict]) -> tuple[dict[int, float], float | None]:
-    """A pre-training's logged probe, from its metrics rows (``engine.logging.read_metrics``): {step:
+    """A pre-training's logged probe, from its metrics rows (``read_metrics``): {step:
     ``probe_dice``} and ``probe_dice_random`` (None for a run without the probe)."""
     curve = {r["step"]: r["value"] for r in rows if r["name"] == "probe_dice"}
     return curve, next((r["value"] for r in rows if r["name"] == "probe_dice_random"), None)

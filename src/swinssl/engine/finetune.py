@@ -169,7 +169,7 @@ class FinetuneStage:
         if not self.val_cases:
             return {}
         return validate(model, self.cfg, self.val_cases, self.classes, self.labels, fabric.device,
-                        overlay=run.preview(step) if fabric.is_global_zero else None)
+                        overlay=run.preview(step) if fabric.is_global_zero else None, method=self.objective)
 
 
 # --- cross-validation ------------------------------------------------------------------------------

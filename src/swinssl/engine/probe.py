@@ -7,8 +7,8 @@ Trained with DiceCE on fixed class-balanced crops of the labelled training cases
 stride-2 grid of the first map, against each cell's class shares), then scored by
 sliding-window Dice per class on held-out labelled cases. The same probe on a freshly
 initialised encoder of the same plan is the baseline: a pre-training paid off for this task
-when its probe beats the random encoder's. ``swinssl probe`` runs it on a checkpoint;
-``train.probe_data`` runs it during pre-training.
+when its probe beats the random encoder's. ``swinssl probe`` runs it on a checkpoint (here);
+``train.probe_data`` runs it during pre-training (``engine.validate.ProbeTask``, which both use).
 """
 
 from __future__ import annotations

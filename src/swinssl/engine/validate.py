@@ -1,8 +1,8 @@
 """Validation during training: sliding-window Dice of a segmentation network on held-out cases, and
 the frozen-encoder probe's score of an encoder (``ProbeTask``).
 
-Both predict windows through the network's method (``methods.window_predictor``), as ``swinssl
-predict`` does, so a validation Dice is the Dice predict would reach on those volumes at the
+Windows go through the fine-tuning method's inference hooks (``methods.window_predictor``), as
+``swinssl predict`` sends them, so a validation Dice is the Dice predict would reach on those volumes at the
 fine-tuning's overlap. Fine-tuning validates with ``validate``; pre-training scores its encoder
 with ``ProbeTask`` beside a random encoder (``random_encoder``); ``engine.probe`` scores a checkpoint.
 """
@@ -26,7 +26,7 @@ from swinssl.data.splits import class_indices, finetune_split
 from swinssl.data.transforms import case_item, finetune_transforms
 from swinssl.engine.data import SeededDataset, cache_root, images_of, labels_of, sample_seed
 from swinssl.errors import ConfigError
-from swinssl.methods import finetune_method, window_predictor
+from swinssl.methods import Method, window_predictor
 from swinssl.nn import build_encoder
 from swinssl.nn.heads import FrozenEncoderProbe
 from swinssl.plots import save_overlay
@@ -34,15 +34,16 @@ from swinssl.plots import save_overlay
 
 @torch.no_grad()
 def validate(model, cfg: Config, cases: list[Case], classes: list[int], names: dict[str, str], device,
-             overlay: Path | None = None, views: str = "auto") -> dict[str, float]:
+             overlay: Path | None = None, method: Method | None = None, views: str = "auto") -> dict[str, float]:
     """Sliding-window Dice per foreground class on the preprocessed validation volumes, and their mean.
 
     A class absent from both label and prediction counts as Dice 1, absent from one of
-    them as 0 (MONAI's ``ignore_empty=False``), so the mean is never NaN.
+    them as 0 (MONAI's ``ignore_empty=False``), so the mean is never NaN. ``method``: whose inference
+    hooks predict the windows (None: the model as it is); ``views``: their choice, as predict's.
     """
     was_training = model.training
     model.eval()
-    predictor, _ = window_predictor(model, finetune_method(cfg.finetune.method, dataclasses.asdict(cfg.model)), views)
+    predictor, _ = window_predictor(model, method, views)
     pipeline = finetune_transforms(cfg.preprocess, classes=classes, channels=cfg.model.in_channels, train=False,
                                    cache=cache_root(cfg))
     k = len(classes)
@@ -134,7 +135,7 @@ class ProbeTask:
             loss.backward()
             optimizer.step()
         # The probe is one network of the encoder's features: its windows go through it as they are.
-        scores = validate(model, cfg, self.test_cases, self.classes, self.names, device, views="single")
+        scores = validate(model, cfg, self.test_cases, self.classes, self.names, device, method=None, views="single")
         return scores.pop("dice"), {k.removeprefix("dice_"): v for k, v in scores.items()}
 
 

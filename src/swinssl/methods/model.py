@@ -34,13 +34,14 @@ class SSLModel(nn.Module):
         super().__init__()
         width = 16 * model.feature_size  # bottleneck channels
         self.swinViT = build_encoder(model)
+        self.two_streams = model.encoder == "domain_invariant_swin"  # the views co-attend in its module
         self.head_names = tuple(heads)
         for name in self.head_names:
             setattr(self, f"{name}_head", HEADS[name](width, model.in_channels, method))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         encoder, out = self.swinViT, {}
-        if not hasattr(encoder, "invariance"):  # the plain Swin encoder: one stream
+        if not self.two_streams:
             hidden = encoder(x, normalize=True)
         else:
             if x.shape[0] % 2:

@@ -54,6 +54,21 @@ def check_arguments(in_channels: int, out_channels: int, feature_size: int, dept
         raise ValueError(f"single_voxel_bottleneck must be 'exact' or 'pad', got {single_voxel_bottleneck!r}")
 
 
+def swin_encoder(in_channels: int, feature_size: int, depths: Sequence[int] = (2, 2, 2, 2),
+                 num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, patch_size: int = 2,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, dropout_path_rate: float = 0.0,
+                 use_checkpoint: bool = False, downsample: str = "merging", use_v2: bool = False, encoder: str = "swin",
+                 invariance_heads: int | Sequence[int] = (3, 6, 12, 24), invariance_pool: int = 4) -> nn.Module:
+    """The ``swinViT`` of a SwinUNETR with these arguments (SwinUNETR's names): the one map from them to
+    the encoder variant ``encoder`` (``ENCODERS``) and its arguments. Pre-training builds its encoder here too."""
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
+    variant = {"invariance_heads": invariance_heads, "invariance_pool": invariance_pool} if encoder != "swin" else {}
+    return ENCODERS[encoder](in_channels, feature_size, (window_size,) * 3, (patch_size,) * 3, depths, num_heads,
+                             drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=dropout_path_rate,
+                             use_checkpoint=use_checkpoint, downsample=downsample, use_v2=use_v2, **variant)
+
+
 class SwinUNETR(nn.Module):
     """(B, in_channels, D, H, W) -> logits (B, out_channels, D, H, W), any D, H, W."""
 
@@ -66,18 +81,14 @@ class SwinUNETR(nn.Module):
                  invariance_pool: int = 4, single_voxel_bottleneck: str = "exact"):
         check_arguments(in_channels, out_channels, feature_size, depths, num_heads, window_size, patch_size,
                         drop_rate, attn_drop_rate, dropout_path_rate, single_voxel_bottleneck)
-        if encoder not in ENCODERS:
-            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
         super().__init__()
         self.in_channels, self.feature_size, self.normalize = in_channels, feature_size, normalize
         self.use_checkpoint, self.single_voxel_bottleneck = use_checkpoint, single_voxel_bottleneck
         self.multiple = patch_size**5  # five halvings: patch embedding + four stages
         f = feature_size
-        variant = {"invariance_heads": invariance_heads, "invariance_pool": invariance_pool} if encoder != "swin" else {}
-        self.swinViT = ENCODERS[encoder](in_channels, f, (window_size,) * 3, (patch_size,) * 3, depths, num_heads,
-                                         drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                                         drop_path_rate=dropout_path_rate, use_checkpoint=use_checkpoint,
-                                         downsample=downsample, use_v2=use_v2, **variant)
+        self.swinViT = swin_encoder(in_channels, f, depths, num_heads, window_size, patch_size, drop_rate, attn_drop_rate,
+                                    dropout_path_rate, use_checkpoint, downsample, use_v2, encoder, invariance_heads,
+                                    invariance_pool)
 
         def enc(cin: int, cout: int) -> UnetrBasicBlock:
             return UnetrBasicBlock(3, cin, cout, kernel_size=3, stride=1, norm_name=norm_name, res_block=True)

@@ -77,7 +77,9 @@ class FreshProcess:
             raise FreshProcessFailed(f"the process running {self.target} was killed ({name}), most likely by the "
                                      "system for want of memory", out_of_memory=code == -signal.SIGKILL)
         last = (stderr.strip().splitlines() or ["no output"])[-1]
-        raise FreshProcessFailed(f"the process running {self.target} failed (exit code {code}): {last}")
+        failed = FreshProcessFailed(f"the process running {self.target} failed (exit code {code}): {last}")
+        failed.worker_traceback = stderr  # --debug shows it
+        raise failed
 
 
 def run_fresh(target: str, payload: dict, threads: int | None = None, env: dict | None = None):
