@@ -16,7 +16,8 @@ import inspect
 import typer
 
 import swinssl
-from swinssl.cli import common, data, nnunet, predict, study, train  # noqa: F401 - each registers its commands
+# Each registers its commands; in this order, --help lists them as a job runs: data, training, prediction.
+from swinssl.cli import common, data, train, predict, study, nnunet  # noqa: F401, I001
 from swinssl.cli.common import APPS, app
 
 
