@@ -9,6 +9,7 @@ import torch
 from conftest import SHARED_DATA, body_volume, write_nifti
 
 import swinssl.data.cache as cache_module
+import swinssl.data.checksums as checksums_module
 from swinssl.config import PreprocessConfig
 from swinssl.data.cache import CachedPrefixd, from_json, to_json
 from swinssl.data.transforms import crop_with_padding, finetune_transforms, inference_transforms, invert, pretrain_transforms
@@ -94,8 +95,8 @@ def test_changed_head_setting_rebuilds_and_changed_crop_setting_reuses(ct_case, 
 
 def test_unchanged_files_are_hashed_once(ct_case, tmp_path, monkeypatch):
     calls = []
-    real = cache_module.sha256_file
-    monkeypatch.setattr(cache_module, "sha256_file", lambda path: calls.append(str(path)) or real(path))
+    real = checksums_module.sha256_file
+    monkeypatch.setattr(checksums_module, "sha256_file", lambda path: calls.append(str(path)) or real(path))
     root = tmp_path / "cache"
     for seed in range(3):  # fresh pipelines, as separate runs would build
         crops_of(pretrain_transforms(CFG, cache=root), item(ct_case[0]), seed)
@@ -142,7 +143,7 @@ def test_read_only_cache_is_still_read(ct_case, tmp_path, monkeypatch, caplog):
     def read_only(*args, **kwargs):
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr(cache_module, "atomic_write_text", read_only)  # ...and cannot be
+    monkeypatch.setattr(checksums_module, "atomic_write_text", read_only)  # ...and cannot be
     monkeypatch.setattr(cache_module.np, "save", read_only)
     fast = pretrain_transforms(CFG, cache=root)
     head = cached_head(fast)

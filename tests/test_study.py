@@ -94,7 +94,7 @@ def test_data_efficiency_semi_protocol_trains_both_stages_never_reads_left_out_l
                                                                                                  monkeypatch):
     from swinssl.data import io
     from swinssl.data.discover import find_dataset
-    from swinssl.engine import finetune as engine
+    from swinssl.data import splits
     from swinssl.checkpoint import read_checkpoint
 
     micro = {"cases": 5, "size": 32, "ratios": [0.5], "seeds": [0],
@@ -110,7 +110,7 @@ def test_data_efficiency_semi_protocol_trains_both_stages_never_reads_left_out_l
         return reader
 
     monkeypatch.setattr(io, "read_volume", spy(io.read_volume))
-    monkeypatch.setattr(engine, "read_volume", spy(engine.read_volume))
+    monkeypatch.setattr(splits, "read_volume", spy(splits.read_volume))
     report = study.run_data_efficiency_study("pretrain/swin_unetr_tiny", out=tmp_path, preset="micro", protocol="semi",
                                              progress=False)
     results = read_results(tmp_path)

@@ -12,8 +12,8 @@ An entry's key is the SHA-256 of (the source files' SHA-256s, the item's declare
 modality, the preprocessing settings the head uses, the cache format version, the MONAI
 version). So an entry is rebuilt when a file's content or a setting changes, and stale
 entries are never read (they stay on disk until the cache folder is removed). A file's
-checksum is remembered next to the entries by (path, size, mtime), so unchanged files are
-hashed once, not once per run.
+checksum is remembered next to the entries (``swinssl.data.checksums``), so unchanged files
+are hashed once, not once per run.
 
 Layout (``root`` is ``data.cache``, by default ``<train.out>/cache``)::
 
@@ -43,7 +43,7 @@ from monai.transforms import Compose, InvertibleTransform, MapTransform
 from monai.utils import TraceKeys
 
 from swinssl.config import PreprocessConfig
-from swinssl.utils import atomic_write_text, sha256_file
+from swinssl.data.checksums import source_checksum
 
 CACHE_FORMAT = 2  # 2: entries keep metadata and transform trace
 # Settings of the random tail (crop size and count, augmentation), not of the cached head.
@@ -57,43 +57,6 @@ def settings_fingerprint(cfg: PreprocessConfig, **extra: Any) -> dict[str, Any]:
     random tail's), the reader's expectations (``extra``: channels, classes...), versions."""
     settings = {k: v for k, v in vars(cfg).items() if k not in TAIL_FIELDS}
     return {"format": CACHE_FORMAT, "monai": monai.__version__, **settings, **extra}
-
-
-def _files_of(path: Path) -> list[Path]:
-    """The files a source consists of: itself, or every file of a DICOM series folder."""
-    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-
-
-def file_checksum(path: Path, index: Path | None = None) -> str:
-    """SHA-256 of a file's bytes, remembered in ``index`` by (resolved path, size, mtime_ns)."""
-    stat = path.stat()
-    stamp = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    memo = index / f"{hashlib.sha1(stamp['path'].encode()).hexdigest()}.json" if index else None
-    if memo is not None and memo.is_file():
-        try:
-            saved = json.loads(memo.read_text())
-            if {k: saved.get(k) for k in stamp} == stamp:
-                return saved["sha256"]
-        except (OSError, ValueError, KeyError):
-            pass  # an unreadable memo is recomputed
-    digest = sha256_file(path)
-    if memo is not None:
-        try:
-            atomic_write_text(memo, json.dumps({**stamp, "sha256": digest}))
-        except OSError:
-            pass  # a read-only cache is still read: the file is hashed again next time
-    return digest
-
-
-def source_checksum(path: str | Path, index: Path | None = None) -> str:
-    """Checksum of one source (a file, or a DICOM folder as the checksums of its files in order)."""
-    files = _files_of(Path(path))
-    if len(files) == 1 and files[0] == Path(path):
-        return file_checksum(files[0], index)
-    combined = hashlib.sha256()
-    for f in files:
-        combined.update(f.relative_to(path).as_posix().encode() + b"\0" + file_checksum(f, index).encode())
-    return combined.hexdigest()
 
 
 def _compact_label(label: np.ndarray) -> np.ndarray:

@@ -183,6 +183,12 @@ def cache_root(cfg) -> Path | None:
     return Path(cfg.train.out) / "cache" if cfg.data.cache == "auto" else Path(cfg.data.cache)
 
 
+def checksum_memo(cfg) -> Path:
+    """The folder remembering data files' checksums (``swinssl.data.checksums``): the cache's, also
+    when ``data.cache`` is off (then only checksums are kept there)."""
+    return (cache_root(cfg) or Path(cfg.train.out) / "cache") / "checksums"
+
+
 def images_of(batch: dict) -> torch.Tensor:
     """The image tensor of a collated batch, as a plain tensor (no MetaTensor bookkeeping in the model)."""
     image = batch["image"]

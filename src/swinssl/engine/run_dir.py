@@ -3,7 +3,6 @@ a run. The files are named by ``swinssl.runs.RunDir``."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -16,12 +15,14 @@ from typing import Any, Sequence
 
 import swinssl
 from swinssl.config import load_config, save_config
+from swinssl.data.checksums import source_bytes, source_checksums
 from swinssl.data.discover import Case
+from swinssl.engine.data import checksum_memo
 from swinssl.engine.distributed import launched_as_rank_zero
 from swinssl.checkpoint import Checkpoint
 from swinssl.errors import ConfigError
 from swinssl.runs import RunDir
-from swinssl.utils import atomic_write_text, sha256_file, writable_dir
+from swinssl.utils import atomic_write_text, writable_dir
 
 PACKAGES = ("torch", "monai", "lightning-fabric", "numpy", "nibabel", "itk-io", "pynrrd", "pydicom")
 
@@ -35,32 +36,23 @@ def new_run_dir(out: str | Path, name: str, method: str) -> Path:
     return writable_dir(path)
 
 
-def write_manifest(path: Path, splits: dict[str, Sequence[Case]]) -> str:
-    """List every data file with size and SHA-256; returns the manifest's own SHA-256."""
-    entries = {}
-    for split, cases in splits.items():
-        entries[split] = []
-        for case in cases:
-            files = [*case.images, *([case.label] if case.label else [])]
-            entries[split].append({
-                "case_id": case.case_id,
-                "modality": case.modality,
-                "files": [{"path": str(f), "bytes": _size(f), "sha256": _digest(f)} for f in files],
-            })
+def write_manifest(path: Path, splits: dict[str, Sequence[Case]], memo: Path | None = None) -> str:
+    """List every data file with size and SHA-256; returns the manifest's own SHA-256.
+
+    Checksums come from the memo folder ``memo`` (``swinssl.data.checksums``): only new or changed
+    files are read, in parallel threads."""
+    sources = [f for cases in splits.values() for case in cases for f in _files(case)]
+    digests = source_checksums(sources, memo)
+    entries = {split: [{"case_id": case.case_id, "modality": case.modality,
+                        "files": [{"path": str(f), "bytes": source_bytes(f), "sha256": digests[str(f)]}
+                                  for f in _files(case)]}
+                       for case in cases]
+               for split, cases in splits.items()}
     return RunDir(path).write_manifest(entries)
 
 
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
-
-
-def _digest(path: Path) -> str:
-    if not path.is_dir():
-        return sha256_file(path)
-    digest = hashlib.sha256()  # a DICOM series: hash of its files' hashes
-    for p in sorted(path.iterdir()):
-        digest.update(sha256_file(p).encode())
-    return digest.hexdigest()
+def _files(case: Case) -> list[Path]:
+    return [*case.images, *([case.label] if case.label else [])]
 
 
 def write_environment(path: Path) -> None:
@@ -89,7 +81,7 @@ def write_environment(path: Path) -> None:
 def write_run_files(path: Path, cfg, splits: dict[str, Sequence[Case]]) -> str:
     save_config(cfg, RunDir(path).config)
     write_environment(path)
-    return write_manifest(path, splits)
+    return write_manifest(path, splits, checksum_memo(cfg))
 
 
 def resume_state(resume: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, Checkpoint | None]:
