@@ -5,7 +5,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
+import time
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -51,3 +53,18 @@ def keep_freed_memory() -> bool:
         return libc is not None and libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     except AttributeError:  # musl and others have no mallopt
         return False
+
+
+_IMPORTED = time.time()  # the fallback's origin where /proc cannot tell when the process started
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: from ``/proc``; elsewhere: since swinssl was imported)."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces: split after it
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"), 0.0)  # field 22: start time in ticks
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED

@@ -1,8 +1,15 @@
-"""``swinssl data check``: read every volume of a dataset and report what it is and what is wrong."""
+"""``swinssl data check``: read every volume of a dataset and report what it is and what is wrong.
+
+What a check found is remembered (``memo``, beside the cache's checksums) by the stamps (path,
+size, mtime_ns) of the case's files and what the dataset declares about them, so checking an
+unchanged corpus again reads no volume: only a new or changed case is read.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -10,6 +17,7 @@ import torch
 from swinssl.data.discover import Case, Dataset
 from swinssl.data.io import guess_modality, orientation_of, read_image, read_label, spacing_of
 from swinssl.errors import DataError
+from swinssl.utils import atomic_write_text
 
 
 @dataclass
@@ -67,17 +75,57 @@ def image_warnings(image: torch.Tensor, path: Path, modality: str | None) -> lis
     return warnings
 
 
-def check_dataset(dataset: Dataset, progress=None) -> tuple[list[VolumeReport], list[str]]:
-    """Check every case; returns the reports of good cases and one line per problem."""
+def check_dataset(dataset: Dataset, progress=None, memo: Path | None = None) -> tuple[list[VolumeReport], list[str]]:
+    """Check every case; returns the reports of good cases and one line per problem. ``memo``: a folder
+    remembering each case's result (module docstring); None: every case is read."""
     reports, problems = [], []
     for case in dataset.cases:
-        try:
-            reports.append(check_case(case, dataset))
-        except DataError as err:
-            problems.append(str(err))
+        result = _remembered(case, dataset, memo)
+        if result is None:
+            try:
+                result = check_case(case, dataset)
+            except DataError as err:
+                result = str(err)
+            _remember(case, dataset, memo, result)
+        (problems if isinstance(result, str) else reports).append(result)
         if progress is not None:
             progress()
     return reports, problems
+
+
+def _memo_file(case: Case, dataset: Dataset, memo: Path) -> Path:
+    """Where a case's result is remembered: named by its files' stamps and the dataset's declarations."""
+    stamps = []
+    for f in (*case.images, *([case.label] if case.label else [])):
+        st = Path(f).stat()
+        stamps.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+    key = json.dumps([stamps, case.modality, dataset.channel_names, sorted(dataset.labels), str(dataset.root)])
+    return memo / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+
+def _remembered(case: Case, dataset: Dataset, memo: Path | None) -> VolumeReport | str | None:
+    if memo is None:
+        return None
+    try:
+        saved = json.loads(_memo_file(case, dataset, memo).read_text())
+    except (OSError, ValueError):
+        return None  # not checked yet, changed, unreadable memo, or a file gone (check_case says which)
+    if "problem" in saved:
+        return saved["problem"]
+    fields = saved["report"]
+    return VolumeReport(**{**fields, "shape": tuple(fields["shape"]), "spacing": tuple(fields["spacing"]),
+                           "intensity": tuple(fields["intensity"])})
+
+
+def _remember(case: Case, dataset: Dataset, memo: Path | None, result: VolumeReport | str) -> None:
+    if memo is None:
+        return
+    try:
+        memo.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"problem": result} if isinstance(result, str) else {"report": asdict(result)})
+        atomic_write_text(_memo_file(case, dataset, memo), text)
+    except OSError:
+        pass  # a missing file (its problem is the result) or a read-only memo: checked again next time
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -139,16 +139,22 @@ def _pair_labels(images: list[Path], labels: list[Path]) -> dict[Path, Path]:
     ``lung1_label`` pairs with ``lung1_image``, ``itk_t1_tissue_seg`` with ``itk_t1``,
     ``labels/case_01`` with ``images/case_01``.
     """
+    # Images by their first name token: a label's match starts with the label's first token, so each
+    # label compares with a handful of images, not all of a corpus's.
+    by_first: dict[str, list[tuple[Path, list[str]]]] = {}
+    for img in images:
+        img_tokens = [t for t in _tokens(img) if t not in IMAGE_TOKENS]
+        if img_tokens:
+            by_first.setdefault(img_tokens[0], []).append((img, img_tokens))
     pairs: dict[Path, Path] = {}
     for lab in labels:
         lab_tokens = _tokens(lab)
         if lab_tokens and lab_tokens[-1] in LABEL_TOKENS:
             lab_tokens = lab_tokens[:-1]
         best, best_len = None, 0
-        for img in images:
+        for img, img_tokens in by_first.get(lab_tokens[0], []) if lab_tokens else []:
             if img in pairs or not _same_place(img, lab):
                 continue
-            img_tokens = [t for t in _tokens(img) if t not in IMAGE_TOKENS]
             n = len(img_tokens)
             if n and lab_tokens[:n] == img_tokens and n > best_len:
                 best, best_len = img, n

@@ -54,12 +54,15 @@ class StepSampler(Sampler):
                              f"must pass world_size (fabric.world_size) to crop_loader / StepSampler")
         self.num_cases, self.per_step, self.seed, self.rank = num_cases, per_step, seed, rank
         self.start_step, self.steps, self.world_size = start_step, steps, world_size
+        self._epoch, self._order = -1, np.empty(0, np.int64)
 
     def _case(self, index: int) -> int:
         epoch, offset = divmod(index, self.num_cases)
-        # The 0 once was the rank (one permutation per rank): kept, so single-process runs keep their data.
-        order = np.random.default_rng([self.seed, 0, epoch, 7]).permutation(self.num_cases)
-        return int(order[offset])
+        if self._epoch != epoch:  # one permutation held at a time: 8 bytes per volume
+            # The 0 once was the rank (one permutation per rank): kept, so single-process runs keep their data.
+            self._order = np.random.default_rng([self.seed, 0, epoch, 7]).permutation(self.num_cases)
+            self._epoch = epoch
+        return int(self._order[offset])
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         step, global_per_step = self.start_step, self.world_size * self.per_step

@@ -7,7 +7,8 @@ rest the same way for all: the run directory, AdamW with warm-up + cosine, resum
 where a run stopped, gradient accumulation, clipping, a stop (or skip) on a non-finite loss or
 gradient, averaged metrics (CSV, TensorBoard, progress bar; ``step_s``: seconds per optimiser
 step without waiting for data, ``cpu_s``: the process's CPU seconds in it, ``data_s``: seconds
-waiting for batches), ``checkpoints/last.pt``
+waiting for batches; at the first step, ``startup_s``: seconds from the process's start to its first
+batch ready), ``checkpoints/last.pt``
 (and ``best.pt`` for a stage with a best metric), one clear line when a process of a distributed
 run fails, and one when a step runs out of memory (``engine.memory``: where, the estimate made at
 start, a setting that fits).
@@ -41,6 +42,7 @@ from swinssl.errors import TrainingError
 from swinssl.plan import Plan
 from swinssl.plots import save_preview
 from swinssl.runs import RunDir
+from swinssl.runtime import process_age_s
 
 MAX_SKIPPED_IN_A_ROW = 10  # train.on_nonfinite=skip: more than this is a diverged run, not a bad batch
 
@@ -130,7 +132,7 @@ class Runner:
 
     def train(self) -> Path:
         t, fabric = self.t, self.fabric
-        self.started = time.perf_counter()
+        self.started, self.startup_s = time.perf_counter(), None
         with DistributedFaults(fabric, self.run.last):
             self.bad = BadVolumes(self.run, len(self.stage.splits()["train"]), self.cfg.data.max_bad_fraction,
                                   lambda line: self.bar.write(line, file=sys.stderr))
@@ -160,6 +162,8 @@ class Runner:
                     cpu += time.process_time() - began_cpu - self.waited_cpu
                     waited, timed = waited + self.waited, timed + 1
                     done = step + 1
+                    if step == self.start and self.logger:  # this process's first step
+                        self.logger.log(done, "train", {"startup_s": self.startup_s})
                     if due(done, t.log_every, t.steps):
                         means = {k: v / max(count, 1) for k, v in sums.items()}
                         means = {k: float(fabric.all_reduce(torch.tensor(v), reduce_op="mean")) for k, v in means.items()}
@@ -192,6 +196,8 @@ class Runner:
         for micro in range(t.accumulate):
             fetch, fetch_cpu = time.perf_counter(), time.process_time()
             batch = next(batches)
+            if self.startup_s is None:
+                self.startup_s = process_age_s()
             self.bad.met(batch.pop("bad_volumes", ()))
             self.waited += time.perf_counter() - fetch
             self.waited_cpu += time.process_time() - fetch_cpu
