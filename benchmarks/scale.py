@@ -81,13 +81,11 @@ def pretrain(data: Path, out: Path, name: str, steps: int, cwd: Path) -> dict:
 
 
 def prepare(data: Path, cache: Path, workers: int, cwd: Path) -> dict:
-    wall, peak, _ = run_cli(["data", "prepare", f"data={data}", f"data.cache={cache}", f"--workers={workers}",
-                             *RUN], cwd)
-    report = json.loads((cache / "prepare" / "report.json").read_text())
-    entries = cache / "entries"
-    size = sum(f.stat().st_size for f in entries.rglob("*") if f.is_file())
-    return {"wall_s": wall, "peak_rss": peak, "volumes_per_s": report["summary"]["volumes_per_s"],
-            "cache_bytes": size, "report": report["summary"]}
+    wall, peak, _ = run_cli(["data", "prepare", "pretrain/swin_unetr_tiny", f"data={data}",
+                             f"data.cache={cache}", f"--workers={workers}", *RUN], cwd)
+    report = json.loads((cache / "prepare" / "pretrain.json").read_text())
+    return {"wall_s": wall, "peak_rss": peak, "volumes_per_s": report["volumes"] / report["seconds"],
+            "cache_bytes": report["cache_bytes"], "report": report}
 
 
 def measure(count: int, side: int, root: Path, skip_prepare: bool) -> dict:
@@ -108,7 +106,7 @@ def measure(count: int, side: int, root: Path, skip_prepare: bool) -> dict:
 
 def table(rows: list[dict]) -> str:
     mib = 2**20
-    lines = ["| volumes | cold start s | warm start s | peak RSS at start MiB (cold / warm) | prepare vol/s (1 / 2 "
+    lines = ["| volumes | cold start s | warm start s | peak RSS of the 1-step run MiB (cold / warm) | prepare vol/s (1 / 2 "
              "workers) | steady crops/s | cache KiB/volume |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         prep = (f"{r['prepare_1']['volumes_per_s']:.1f} / {r['prepare_2']['volumes_per_s']:.1f}"

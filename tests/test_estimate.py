@@ -1,14 +1,17 @@
-"""swinssl estimate: the probe's config, window counting, the memory fit and what fits a budget,
-the line at the start of a run, the one line a run that runs out of memory ends with, and (slow)
-a real tiny estimate against a real 3-step run."""
+"""swinssl estimate: the probe's config, the phases it measures (training, validation, checkpoint)
+and the largest validation volume it picks, the cache's disk from headers, window counting, the
+memory fit and what fits a budget, the line at the start of a run, the one line a run that runs
+out of memory ends with, and (slow) a real tiny estimate against a real 3-step run."""
 
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -31,7 +34,7 @@ def test_probe_config_runs_only_training_steps_on_one_device(tmp_path):
     cfg = load_config("finetune/tiny", ["data=/some/data.json", "train.devices=4", "train.probe_data=/p",
                                         "finetune.folds=5", "finetune.fold=all", "train.batch_size=3"])
     data = {"path": "/some/data.json", "cache": "/cache", "what": ""}
-    probe = est._probe_config(cfg, "cpu", 3, tmp_path, data)
+    probe = est._probe_config(cfg, "cpu", 3, tmp_path, data, after_steps=False)
     t = probe.train
     assert (t.steps, t.val_every, t.checkpoint_every, t.preview_every, t.log_every) == (3, 0, 0, 0, 1)
     assert (t.devices, t.num_nodes, t.accelerator, t.probe_data) == (1, 1, "cpu", "")
@@ -42,6 +45,19 @@ def test_probe_config_runs_only_training_steps_on_one_device(tmp_path):
                                                                            cfg.train.precision)
     # The spec the probe process reads back is the same config.
     assert from_dict(Config, json.loads(json.dumps(to_dict(probe)))) == probe
+
+
+def test_probe_config_does_once_after_the_last_step_what_the_run_does_after_a_step(tmp_path):
+    data = {"path": "/some/data.json", "cache": "/cache", "what": ""}
+    cfg = load_config("pretrain/swin_unetr_tiny", ["train.probe_data=/p", "train.probe_steps=100",
+                                                   "train.val_every=1", "train.preview_every=7"])
+    t = est._probe_config(cfg, "cpu", 3, tmp_path, data).train
+    assert (t.steps, t.val_every, t.preview_every, t.checkpoint_every, t.probe_every) == (3, 3, 3, 3, 3)
+    assert t.probe_data == "/p" and t.probe_steps == est.PROBE_HEAD_STEPS
+    # What the run never does, the probe does not measure.
+    off = load_config("finetune/tiny", ["train.val_every=0", "train.checkpoint_every=0", "train.preview_every=0"])
+    t = est._probe_config(off, "cpu", 3, tmp_path, data).train
+    assert (t.val_every, t.preview_every, t.checkpoint_every, t.probe_data) == (0, 0, 0, "")
 
 
 def test_probe_data_shares_the_runs_cache_or_writes_phantoms(tmp_path):
@@ -83,7 +99,8 @@ def test_cuda_without_a_gpu_is_one_line():
 def test_estimate_help_names_stages_budget_and_predict_options():
     text = " ".join(runner.invoke(app, ["estimate", "--help"], env={"COLUMNS": "200"}).output.split())
     for words in ("--stage", "pretrain, finetune or predict", "--memory-budget", "largest train.batch_size",
-                  "--shape", "--overlap", "--sw-batch-size", "separate process"):
+                  "--shape", "--overlap", "--sw-batch-size", "separate process", "largest validation volume",
+                  "one checkpoint save", "the worst of these phases", "data.cache_dtype"):
         assert words in text, words
 
 
@@ -179,18 +196,25 @@ def test_what_counts_as_out_of_memory(err, oom):
     assert is_out_of_memory(err) is oom
 
 
-def fake_probes(monkeypatch, peak_of, out_of_memory_above=None):
-    """Probes that 'measure' peak_of(crops) and 2 s/step; more crops than ``out_of_memory_above`` run out."""
+def fake_probes(monkeypatch, peak_of, out_of_memory_above=None, after=None):
+    """Probes that 'measure' peak_of(crops) in training (and ``after``: {phase: bytes} after the steps,
+    for the probe at the config's crops) and 2 s/step; more crops than ``out_of_memory_above`` run out."""
     calls = []
 
     def probe(spec, tmp):
         cfg = from_dict(Config, spec["config"])
         crops = cfg.train.batch_size * cfg.preprocess.num_crops
         calls.append(crops)
-        assert (cfg.train.steps, cfg.train.val_every, cfg.train.checkpoint_every) == (3, 0, 0)
+        t = cfg.train
+        # The config's probe does what the run does after its last step; the fit's probes only train.
+        main = Path(t.out).name == "runs"
+        assert (t.steps, t.val_every, t.checkpoint_every) == ((3, 3, 3) if main else (3, 0, 0))
         if out_of_memory_above is not None and crops > out_of_memory_above:
             raise est.FreshProcessFailed("out of memory at step 1 of 3 on cpu", out_of_memory=True)
-        return {"peak": peak_of(crops), "step_s": 2.0, "data_s": 0.1, "cpu_s": 3.9, "times": [5.0, 2.0, 2.0]}
+        phases = {"training": peak_of(crops), **((after or {}) if main else {})}
+        return {"peak": max(phases.values()), "phases": phases, "phase_s": {"validation": 30.0} if after else {},
+                "validated": "big (400x400x300 voxels)" if after else "", "classes": 2, "checkpoint_bytes": 0,
+                "step_s": 2.0, "data_s": 0.1, "cpu_s": 3.9, "times": [5.0, 2.0, 2.0]}
 
     monkeypatch.setattr(est, "run_probe", probe)
     return calls
@@ -223,6 +247,211 @@ def test_a_probe_that_runs_out_of_memory_gives_the_peak_from_smaller_ones(tmp_pa
     line = found.line()
     assert line.startswith("estimate: peak 14.0 GiB resident, s/step not measured (out of memory) on cpu")
     assert "expect out of memory, train.batch_size=1 train.accumulate=2 (about 8.0 GiB) fits" in line
+
+
+def test_the_peak_is_the_worst_phase_and_each_phase_is_reported(tmp_path, monkeypatch):
+    after = {"validation": 5 * GIB, "checkpoint": 2.5 * GIB}
+    fake_probes(monkeypatch, lambda crops: 2 * GIB, after=after)
+    cfg = load_config("finetune/tiny", [f"data={tmp_path}", "train.steps=200", "train.val_every=50"])
+    found = est.estimate(cfg, "finetune", "cpu")
+    assert found.phases == {"training": 2 * GIB, **after} and found.peak == 5 * GIB
+    assert found.summary() == ("peak 5.0 GiB resident (training 2.0, validation 5.0, checkpoint 2.5), "
+                               "2 s/step on cpu")
+    text = "\n".join(found.report())
+    assert "  peak memory  5.0 GiB resident" in text
+    assert ("  by phase     training 2.0 GiB, validation 5.0 GiB, checkpoint 2.5 GiB; validated big "
+            "(400x400x300 voxels)") in text
+    assert "plus 4 validations (each 30 s for big (400x400x300 voxels) alone)" in text
+    assert "then its validation, checkpoint once" in text
+    assert found.to_dict()["phases"] == found.phases
+    # A budget the validation alone exceeds: no batch or ROI of training can fit it.
+    squeezed = est.estimate(cfg, "finetune", "cpu", budget_gib=4)
+    assert squeezed.batch is None and squeezed.roi is None
+    assert any("the validation alone peaks at 5.0 GiB, above 4.0 GiB" in note for note in squeezed.notes)
+
+
+@pytest.mark.skipif(not est._resettable_high_water_mark(), reason="needs Linux's resettable VmHWM")
+def test_phase_meter_gives_each_phase_its_own_peak():
+    import numpy as np
+
+    size = 200 * 2**20
+    meter = est.PhaseMeter("cpu")
+    with meter.phase("validation"):
+        block = np.ones(size // 8)  # touched: resident
+        del block
+    with meter.phase("checkpoint"):
+        pass
+    phases = meter.finish()
+    assert list(phases) == ["training", "validation", "checkpoint"]
+    assert phases["validation"] - phases["checkpoint"] > 0.9 * size  # the checkpoint does not inherit its peak
+    assert phases["validation"] - phases["training"] > 0.5 * size
+    assert set(meter.seconds) == {"validation", "checkpoint"}
+
+
+def write_case(folder: Path, name: str, shape, spacing=(1.0, 1.0, 1.0)) -> dict:
+    """A CT body (air outside, a labelled block inside) of ``shape`` at ``spacing``: its dataset entry."""
+    import nibabel as nib
+    import numpy as np
+
+    image = np.full(shape, -1000.0, np.float32)
+    body = tuple(slice(2, n - 2) for n in shape)
+    image[body] = 40.0
+    label = np.zeros(shape, np.uint8)
+    label[tuple(slice(n // 3, n // 3 + max(2, n // 4)) for n in shape)] = 1
+    image[label == 1] = 90.0
+    affine = np.diag([*spacing, 1.0])
+    folder.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(image, affine), str(folder / f"{name}_image.nii.gz"))
+    nib.save(nib.Nifti1Image(label, affine), str(folder / f"{name}_label.nii.gz"))
+    return {"image": f"{name}_image.nii.gz", "label": f"{name}_label.nii.gz"}
+
+
+def test_a_large_validation_volume_is_the_estimates_peak_and_the_checkpoint_is_measured(tmp_path):
+    """Training on 32^3 crops of small volumes; validation by sliding window over a 192x192x96
+    volume: the validation phase is the peak, above training by at least the volume's logits and
+    prediction (16 bytes a voxel for 2 classes), and one checkpoint is written and measured."""
+    big = (192, 192, 96)
+    entries = [write_case(tmp_path / "data", f"small{i}", (40, 36, 28)) for i in range(2)]
+    validation = [write_case(tmp_path / "data", "mid", (64, 64, 64)), write_case(tmp_path / "data", "big", big)]
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "CT"}, "labels": {"0": "background", "1": "block"}, "training": entries,
+        "validation": validation}))
+    cfg = load_config("finetune/tiny", [f"data={tmp_path / 'data' / 'dataset.json'}", *TINY,
+                                        "preprocess.spacing=null", "finetune.overlap=0", "finetune.sw_batch_size=4",
+                                        "train.batch_size=1", "train.val_every=50", "train.checkpoint_every=50",
+                                        f"train.out={tmp_path / 'runs'}"])
+    found = est.estimate(cfg, "finetune", "cpu", steps=2)
+    assert list(found.phases) == ["training", "validation", "checkpoint"]
+    assert found.peak == found.phases["validation"] == max(found.phases.values())
+    assert found.peak - found.phases["training"] > 16 * math.prod(big)
+    assert found.validated == "big (192x192x96 voxels), the largest of 2"
+    assert found.phase_s["validation"] > 0 and found.phase_s["checkpoint"] > 0
+    from swinssl.nn import build_network
+
+    weights = sum(p.numel() for p in build_network(cfg.model, out_channels=2).parameters()) * 4
+    assert found.checkpoint_bytes > 3 * weights  # the weights and AdamW's two moments
+    assert found.classes == 2
+
+
+# --- the largest validation volume and the cache's disk, from headers ------------------------------------
+
+
+@pytest.mark.parametrize("affine, spacing", [
+    (np.diag([0.7, 0.9, 3.0, 1.0]), (1.5, 1.5, 2.0)),
+    (np.array([[0, 0, 2.5, 5.0], [-0.8, 0, 0, 3.0], [0, 1.1, 0, -4.0], [0, 0, 0, 1]]), (1.0, 2.0, 1.5)),
+    (np.array([[-1.2, 0, 0, 0], [0, -1.2, 0, 0], [0, 0, 4.0, 0], [0, 0, 0, 1]]), None),
+])
+def test_preprocessed_shape_from_the_header_is_monais(tmp_path, affine, spacing):
+    import nibabel as nib
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
+
+    path = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((37, 23, 11), np.float32), affine), str(path))
+    pre = load_config("finetune/ct", ["preprocess.spacing=null" if spacing is None else
+                                      f"preprocess.spacing=[{spacing[0]},{spacing[1]},{spacing[2]}]"]).preprocess
+    steps = [LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS", labels=None)]
+    if spacing is not None:
+        steps.append(Spacingd("image", pixdim=spacing))
+    assert est.preprocessed_shape(path, pre) == tuple(Compose(steps)({"image": str(path)})["image"].shape[1:])
+
+
+def forbid_voxel_reads(monkeypatch):
+    """Any read of voxels (swinssl's readers, MONAI's loader, nibabel's arrays) or hash of a file fails."""
+    import nibabel as nib
+    from monai.transforms import LoadImage
+
+    import swinssl.data.checksums as checksums
+    import swinssl.data.io as io
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("voxels read")
+
+    for module, name in [(io, "read_volume"), (io, "read_image"), (io, "read_label"), (LoadImage, "__call__"),
+                         (nib.arrayproxy.ArrayProxy, "__array__"), (nib.arrayproxy.ArrayProxy, "__getitem__"),
+                         (checksums, "sha256_file")]:
+        monkeypatch.setattr(module, name, refuse)
+
+
+def test_the_largest_validation_volume_is_chosen_from_headers_after_resampling(tmp_path, monkeypatch):
+    from swinssl.data.discover import find_dataset
+
+    # "wide" has more voxels in its file; "deep" more after resampling to 1 mm (its 5 mm slices become 96).
+    entries = [write_case(tmp_path, "wide", (100, 100, 10)), write_case(tmp_path, "deep", (50, 50, 20), (1, 1, 5)),
+               write_case(tmp_path, "small", (20, 20, 20))]
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": entries}))
+    cases = find_dataset(tmp_path / "dataset.json").cases
+    forbid_voxel_reads(monkeypatch)
+    pre = load_config("finetune/ct", ["preprocess.spacing=[1,1,1]"]).preprocess
+    assert [c.case_id for c in est.largest_cases(cases, pre)] == ["deep"]
+    assert [c.case_id for c in est.largest_cases(cases, pre, 2)] == ["wide", "deep"]  # their order kept
+    own = load_config("finetune/ct", ["preprocess.spacing=null"]).preprocess
+    assert [c.case_id for c in est.largest_cases(cases, own)] == ["wide"]
+
+
+@pytest.fixture
+def two_volumes(tmp_path):
+    """Two labelled volumes of known grids: a (40, 30, 20) at (1, 1, 2) mm and b (51, 51, 10) at
+    (0.5, 0.5, 4) mm; at 1 mm, (40, 30, 39) = 46,800 and (26, 26, 37) = 25,012 voxels."""
+    entries = [write_case(tmp_path / "data", "a", (40, 30, 20), (1, 1, 2)),
+               write_case(tmp_path / "data", "b", (51, 51, 10), (0.5, 0.5, 4))]
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "CT"}, "labels": {"0": "background", "1": "block"}, "training": entries}))
+    return tmp_path / "data" / "dataset.json"
+
+
+VOXELS = 46_800 + 25_012
+
+
+def at_1mm(data, preset, *more):
+    return load_config(preset, [f"data={data}", "preprocess.spacing=[1,1,1]", "train.val_fraction=0.5", *more])
+
+
+def test_cache_disk_is_voxels_times_bytes_from_headers_alone(two_volumes, monkeypatch):
+    forbid_voxel_reads(monkeypatch)
+    finetune = est.cache_usage(at_1mm(two_volumes, "finetune/tiny"), "finetune")
+    assert (finetune.volumes, finetune.uncounted, finetune.dtype) == (2, 0, "float32")
+    assert finetune.bytes == VOXELS * (4 + 1)  # float32 image + a uint8 label
+    half = est.cache_usage(at_1mm(two_volumes, "finetune/tiny", "data.cache_dtype=float16"), "finetune")
+    assert half.bytes == VOXELS * (2 + 1)
+    pretrain = est.cache_usage(at_1mm(two_volumes, "pretrain/swin_unetr_tiny"), "pretrain")
+    assert pretrain.bytes == VOXELS * 4  # images only: pre-training never reads labels
+    pretrain_half = est.cache_usage(at_1mm(two_volumes, "pretrain/swin_unetr_tiny", "data.cache_dtype=float16"),
+                                    "pretrain")
+    assert pretrain_half.bytes == pretrain.bytes / 2
+    two_channels = est.cache_usage(at_1mm(two_volumes, "pretrain/swin_unetr_tiny", "model.in_channels=2"), "pretrain")
+    assert two_channels.bytes == 2 * pretrain.bytes
+    assert finetune.cached == 0 and finetune.line() == (
+        f"cache: at most {est.gib(VOXELS * 5)} for 2 volumes in {finetune.root} (none of it there yet), float32 images")
+
+
+def test_cache_disk_counts_the_entries_already_there(two_volumes, tmp_path, monkeypatch):
+    from swinssl.data.discover import find_dataset
+    from swinssl.data.prepare import stage_head
+    from swinssl.data.transforms import case_item
+
+    cfg = at_1mm(two_volumes, "finetune/tiny", f"train.out={tmp_path / 'runs'}")
+    head = stage_head(cfg, "finetune", tmp_path / "runs" / "cache", [0, 1])
+    first = find_dataset(two_volumes).cases[0]
+    head(case_item(first))  # preprocess one volume into the cache
+    entry = next((tmp_path / "runs" / "cache" / "entries").iterdir())
+    size = sum(f.stat().st_size for f in entry.iterdir())
+    forbid_voxel_reads(monkeypatch)
+    usage = est.cache_usage(cfg, "finetune")
+    assert (usage.cached, usage.cached_volumes) == (size, 1)
+    assert f"({est.gib(size)} already there, 1 of the volumes)" in usage.line()
+    # A float16 cache is another set of entries: none of them there.
+    assert est.cache_usage(at_1mm(two_volumes, "finetune/tiny", f"train.out={tmp_path / 'runs'}",
+                                  "data.cache_dtype=float16"), "finetune").cached == 0
+    off = est.cache_usage(at_1mm(two_volumes, "finetune/tiny", "data.cache=off"), "finetune")
+    assert off.line().startswith("cache: off")
+
+
+def test_swinssl_estimate_prints_the_cache_line(two_volumes, tmp_path, monkeypatch):
+    monkeypatch.setattr(est, "_estimate_training", lambda *args: fake_estimate(stage="finetune", fit=None))
+    result = runner.invoke(app, ["estimate", "--stage", "finetune", f"data={two_volumes}", "preprocess.spacing=[1,1,1]",
+                                 "train.val_fraction=0.5", f"train.out={tmp_path / 'runs'}", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert f"cache: at most {est.gib(VOXELS * 5)} for 2 volumes in {tmp_path / 'runs' / 'cache'}" in result.output
 
 
 # --- the line at start ----------------------------------------------------------------------------------------
@@ -405,7 +634,7 @@ def test_the_predict_estimate_defaults_to_predicts_window_batch_and_the_configs_
 
     seen = {}
 
-    def fake(cfg, stage, device, budget, steps, shape=None, overlap=None, sw_batch_size=None):
+    def fake(cfg, stage, device, budget, steps, shape=None, overlap=None, sw_batch_size=None, disk=False):
         seen.update(overlap=overlap, sw_batch_size=sw_batch_size)
         raise est.ConfigError("stop here")
 

@@ -119,3 +119,27 @@ def test_sampler_visits_every_one_of_1000_files_equally_often_disjoint_across_ra
     sampler = StepSampler(len(cases), per_step, seed=3, steps=steps)
     list(sampler)
     assert sampler._order.nbytes <= 8 * len(cases)  # one pass's order held, not one per pass
+
+
+def test_prepare_then_pretraining_skips_exactly_what_prepare_found_bad_and_says_so(tmp_path, capsys):
+    from swinssl.data.prepare import prepare
+
+    data = tmp_path / "mixed"
+    for i in range(4):
+        write_nifti(data / f"ct_{i}.nii.gz", body_volume((32, 32, 32), "CT", seed=i)[0], np.diag([2.0, 2.0, 2.0, 1]))
+    (data / "truncated.nii.gz").write_bytes((data / "ct_0.nii.gz").read_bytes()[:300])
+    nan = body_volume((32, 32, 32), "CT", seed=7)[0]
+    nan[5, 5, 5] = np.nan
+    bad = {str(data / "truncated.nii.gz"), str(write_nifti(data / "nan.nii.gz", nan)),
+           str(write_nifti(data / "flat.nii.gz", np.ones((32, 32), np.float32)))}
+    cfg = config(data, tmp_path, "after", "data.modality=CT", "data.max_bad_fraction=0.5", "train.steps=3",
+                 "train.checkpoint_every=3")
+    summary = prepare(cfg, progress=False)
+    assert set(summary.bad) == bad and summary.built == 4
+    with reads_of(data) as opened:
+        run = engine.pretrain(cfg, progress=False)
+    assert not set(opened) & bad  # skipped from prepare's records, never opened
+    skipped = [__import__("json").loads(line)["file"] for line in (run / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(skipped) == sorted(bad)
+    err = capsys.readouterr().err
+    assert err.count("swinssl data prepare found bad") == 1 and "3 volume(s)" in err

@@ -36,6 +36,9 @@ class DataConfig:
     modality: Modality = "auto"  # used where the dataset does not say; auto: from folder names, then intensities
     num_classes: int = 0  # 0: take from the dataset's labels (or the label values found)
     cache: str = "auto"  # preprocessed-volume cache folder; auto: <train.out>/cache; off: read files every time
+    # How cached images are stored (read back as float32 either way). float16 halves the cache, but its
+    # rounding reaches 0.79 of a grey level on a real MRI (benchmarks/results/cache_dtype.txt): opt-in
+    cache_dtype: Literal["float32", "float16"] = "float32"
     # Pre-training: a volume that cannot be read (or holds NaN/Inf) is skipped and listed in the run's
     # skipped.jsonl; the run stops when more than this share of its training volumes are bad
     max_bad_fraction: float = 0.01

@@ -2,7 +2,10 @@
 and the studies leave behind (training runs are ``swinssl.runs``; checkpoints ``swinssl.checkpoint``).
 
 - A prediction folder (``swinssl predict --out``): the masks and ``predictions.json``, which
-  records input -> mask, the models, the class names and the options (``PredictionFolder``).
+  records input -> mask, the models, the class names and the options (``PredictionFolder``);
+  under ``.predict/`` one record per case (``<name>.json``: its input, its mask file and the
+  fingerprint of the model and options that made it, or its error), from which a resumed or
+  split prediction knows what is done and ``predictions.json`` is assembled.
 - An evaluation folder (``swinssl evaluate --out``, by default the prediction folder):
   ``metrics.csv``, one row per case and class (``case_id, class, class_name, dice, hd95, nsd``),
   and ``summary.json`` (``EvaluationFolder``).
@@ -12,12 +15,14 @@ and the studies leave behind (training runs are ``swinssl.runs``; checkpoints ``
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from swinssl.errors import DataError
 from swinssl.utils import Folder, atomic_write_text
@@ -29,9 +34,67 @@ RESULTS = "results.json"
 
 @dataclass(frozen=True)
 class PredictionFolder(Folder):
+    """A prediction folder: ``<name><suffix>`` masks, ``predictions.json`` and ``.predict/``.
+
+    Each case's record (``.predict/<name>.json``: ``{"source", "resolved_source", "mask",
+    "fingerprint"}``, or ``"error"`` in place of ``"mask"`` for a case that failed) is written
+    after its mask, atomically, so a mask without a record is one whose process stopped in
+    between. ``predictions.json`` is assembled from the records under an exclusive lock
+    (``.predict/lock``, ``fcntl.flock``), so processes predicting parts of one input list into
+    one folder each leave it listing every case done so far.
+    """
+
     @property
     def record_file(self) -> Path:
         return self.path / "predictions.json"
+
+    @property
+    def case_records(self) -> Path:
+        return self.path / ".predict"
+
+    def case_record_file(self, name: str) -> Path:
+        return self.case_records / f"{name}.json"
+
+    def write_case(self, name: str, source: Path, fingerprint: str, mask: str | None = None,
+                   error: str | None = None) -> Path:
+        """The record of case ``name``: its input ``source`` and ``mask`` (a file name in this folder)
+        or its ``error``, made by ``fingerprint``."""
+        record = {"source": str(source), "resolved_source": str(Path(source).resolve()), "fingerprint": fingerprint}
+        record.update({"mask": mask} if error is None else {"error": error})
+        path = self.case_record_file(name)
+        atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+        return path
+
+    def read_case(self, name: str) -> dict[str, Any] | None:
+        """The record of case ``name``; None when absent or unreadable (the case is then not done)."""
+        try:
+            record = json.loads(self.case_record_file(name).read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def assemble_record(self, model: str, checkpoints: Sequence[Path], labels: Mapping[str, str], options: dict,
+                        names: Sequence[str], fingerprint: str, failed_inputs: Mapping[str, str]) -> Path:
+        """``predictions.json`` from the records of cases ``names`` made by ``fingerprint`` (each mask
+        still present, or each error) and ``failed_inputs`` (input -> reason), under the folder's lock."""
+        with self._locked():
+            written, failed = {}, dict(failed_inputs)
+            for name in names:
+                record = self.read_case(name)
+                if record is None or record.get("fingerprint") != fingerprint:
+                    continue
+                if "error" in record:
+                    failed[record["source"]] = record["error"]
+                elif record.get("mask") and (self.path / record["mask"]).is_file():
+                    written[record["source"]] = str(self.path / record["mask"])
+            return self.write_record(model, checkpoints, labels, options, written, failed)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.case_records.mkdir(parents=True, exist_ok=True)
+        with open(self.case_records / "lock", "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+            yield
 
     def exists(self) -> bool:
         return self.record_file.is_file()

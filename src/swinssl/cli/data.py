@@ -1,4 +1,4 @@
-"""Data and configuration commands: phantom, data check, config show, config list."""
+"""Data and configuration commands: phantom, data check, data prepare, config show, config list."""
 
 from __future__ import annotations
 
@@ -65,6 +65,58 @@ def data_check(
     doubtful = len({r.file for r in reports if r.warnings})
     typer.echo(f"all {len(reports)} volumes readable and consistent"
                + (f"; {doubtful} with warnings above" if doubtful else ""))
+
+
+@data_app.command("prepare")
+def data_prepare(
+    config: Optional[str] = typer.Argument(None, help="A preset name or YAML file, as --config of pretrain / finetune "
+                                           "takes (a run's config.yaml too) \\[default: pretrain/swin_unetr_tiny; "
+                                           "finetune/tiny with --stage finetune]."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. data=PATH "
+                                                    "data.cache=FOLDER data.cache_dtype=float16."),
+    stage: str = typer.Option("pretrain", "--stage", help="pretrain: the images of the training and validation "
+                              "cases; finetune: the labelled cases with their labels."),
+    workers: int = typer.Option(1, "--workers", help="Processes preparing volumes at once (nnU-Net's -np)."),
+) -> None:
+    """Preprocess every volume a stage trains on into the preprocessing cache, before training.
+
+    Runs the stage's deterministic head (read and check, reorientation, resampling, normalisation,
+    foreground crop) once per volume into data.cache (<train.out>/cache by default, where training
+    and prediction look), --workers processes at a time, with a progress bar (volumes/s, time left).
+    Resumable: volumes already cached are skipped unread, and a killed prepare loses only the
+    volumes in flight. A bad volume (unreadable, truncated, NaN, not 3D) is recorded in the cache
+    with its one-line reason, which training and prediction read to skip it, and listed in the
+    report <cache>/prepare/<stage>.txt (and .json); the others go on. Processes on several machines
+    sharing the cache folder split the work: no entry is built twice.
+    """
+    from swinssl.config import load_config
+    from swinssl.data.prepare import prepare
+
+    if config and "=" in config:  # no preset, only overrides
+        overrides, config = [config, *(overrides or [])], None
+    with user_errors():
+        preset = config or ("finetune/tiny" if stage == "finetune" else "pretrain/swin_unetr_tiny")
+        cfg = load_config(preset, overrides or [])
+        if stage == "finetune" and cfg.finetune.pretrained:
+            cfg = _as_finetuning_reads(cfg)
+        summary = prepare(cfg, stage=stage, workers=workers, progress=True)
+    for line in summary.lines():
+        typer.echo(line)
+
+
+def _as_finetuning_reads(cfg):
+    """``cfg`` with what fine-tuning adopts from ``finetune.pretrained``'s plan (network input channels,
+    orientation, spacing, normalisation), so that prepare builds the entries the fine-tuning reads."""
+    from swinssl.checkpoint import read_head
+    from swinssl.plan import adopt_architecture, adopt_input, architecture_of, input_of
+    from swinssl.runs import resolve_checkpoint
+
+    source = cfg.finetune.pretrained
+    plan = read_head(resolve_checkpoint(source, prefer_best=False)).plan
+    cfg.model = adopt_architecture(cfg.model, architecture_of(plan, source), source)
+    pretrained_input, _ = input_of(plan, source)
+    cfg.preprocess = adopt_input(cfg.preprocess, pretrained_input, source, cfg.finetune.adopt_preprocessing)
+    return cfg
 
 
 @config_app.command("show")

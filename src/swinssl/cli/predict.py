@@ -36,6 +36,13 @@ def predict(
                                                           "and .pt2 predictors)."),
     cache: str = typer.Option("auto", "--cache", help="Preprocessing cache folder; auto: the one the model was "
                               "trained with, if it still exists; off: preprocess every volume afresh."),
+    part: Optional[str] = typer.Option(None, "--part", metavar="I/N", help="Predict only part I of N (0 <= I < N): "
+                                       "the cases in name order, every N-th from the I-th. N processes, GPUs or "
+                                       "machines given the same inputs and --out split them (e.g. a SLURM array, "
+                                       "--part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Predict again the cases whose mask this model and "
+                                   "these options already wrote to --out (by default they are skipped, so a stopped "
+                                   "run resumes)."),
 ) -> None:
     """Segment volumes with a fine-tuned model; each mask lands in its input's exact geometry.
 
@@ -53,14 +60,29 @@ def predict(
     the plan in its metadata gives the preprocessing, classes and window size; its views choice
     is the one it was exported with (another --views or --roi is refused). ONNX files need
     onnxruntime (pip install "swinssl\\[onnx]"); .pt2 files holding pickled objects are refused.
+
+    An archive: a run resumes by default, skipping each case whose mask --out already holds
+    from the same model files and options (window size, overlap, flips, views, format; not the
+    window batch, device or cache), and says how many; a case whose mask was being written when
+    a run stopped, or was made by another model, is predicted again (--overwrite: all). --part
+    I/N splits the inputs between N processes writing into one --out, whose predictions.json
+    lists every case predicted so far. Where the network leaves cores idle (a
+    GPU, or fewer intra-op threads than cores, e.g. OMP_NUM_THREADS=1 beside other parts), reading
+    the next case and writing the last one run in threads beside the network on the current one.
     """
     from swinssl.infer import PredictOptions, predict as run
+    from swinssl.infer.cases import parse_part
 
     options = PredictOptions(roi_size=roi, overlap=overlap, sw_batch_size=sw_batch_size, flips=flips, views=views,
                              output_format=output_format, device=device, cache=cache)
     with user_errors():
-        written = run([model, *(ensemble or [])], inputs, out, options)
-    typer.echo(f"wrote {len(written)} masks to {out}")
+        archive: dict = {}  # only what was asked for: predict's defaults are the whole list, resumed
+        if part is not None:
+            archive["part"] = parse_part(part)
+        if overwrite:
+            archive["overwrite"] = True
+        masks = run([model, *(ensemble or [])], inputs, out, options, **archive)
+    typer.echo(f"{len(masks)} masks in {out}")
 
 
 @app.command()

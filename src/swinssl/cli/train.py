@@ -123,12 +123,17 @@ def estimate(
     """Predict peak memory and seconds per step (per volume for predict) of a config on this device,
     from a short measured probe in a separate process, never the whole job.
 
-    pretrain / finetune: the real stage runs a few optimiser steps (validation, previews and
-    checkpoints off) into a temporary folder, on data= when given (its preprocessing cache is
-    shared with the run), else on a few synthetic phantoms. Peak memory is the process's peak
-    resident set size on CPU and torch's reserved memory on CUDA; s/step is the median of the
-    steps after the first. With --memory-budget a second probe at one crop fits peak = base +
-    crops x per-crop memory and the largest batch and ROI that fit are printed.
+    pretrain / finetune: the real stage runs a few optimiser steps, then once what the run does
+    after a step: its validation (fine-tuning: the sliding window over the largest validation
+    volume, chosen from the file headers; pre-training: its validation losses and the probe of
+    train.probe_data), the preview and one checkpoint save, into a temporary folder, on data=
+    when given (its preprocessing cache is shared with the run), else on a few synthetic phantoms.
+    Peak memory is the worst of these phases, each printed: the process's resident set size on
+    CPU, torch's reserved memory on CUDA; s/step is the median of the steps after the first. With
+    --memory-budget a second probe at one crop fits the training's peak = base + crops x per-crop
+    memory and the largest batch and ROI that fit are printed. With data=, also the disk its
+    preprocessing cache takes (at most, from the files' headers, data.cache_dtype) and how much
+    of it is already there.
 
     predict: windows of the ROI through the config's network; seconds per volume = sliding
     windows (as MONAI tiles them at --overlap) x seconds per window; peak = measured + the

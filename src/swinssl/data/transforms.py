@@ -231,27 +231,30 @@ class RandCropsd(Randomizable, MapTransform):
                 for _ in range(self.num_samples)]
 
 
-def pretrain_transforms(cfg: PreprocessConfig, channels: int = 1, cache: str | Path | None = None) -> Pipeline:
+def pretrain_transforms(cfg: PreprocessConfig, channels: int = 1, cache: str | Path | None = None,
+                        cache_dtype: str = "float32") -> Pipeline:
     """Unlabelled volumes -> ``cfg.num_crops`` random crops of ``cfg.roi_size`` in [0, 1] (a list of items).
 
-    ``cache``: the cache folder for the head (crops are then read from memory-mapped arrays), or None.
+    ``cache``: the cache folder for the head (crops are then read from memory-mapped arrays), or None;
+    ``cache_dtype``: how it stores images (``data.cache_dtype``).
     """
     head, fingerprint = _image_head(cfg, channels)
-    return Pipeline([*cached(head, cache, fingerprint, mmap=True), RandCropsd(cfg.roi_size, cfg.num_crops)])
+    return Pipeline([*cached(head, cache, fingerprint, mmap=True, dtype=cache_dtype),
+                     RandCropsd(cfg.roi_size, cfg.num_crops)])
 
 
 def finetune_transforms(
     cfg: PreprocessConfig, classes: Sequence[int] | None = None, channels: int = 1, train: bool = True,
-    cache: str | Path | None = None,
+    cache: str | Path | None = None, cache_dtype: str = "float32",
 ) -> Pipeline:
     """Image + label. ``train``: label-guided random crops and augmentation; else whole volumes.
 
-    ``cache``: the cache folder for the head, or None.
+    ``cache``: the cache folder for the head, or None; ``cache_dtype``: how it stores images.
     """
     keys = ["image", "label"]
     head = _head(cfg, keys, LoadCased(classes=classes, channels=channels, require_label=True))
     fingerprint = settings_fingerprint(cfg, channels=channels, classes=list(classes) if classes else None, labels=True)
-    steps: list = cached(head, cache, fingerprint)
+    steps: list = cached(head, cache, fingerprint, dtype=cache_dtype)
     if train:
         steps += [
             SpatialPadd(keys=keys, spatial_size=cfg.roi_size),

@@ -26,6 +26,7 @@ import torch
 from monai.data import list_data_collate
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from swinssl.data.cache import cache_root  # noqa: F401  (the engine's stages read it here)
 from swinssl.data.discover import Case
 from swinssl.data.transforms import Pipeline, case_item, volume_file
 from swinssl.errors import DataError
@@ -160,6 +161,25 @@ class BadVolumes:
     def known(self) -> set[str]:
         return set(self.skipped)
 
+    def prepared(self, found: dict[str, str], rank_zero: bool = True) -> None:
+        """Volumes ``swinssl data prepare`` recorded as bad (``data.cache.prepared_bad``): listed with the
+        others and never read; said in one line, by the first process only."""
+        new = {file: reason for file, reason in found.items() if file not in self.skipped}
+        if not new:
+            return
+        for file, reason in new.items():
+            self.skipped[file] = reason
+            if rank_zero:
+                self.run.add_skipped(file, reason)
+        if rank_zero:
+            self.warn(f"skipping {len(new)} volume(s) that swinssl data prepare found bad, listed with the reason "
+                      f"in {self.run.skipped}: " + ", ".join(Path(f).name for f in list(new)[:5])
+                      + (", ..." if len(new) > 5 else ""))
+        if len(self.skipped) > self.max_fraction * self.total:
+            raise DataError(f"{len(self.skipped)} of {self.total} volumes bad, more than data.max_bad_fraction="
+                            f"{self.max_fraction:g} (swinssl data prepare listed them in its report; the run's "
+                            f"list is in {self.run.skipped})")
+
     def met(self, entries: Iterable[tuple[str, str]]) -> None:
         for file, message in entries:
             if file in self.skipped:
@@ -177,13 +197,6 @@ def common_modality(cases: Sequence[Case]) -> str | None:
     """The one modality of ``cases``, or None (mixed or none)."""
     found = {c.modality for c in cases}
     return found.pop() if len(found) == 1 else None
-
-
-def cache_root(cfg) -> Path | None:
-    """The preprocessing cache folder of a config (``data.cache``): None when ``off``."""
-    if cfg.data.cache in ("off", ""):
-        return None
-    return Path(cfg.train.out) / "cache" if cfg.data.cache == "auto" else Path(cfg.data.cache)
 
 
 def checksum_memo(cfg) -> Path:

@@ -149,12 +149,14 @@ class FinetuneStage:
 
         labelled = loader(self.train_cases, finetune_transforms(cfg.preprocess, classes=self.classes,
                                                                 channels=cfg.model.in_channels, train=True,
-                                                                cache=cache_root(cfg)), cfg.seed)
+                                                                cache=cache_root(cfg),
+                                                                cache_dtype=cfg.data.cache_dtype), cfg.seed)
         if not self.unlabeled:
             return iter(labelled)
         # Random crops (no label to guide them), normalised as the labelled ones; another seed stream.
         extra = loader(self.unlabeled, pretrain_transforms(cfg.preprocess, channels=cfg.model.in_channels,
-                                                           cache=cache_root(cfg)), cfg.seed + UNLABELED_SEED)
+                                                           cache=cache_root(cfg), cache_dtype=cfg.data.cache_dtype),
+                      cfg.seed + UNLABELED_SEED)
         return (dict(b, unlabeled=u["image"]) for b, u in zip(labelled, extra))
 
     def losses(self, model, batch, step: int, micro: int, fabric):

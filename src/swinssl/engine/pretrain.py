@@ -19,7 +19,8 @@ from monai.data import list_data_collate
 from swinssl.config import Config
 from swinssl.data.discover import Case, find_dataset
 from swinssl.data.splits import split_cases
-from swinssl.data.transforms import pretrain_transforms, volume_file
+from swinssl.data.cache import prepared_bad
+from swinssl.data.transforms import case_item, pretrain_transforms, volume_file
 from swinssl.engine.data import (BadVolumes, SeededDataset, cache_root, common_modality, crop_loader, images_of,
                                  sample_seed)
 from swinssl.engine.loop import due
@@ -56,7 +57,8 @@ class PretrainStage:
         if not volumes:
             raise DataError(f"{cfg.data.path}: no training volumes (only test cases)")
         self.train_cases, self.val_cases = split_cases(volumes, cfg.train.val_fraction, cfg.seed)
-        self.pipeline = pretrain_transforms(cfg.preprocess, channels=cfg.model.in_channels, cache=cache_root(cfg))
+        self.pipeline = pretrain_transforms(cfg.preprocess, channels=cfg.model.in_channels, cache=cache_root(cfg),
+                                            cache_dtype=cfg.data.cache_dtype)
         self.generator = torch.Generator()
         self.probe_task, self.probe_random = None, None
         if cfg.train.probe_data:
@@ -89,6 +91,10 @@ class PretrainStage:
         """Crops of the training volumes; a bad volume is skipped (``engine.data``), and a bad
         validation volume leaves the validation (``validation_losses``)."""
         t, self.bad = self.cfg.train, bad
+        root = cache_root(self.cfg)
+        if root is not None:  # what swinssl data prepare found bad: skipped without being read
+            files = [volume_file(case_item(c)) for c in self.train_cases]
+            bad.prepared(prepared_bad(root, files), rank_zero=fabric.is_global_zero)
         return iter(crop_loader(self.train_cases, self.pipeline, t.batch_size, self.cfg.seed, rank=fabric.global_rank,
                                 world_size=fabric.world_size, start_step=start * t.accumulate,
                                 steps=t.steps * t.accumulate, num_workers=t.num_workers, skip_bad=True,

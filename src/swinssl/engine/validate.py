@@ -45,7 +45,7 @@ def validate(model, cfg: Config, cases: list[Case], classes: list[int], names: d
     model.eval()
     predictor, _ = window_predictor(model, method, views)
     pipeline = finetune_transforms(cfg.preprocess, classes=classes, channels=cfg.model.in_channels, train=False,
-                                   cache=cache_root(cfg))
+                                   cache=cache_root(cfg), cache_dtype=cfg.data.cache_dtype)
     k = len(classes)
     per_class = torch.zeros(k - 1, dtype=torch.float64)
     for index, case in enumerate(cases):
@@ -104,7 +104,7 @@ class ProbeTask:
                               "train.val_fraction > 0 with at least two labelled training cases)")
         preprocess = dataclasses.replace(cfg.preprocess, augment=False, crop_sampling="classes")
         pipeline = finetune_transforms(preprocess, classes=self.classes, channels=cfg.model.in_channels, train=True,
-                                       cache=cache_root(cfg))
+                                       cache=cache_root(cfg), cache_dtype=cfg.data.cache_dtype)
         volumes = SeededDataset(self.train_cases, pipeline)
         per_visit = preprocess.num_crops
         drawn = [c for i in range(-(-crops // per_visit))

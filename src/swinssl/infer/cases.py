@@ -1,16 +1,41 @@
 """Predicting cases and folders: options, one case in its input's geometry (by one model or an
-ensemble), many cases to files."""
+ensemble), many cases to files.
+
+An archive is predicted in parts and resumed. ``predict(..., part=(I, N))`` names the cases of
+the whole input list (``output_names``, so a case's file never depends on the part), orders them
+by name and takes every N-th from the I-th, as nnU-Net's ``-part_id/-num_parts``: N processes,
+GPUs or machines given the same inputs and folder split them without talking to each other. A
+case is skipped when its mask is there and its record (``PredictionFolder.write_case``, written
+after the mask) names the same input and the same ``model_fingerprint``; a mask without a record
+was being written when its process stopped, and is predicted again.
+
+A case goes through three steps: read and preprocess (``_preprocessed``), the network
+(``_labels``), invert and write (``_mask``, ``write_mask``). ``predict`` can overlap them: a
+reader thread preprocesses the next cases into a queue of ``PIPELINE_DEPTH`` while the main
+thread runs the network on the current one and a writer thread inverts and writes the previous
+one, each helper on ``HELPER_THREADS`` intra-op threads. That pays where the network leaves
+something idle: a GPU's host cores, or CPU cores beyond the network's intra-op threads. Where
+the network's threads take every core, the helpers only compete with them (OpenMP threads
+spin while they wait), so by default ``predict`` then runs the steps in turn
+(``overlap_by_default``; ``benchmarks/predict_archive.py`` measures both on 2 cores).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
+import os
+import queue
+import re
 import sys
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +43,7 @@ from monai.data import MetaTensor
 from torch import nn
 from tqdm import tqdm
 
+from swinssl.data.checksums import file_checksum
 from swinssl.data.discover import Case, find_dataset
 from swinssl.data.io import guess_modality, read_volume
 from swinssl.data.transforms import Pipeline, case_item, inference_transforms, invert
@@ -36,6 +62,11 @@ log = logging.getLogger(__name__)
 
 GEOMETRY_TOLERANCE_MM = 1e-3
 DEFAULT_OVERLAP = 0.5  # of a plan without one (trained before plans carried the fine-tuning's overlap)
+# The options that change a mask, so part of its fingerprint; the window batch, device and cache do not.
+FINGERPRINT_OPTIONS = ("roi_size", "overlap", "mode", "flips", "views", "output_format")
+PIPELINE_DEPTH = 2  # preprocessed cases waiting for the network: each holds a whole volume in memory
+HELPER_THREADS = 1  # intra-op threads of the reader and the writer (benchmarks/predict_archive.py)
+_POLL_S = 0.1  # how often a waiting thread looks whether the pipeline was stopped
 
 
 @dataclass(frozen=True)
@@ -84,25 +115,39 @@ def predict_case(model: nn.Module | Sequence[nn.Module], plan: Plan, case_or_pat
     case = _as_case(case_or_path, plan)
     options = dataclasses.replace(options, overlap=overlap_of(options.overlap, plan))
     pipeline = inference_pipeline(plan) if pipeline is None else pipeline
-    data = pipeline({**case_item(case), "label": None})  # a case's label plays no part in predicting it
-    image = data["image"]
-    num_classes = plan.out_channels or 2
+    data = _preprocessed(pipeline, case)
+    labels, num_classes = _labels(model, plan, case, data["image"], options, progress)
+    return _mask(pipeline, data, labels, num_classes, case.images[0])
+
+
+def _preprocessed(pipeline: Pipeline, case: Case) -> dict:
+    """The pipeline's item of ``case``: its preprocessed ``image`` (1, X', Y', Z') with the trace ``invert`` undoes."""
+    return pipeline({**case_item(case), "label": None})  # a case's label plays no part in predicting it
+
+
+def _labels(model: nn.Module | Sequence[nn.Module], plan: Plan, case: Case, image: torch.Tensor,
+            options: PredictOptions, progress: bool) -> tuple[torch.Tensor, int]:
+    """Class indices ``(1, X', Y', Z')`` (float) of a preprocessed image, and the number of classes."""
     if min(image.shape[1:]) == 0:
         # Nothing above the foreground threshold: the crop is empty and the whole volume is background.
-        labels = torch.zeros((1, *image.shape[1:]))
-    else:
-        models = [model] if isinstance(model, nn.Module) else list(model)
-        roi, method = _roi(options.roi_size, plan), method_of(plan)
-        options = dataclasses.replace(options, sw_batch_size=options.sw_batch_size or window_batch(models[0], roi, method))
-        with _window_bar(progress, case, image.shape[1:], roi, options, len(models)) as bar:
-            probs = ensemble_probabilities(models, image, roi, options, on_windows=bar.update, method=method)
-        num_classes = probs.shape[0]
-        labels = probs.argmax(dim=0, keepdim=True).float()
-        # Inverting resamples onto the file's grid, the memory peak of a prediction: free what we can first.
-        del probs
-        release_freed_memory()
+        return torch.zeros((1, *image.shape[1:])), plan.out_channels or 2
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    roi, method = _roi(options.roi_size, plan), method_of(plan)
+    options = dataclasses.replace(options, sw_batch_size=options.sw_batch_size or window_batch(models[0], roi, method))
+    with _window_bar(progress, case, image.shape[1:], roi, options, len(models)) as bar:
+        probs = ensemble_probabilities(models, image, roi, options, on_windows=bar.update, method=method)
+    num_classes = probs.shape[0]
+    labels = probs.argmax(dim=0, keepdim=True).float()
+    # Inverting resamples onto the file's grid, the memory peak of a prediction: free what we can first.
+    del probs
+    release_freed_memory()
+    return labels, num_classes
+
+
+def _mask(pipeline: Pipeline, data: dict, labels: torch.Tensor, num_classes: int, source: Path) -> MetaTensor:
+    """``labels`` mapped back onto the input file's grid, checked to land on it, as integers."""
     mask = invert(pipeline, data, labels, nearest=True)
-    _check_geometry(mask, case.images[0])
+    _check_geometry(mask, source)
     return mask.round().to(torch.uint8 if num_classes <= 256 else torch.int32)
 
 
@@ -205,8 +250,10 @@ def output_names(cases: Sequence[Case]) -> list[str]:
 
 
 def predict(model_source: str | Path | Sequence[str | Path], inputs: str | Path | Sequence[str | Path],
-            out_dir: str | Path, options: PredictOptions = PredictOptions(), progress: bool = True) -> list[Path]:
-    """Predict a mask for every case in ``inputs`` and write it to ``out_dir``; returns the written files.
+            out_dir: str | Path, options: PredictOptions = PredictOptions(), progress: bool = True,
+            part: tuple[int, int] | None = None, overwrite: bool = False, pipeline: bool | None = None) -> list[Path]:
+    """Predict a mask for every case in ``inputs`` (or in this part of them) and write it to ``out_dir``;
+    returns the masks of those cases, written now or kept from an earlier run, in name order.
 
     ``model_source``: a fine-tuned checkpoint or its run directory, a cross-validation folder
     (``finetune.fold=all``: all its folds), an exported predictor (``.onnx`` or ``.pt2``, written
@@ -216,14 +263,23 @@ def predict(model_source: str | Path | Sequence[str | Path], inputs: str | Path 
     ``inputs``: a volume file, a folder of volumes, an MSD ``dataset.json`` or nnU-Net raw folder (all cases, test ones
     included), or a list of these. Each mask is ``<out_dir>/<case_id>.nii.gz`` (``.nrrd`` for an
     NRRD input with ``output_format="same"``) in its input's geometry. Inputs that cannot be
-    read are reported (one warning line each) and skipped; ``DataError`` if no mask was written.
+    read are reported (one warning line each) and skipped; ``DataError`` if this part has cases and
+    none has a mask, or there are no cases at all.
     ``out_dir/predictions.json`` lists input -> output, the (first) model and checkpoint, every
-    checkpoint averaged (``models``) and the options (with the views actually used). See
-    ``PredictOptions`` for the options.
+    checkpoint averaged (``models``) and the options (with the views actually used); it is
+    assembled from the per-case records at the end (``PredictionFolder.assemble_record``), so it
+    lists every case of ``inputs`` that any part has predicted with this model and options so far.
+    See ``PredictOptions`` for the options.
+
+    ``part``: ``(I, N)``, predict only every N-th case (in name order) from the I-th, ``0 <= I < N``.
+    ``overwrite``: predict cases again whose mask this model and these options already made (by
+    default they are skipped). ``pipeline``: overlap reading, the network and writing (threads);
+    False: one case after the other; None: ``overlap_by_default``. Both write the same masks.
     """
     if options.output_format not in ("nifti", "same"):
         raise ConfigError(f"output_format must be one of nifti, same, got {options.output_format!r}")
     check_views(options.views)
+    part = check_part(part)
     out_dir = writable_dir(out_dir)
     sources = [model_source] if isinstance(model_source, (str, Path)) else list(model_source)
     if options.device == "auto":  # exported predictors run on the CPU (onnxruntime, torch.export's CPU graph)
@@ -239,30 +295,259 @@ def predict(model_source: str | Path | Sequence[str | Path], inputs: str | Path 
     views = exported_views(models, options.views, roi) or window_predictor(models[0], method, options.views)[1]
     options = dataclasses.replace(options, roi_size=roi, views=views, overlap=overlap_of(options.overlap, plan),
                                   sw_batch_size=options.sw_batch_size or window_batch(models[0], roi, method))
+    fingerprint = model_fingerprint(checkpoints, options)
     cache = prediction_cache(options.cache, plan.cache)
-    pipeline = inference_pipeline(plan, cache)  # one for all cases: an unusable cache is found (and said) once
-    cases, failed = collect_cases(inputs)
-    for source, reason in failed.items():
+    transforms = inference_pipeline(plan, cache)  # one for all cases: an unusable cache is found (and said) once
+    cases, failed_inputs = collect_cases(inputs)
+    for source, reason in failed_inputs.items():
         log.warning("skipped %s", reason if reason.startswith(source) else f"{source}: {reason}")
-    written: dict[str, str] = {}
-    for case, name in tqdm(list(zip(cases, output_names(cases))), desc="predict", unit="case", disable=not progress):
-        source = case.images[0]
-        try:
-            mask = predict_case(models, plan, case, options, pipeline=pipeline, progress=progress)
-        except SwinsslError as err:
-            failed[str(source)] = str(err)
-            log.warning("skipped %s", err)
-            continue
-        target = write_mask(mask, out_dir / f"{name}{output_suffix(source, options.output_format)}")
-        written[str(source)] = str(target)
-    if not written:
-        reasons = "; ".join(list(failed.values())[:3]) or "no cases found"
-        raise DataError(f"{_describe(inputs)}: no mask written ({len(failed)} input(s) failed: {reasons})")
+    names = output_names(cases)  # over the whole list: a case's file is the same whichever part predicts it
+    folder = PredictionFolder(out_dir)
+    jobs = [_Job(name, case, out_dir / f"{name}{output_suffix(case.images[0], options.output_format)}")
+            for name, case in part_of(dict(zip(names, cases)), part)]
+    todo = jobs if overwrite else _not_done(folder, jobs, fingerprint)
+    steps = _Steps(models, plan, options, transforms, folder, fingerprint, progress)
+    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="predict", unit="case", disable=not progress) as bar:
+        overlapped = overlap_by_default(options.device) if pipeline is None else pipeline
+        (_predict_overlapped if overlapped else _predict_in_turn)(todo, steps, bar.update)
+    kept = {job.name for job in jobs} - {job.name for job in todo}
+    masks = [job.target for job in jobs if job.name in kept or job.name in steps.written]
+    if cases and not jobs:
+        log.warning("part %d/%d: none of the %d case(s) falls to this part", *part, len(cases))
+    elif not masks:
+        reasons = "; ".join([*failed_inputs.values(), *steps.failed.values()][:3]) or "no cases found"
+        raise DataError(f"{_describe(inputs)}: no mask written ({len(failed_inputs) + len(steps.failed)} input(s) "
+                        f"failed: {reasons})")
+    for job in jobs:  # recorded only now: a run that writes no mask leaves its folder as it found it
+        if job.name in steps.failed:
+            folder.write_case(job.name, job.source, fingerprint, error=steps.failed[job.name])
     record = {**dataclasses.asdict(options), "roi_size": list(options.roi_size), "device": str(options.device),
               "cache": str(cache) if cache else None}
-    PredictionFolder(out_dir).write_record(str(sources[0]), checkpoints, plan.labels, record, written, failed)
-    log.info("wrote %d mask(s) to %s; %d input(s) skipped", len(written), out_dir, len(failed))
-    return [Path(p) for p in written.values()]
+    folder.assemble_record(str(sources[0]), checkpoints, plan.labels, record, names, fingerprint, failed_inputs)
+    log.info("wrote %d mask(s) to %s; %d kept from before; %d input(s) skipped", len(steps.written), out_dir,
+             len(kept), len(failed_inputs) + len(steps.failed))
+    return masks
+
+
+def overlap_by_default(device: str | torch.device) -> bool:
+    """Whether ``predict`` overlaps reading and writing with the network unless told: when the network
+    runs on a GPU, or its intra-op threads leave CPU cores to this process.
+
+    On 2 cores with the network on both, the overlap measured 0.9-1.1x the cases per minute of
+    predicting in turn; with the network on one thread, 1.4x (benchmarks/predict_archive.py).
+    """
+    if torch.device(device).type == "cuda":
+        return True
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores > torch.get_num_threads()
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``"I/N"`` (``--part``) as ``(I, N)``; ``ConfigError`` unless ``0 <= I < N``."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if match is None:
+        raise ConfigError(f"--part {text}: expected I/N, part I of N with 0 <= I < N (e.g. 0/4 for the first of 4 parts)")
+    index, count = int(match.group(1)), int(match.group(2))
+    if not index < count:
+        raise ConfigError(f"--part {text}: expected I/N with 0 <= I < N; there is no part {index} of {count}")
+    return index, count
+
+
+def check_part(part: tuple[int, int] | None) -> tuple[int, int]:
+    """``part`` as ``(I, N)`` (None: the whole list, ``(0, 1)``); ``ConfigError`` unless ``0 <= I < N``."""
+    if part is None:
+        return 0, 1
+    try:
+        index, count = (int(p) for p in part)
+        valid = 0 <= index < count and tuple(part) == (index, count)
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ConfigError(f"part={part!r}: expected (I, N), part I of N with 0 <= I < N")
+    return index, count
+
+
+def part_of(named: Mapping[str, Case], part: tuple[int, int]) -> list[tuple[str, Case]]:
+    """The (name, case) pairs of part ``(I, N)``: in name order, every N-th from the I-th."""
+    index, count = part
+    return [(name, named[name]) for name in sorted(named)[index::count]]
+
+
+def model_fingerprint(checkpoints: Sequence[Path], options: PredictOptions) -> str:
+    """SHA-256 naming what made a mask: the content of every checkpoint (or exported predictor) in
+    order, and ``FINGERPRINT_OPTIONS`` of the resolved ``options`` (window size, overlap, blending,
+    flips, views, output format)."""
+    made_by = {"checkpoints": [file_checksum(Path(c)) for c in checkpoints],
+               "options": {key: getattr(options, key) for key in FINGERPRINT_OPTIONS}}
+    return hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One case to predict: its output name, and the mask file it goes to."""
+
+    name: str
+    case: Case
+    target: Path
+
+    @property
+    def source(self) -> Path:
+        return self.case.images[0]
+
+
+def _not_done(folder: PredictionFolder, jobs: Sequence[_Job], fingerprint: str) -> list[_Job]:
+    """The jobs whose mask is not there as made by ``fingerprint`` from their input; says what it skips
+    and what it predicts again, once each."""
+    todo, again = [], 0
+    for job in jobs:
+        record = folder.read_case(job.name)
+        if (job.target.is_file() and record is not None and record.get("fingerprint") == fingerprint
+                and record.get("mask") == job.target.name
+                and record.get("resolved_source") == str(job.source.resolve())):
+            continue
+        todo.append(job)
+        again += job.target.is_file()
+    if len(todo) < len(jobs):
+        log.warning("%d of %d cases already predicted by this model; skipped (--overwrite predicts them again)",
+                    len(jobs) - len(todo), len(jobs))
+    if again:
+        log.warning("%s: %d mask(s) made by another model, other options or from another input, or whose writing "
+                    "was interrupted; predicting them again", folder.path, again)
+    return todo
+
+
+class _Steps:
+    """The three steps of one case in ``predict``, and what they produced: ``written`` (name -> mask)
+    and ``failed`` (name -> reason). ``prepare`` and ``finish`` may run in other threads than ``network``."""
+
+    def __init__(self, models: Sequence[nn.Module], plan: Plan, options: PredictOptions, transforms: Pipeline,
+                 folder: PredictionFolder, fingerprint: str, progress: bool):
+        self.models, self.plan, self.options, self.transforms = models, plan, options, transforms
+        self.folder, self.fingerprint, self.progress = folder, fingerprint, progress
+        self.written: dict[str, Path] = {}
+        self.failed: dict[str, str] = {}
+
+    def prepare(self, job: _Job) -> dict:
+        return _preprocessed(self.transforms, _as_case(job.case, self.plan))
+
+    def network(self, job: _Job, data: dict) -> tuple[torch.Tensor, int]:
+        return _labels(self.models, self.plan, job.case, data["image"], self.options, self.progress)
+
+    def finish(self, job: _Job, data: dict, labels: tuple[torch.Tensor, int]) -> None:
+        mask = _mask(self.transforms, data, *labels, job.source)
+        write_mask(mask, job.target)
+        # After the mask: a record says its mask is whole, so a process stopped in between leaves none.
+        self.folder.write_case(job.name, job.source, self.fingerprint, mask=job.target.name)
+        self.written[job.name] = job.target
+
+    def bad(self, job: _Job, err: SwinsslError) -> None:
+        """A bad input: one line, and the case is left out."""
+        self.failed[job.name] = str(err)
+        log.warning("skipped %s", err)
+
+
+def _predict_in_turn(jobs: Sequence[_Job], steps: _Steps, done: Callable[[int], object]) -> None:
+    """Each case's three steps, one case after the other."""
+    for job in jobs:
+        try:
+            data = steps.prepare(job)
+            steps.finish(job, data, steps.network(job, data))
+        except SwinsslError as err:
+            steps.bad(job, err)
+        done(1)
+
+
+_END = object()  # no more items in a queue
+
+
+def _predict_overlapped(jobs: Sequence[_Job], steps: _Steps, done: Callable[[int], object]) -> None:
+    """The three steps of consecutive cases at once: a reader thread preprocesses cases into a queue of
+    ``PIPELINE_DEPTH``, this thread runs the network, a writer thread inverts and writes.
+
+    The order of cases, and so every mask and record, is that of ``_predict_in_turn``. A bad input
+    (``SwinsslError``) in any step is one line and the case is left out, as there; any other error
+    in a thread stops both threads and is raised here, after they have ended (a mask or record
+    being written when it happened is completed: each is written atomically).
+    """
+    if not jobs:
+        return
+    to_network: queue.Queue = queue.Queue(PIPELINE_DEPTH)
+    to_writer: queue.Queue = queue.Queue(1)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def put(where: queue.Queue, item: object) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                where.put(item, timeout=_POLL_S)
+                return True
+        return False
+
+    def get(where: queue.Queue) -> object:
+        while True:
+            with contextlib.suppress(queue.Empty):
+                return where.get(timeout=_POLL_S)
+            if stop.is_set():
+                return _END
+
+    def helper(work: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            torch.set_num_threads(HELPER_THREADS)  # this thread's own intra-op threads; the network keeps its
+            try:
+                work()
+            except BaseException as err:  # raised in the main thread
+                errors.append(err)
+                stop.set()
+        return run
+
+    def read() -> None:
+        try:
+            for job in jobs:
+                try:
+                    item = (job, steps.prepare(job), None)
+                except SwinsslError as err:
+                    item = (job, None, err)
+                if not put(to_network, item):
+                    return
+        finally:
+            put(to_network, _END)
+
+    def write() -> None:
+        while (item := get(to_writer)) is not _END:
+            job, data, labels = item
+            try:
+                steps.finish(job, data, labels)
+            except SwinsslError as err:
+                steps.bad(job, err)
+            done(1)
+
+    threads = [threading.Thread(target=helper(read), name="predict-read", daemon=True),
+               threading.Thread(target=helper(write), name="predict-write", daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        while (item := get(to_network)) is not _END:
+            job, data, err = item
+            if err is None:
+                try:
+                    labels = steps.network(job, data)
+                except SwinsslError as error:
+                    err = error
+            if err is not None:
+                steps.bad(job, err)
+                done(1)
+            elif not put(to_writer, (job, data, labels)):
+                break
+            item = data = labels = None  # a case's volumes are freed as soon as the writer is done with them
+        put(to_writer, _END)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
 
 
 def inference_pipeline(plan: Plan, cache: str | Path | None = None) -> Pipeline:
