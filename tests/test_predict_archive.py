@@ -334,29 +334,37 @@ def test_pipelined_masks_equal_sequential_ones_and_the_steps_overlap(tmp_path, c
     model = checkpoint()
     write_cases(tmp_path / "in")
     events = []
+    second_read = threading.Event()  # set when a second case's preprocessing starts
+    overlapped = []  # per written mask: had the next case's preprocessing started before it was written?
+
+    def spy_of(step, real):
+        def spy(*args, **kwargs):
+            events.append((step, threading.current_thread().name))
+            if step == "_preprocessed" and sum(e[0] == "_preprocessed" for e in events) >= 2:
+                second_read.set()
+            if step == "_mask" and pipelining and not overlapped:
+                # Scheduling-proof: the first write waits (bounded) for the reader to start the next case,
+                # which only a pipeline can do while this case is still unwritten.
+                overlapped.append(second_read.wait(30))
+            return real(*args, **kwargs)
+        return spy
+
     for step in ("_preprocessed", "_mask"):
-        real = getattr(cases, step)
-
-        def spy(*args, _real=real, _step=step, **kwargs):
-            events.append((_step, threading.current_thread().name, "start"))
-            result = _real(*args, **kwargs)
-            events.append((_step, threading.current_thread().name, "end"))
-            return result
-
-        monkeypatch.setattr(cases, step, spy)
+        monkeypatch.setattr(cases, step, spy_of(step, getattr(cases, step)))
+    pipelining = False
     in_turn = predict(model, tmp_path / "in", tmp_path / "in_turn", FAST, progress=False, pipeline=False)
-    assert {thread for _, thread, _ in events} == {"MainThread"}
+    assert {thread for _, thread in events} == {"MainThread"}
     events.clear()
+    second_read.clear()
+    pipelining = True
     pipelined = predict(model, tmp_path / "in", tmp_path / "pipelined", FAST, progress=False, pipeline=True)
 
     assert [p.name for p in pipelined] == [p.name for p in in_turn]
     assert_same_masks(masks_of(tmp_path / "pipelined"), masks_of(tmp_path / "in_turn"))
     records = [PredictionFolder(tmp_path / run).read_record() for run in ("in_turn", "pipelined")]
     assert list(records[0]["predictions"]) == list(records[1]["predictions"])
-    assert {(step, thread) for step, thread, _ in events} == {("_preprocessed", "predict-read"),
-                                                              ("_mask", "predict-write")}
-    # The reader ran ahead: the second case was preprocessed before the first was written.
-    assert events.index(("_preprocessed", "predict-read", "start"), 1) < events.index(("_mask", "predict-write", "end"))
+    assert set(events) == {("_preprocessed", "predict-read"), ("_mask", "predict-write")}
+    assert overlapped == [True]  # the reader ran ahead: the second case was read before the first was written
 
 
 def test_bad_inputs_in_any_step_of_the_pipeline_are_one_line_each_and_the_others_written(tmp_path, checkpoint,
