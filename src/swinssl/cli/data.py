@@ -33,10 +33,13 @@ def phantom(
 def data_check(
     path: Path = typer.Argument(..., help="A folder of volumes, a dataset.json (MSD or nnU-Net), or an nnU-Net raw folder."),
     modality: Modality = typer.Option("auto", "--modality", help="CT, MRI, or auto (folder names, then intensities)."),
+    cache: str = typer.Option("runs/cache", "--cache", help="The cache folder whose checks/ remembers each case's "
+                              "result by its files' size and mtime (off: read every volume)."),
 ) -> None:
     """Read every volume and list file, modality, shape, spacing, orientation, intensities and label classes.
 
-    Exits with 1 and one line per problem when a volume is unreadable or inconsistent.
+    Exits with 1 and one line per problem when a volume is unreadable or inconsistent. A case
+    whose files have not changed since it was last checked is not read again (--cache).
     """
     from swinssl.data.check import check_dataset
     from swinssl.data.discover import find_dataset
@@ -44,7 +47,7 @@ def data_check(
     with user_errors():
         dataset = find_dataset(path, modality=modality)
     with progress(len(dataset.cases), "reading") as tick:
-        reports, problems = check_dataset(dataset, progress=tick)
+        reports, problems = check_dataset(dataset, progress=tick, memo=None if cache == "off" else Path(cache) / "checks")
     table = Table(title=f"{dataset.root} ({dataset.layout} layout, {len(dataset.cases)} volumes)")
     for column in ("file", "modality", "shape", "spacing (mm)", "orientation", "intensity range", "label classes"):
         table.add_column(column, overflow="fold")
