@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect datasets and prepare their preprocessing cache.", no_args_is_help=True)
 config_app = typer.Typer(help="Show configurations and presets.", no_args_is_help=True)
 study_app = typer.Typer(help="Check the papers' claims on small data, one command per study.", no_args_is_help=True)
 nnunet_app = typer.Typer(help="Fine-tune a swinssl pre-trained encoder inside nnU-Net v2 (pip install 'swinssl\\[nnunet]').",

@@ -19,7 +19,7 @@ from monai.data import list_data_collate
 from swinssl.config import Config
 from swinssl.data.discover import Case, find_dataset
 from swinssl.data.splits import split_cases
-from swinssl.data.cache import prepared_bad
+from swinssl.data.cache import CachedPrefixd, prepared_bad
 from swinssl.data.transforms import case_item, pretrain_transforms, volume_file
 from swinssl.engine.data import (BadVolumes, SeededDataset, cache_root, common_modality, crop_loader, images_of,
                                  sample_seed)
@@ -91,10 +91,10 @@ class PretrainStage:
         """Crops of the training volumes; a bad volume is skipped (``engine.data``), and a bad
         validation volume leaves the validation (``validation_losses``)."""
         t, self.bad = self.cfg.train, bad
-        root = cache_root(self.cfg)
-        if root is not None:  # what swinssl data prepare found bad: skipped without being read
+        head = self.pipeline.transforms[0]
+        if isinstance(head, CachedPrefixd):  # what swinssl data prepare found bad, with these settings: not read
             files = [volume_file(case_item(c)) for c in self.train_cases]
-            bad.prepared(prepared_bad(root, files), rank_zero=fabric.is_global_zero)
+            bad.prepared(prepared_bad(head.root, files, settings=head.settings), rank_zero=fabric.is_global_zero)
         return iter(crop_loader(self.train_cases, self.pipeline, t.batch_size, self.cfg.seed, rank=fabric.global_rank,
                                 world_size=fabric.world_size, start_step=start * t.accumulate,
                                 steps=t.steps * t.accumulate, num_workers=t.num_workers, skip_bad=True,
