@@ -283,8 +283,9 @@ def test_phase_meter_gives_each_phase_its_own_peak():
         pass
     phases = meter.finish()
     assert list(phases) == ["training", "validation", "checkpoint"]
-    assert phases["validation"] - phases["checkpoint"] > 0.9 * size  # the checkpoint does not inherit its peak
-    assert phases["validation"] - phases["training"] > 0.5 * size
+    # the checkpoint does not inherit its peak (the training phase's peak is this test session's history
+    # before the meter, which earlier tests may have raised above the block: not compared here)
+    assert phases["validation"] - phases["checkpoint"] > 0.9 * size
     assert set(meter.seconds) == {"validation", "checkpoint"}
 
 
