@@ -20,7 +20,7 @@ batch predict's default):
 
   in turn                 predict(..., pipeline=False), the network on every core (torch's default)
   pipelined               predict(..., pipeline=True), the same network threads, reader and writer
-                          threads beside them (HELPER_THREADS intra-op threads each)
+                          threads beside them (helper_threads: one intra-op thread each here)
   in turn, 1 thread       the network on one intra-op thread (torch.set_num_threads(1))
   pipelined, 1 thread     the same with the pipeline: a core left for the reader and writer
   2 parts, 1 thread each  two processes at once, --part 0/2 and 1/2 into one folder, each with its

@@ -333,13 +333,14 @@ def test_predictions_json_is_assembled_under_the_folders_lock(tmp_path):
 def test_pipelined_masks_equal_sequential_ones_and_the_steps_overlap(tmp_path, checkpoint, monkeypatch):
     model = checkpoint()
     write_cases(tmp_path / "in")
-    events = []
+    events, intra_op = [], set()
     second_read = threading.Event()  # set when a second case's preprocessing starts
     overlapped = []  # per written mask: had the next case's preprocessing started before it was written?
 
     def spy_of(step, real):
         def spy(*args, **kwargs):
             events.append((step, threading.current_thread().name))
+            intra_op.add(torch.get_num_threads())
             if step == "_preprocessed" and sum(e[0] == "_preprocessed" for e in events) >= 2:
                 second_read.set()
             if step == "_mask" and pipelining and not overlapped:
@@ -355,8 +356,11 @@ def test_pipelined_masks_equal_sequential_ones_and_the_steps_overlap(tmp_path, c
     in_turn = predict(model, tmp_path / "in", tmp_path / "in_turn", FAST, progress=False, pipeline=False)
     assert {thread for _, thread in events} == {"MainThread"}
     events.clear()
+    intra_op.clear()
     second_read.clear()
     pipelining = True
+    network_threads = torch.get_num_threads()
+    monkeypatch.setattr(cases, "helper_threads", lambda device: network_threads + 1)
     pipelined = predict(model, tmp_path / "in", tmp_path / "pipelined", FAST, progress=False, pipeline=True)
 
     assert [p.name for p in pipelined] == [p.name for p in in_turn]
@@ -365,6 +369,8 @@ def test_pipelined_masks_equal_sequential_ones_and_the_steps_overlap(tmp_path, c
     assert list(records[0]["predictions"]) == list(records[1]["predictions"])
     assert set(events) == {("_preprocessed", "predict-read"), ("_mask", "predict-write")}
     assert overlapped == [True]  # the reader ran ahead: the second case was read before the first was written
+    # The helpers ran on their own intra-op threads, and left the network's as they were.
+    assert intra_op == {network_threads + 1} and torch.get_num_threads() == network_threads
 
 
 def test_bad_inputs_in_any_step_of_the_pipeline_are_one_line_each_and_the_others_written(tmp_path, checkpoint,
@@ -427,8 +433,11 @@ def test_the_pipeline_is_the_default_where_the_network_leaves_cores_idle(monkeyp
     monkeypatch.setattr(cases.torch, "get_num_threads", lambda: 2)
     assert not cases.overlap_by_default("cpu")  # the network takes both cores: helpers would only compete
     assert cases.overlap_by_default("cuda")
+    assert (cases.helper_threads("cpu"), cases.helper_threads("cuda")) == (1, 2)  # the cores the network leaves
     monkeypatch.setattr(cases.torch, "get_num_threads", lambda: 1)
-    assert cases.overlap_by_default("cpu")
+    assert cases.overlap_by_default("cpu") and cases.helper_threads("cpu") == 1
+    monkeypatch.setattr(cases.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert cases.helper_threads("cpu") == 7
 
 
 def test_predict_chooses_the_pipeline_by_default_as_overlap_by_default_says(tmp_path, checkpoint, monkeypatch):

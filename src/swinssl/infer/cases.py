@@ -13,8 +13,9 @@ A case goes through three steps: read and preprocess (``_preprocessed``), the ne
 (``_labels``), invert and write (``_mask``, ``write_mask``). ``predict`` can overlap them: a
 reader thread preprocesses the next cases into a queue of ``PIPELINE_DEPTH`` while the main
 thread runs the network on the current one and a writer thread inverts and writes the previous
-one, each helper on ``HELPER_THREADS`` intra-op threads. That pays where the network leaves
-something idle: a GPU's host cores, or CPU cores beyond the network's intra-op threads. Where
+one, each helper on the intra-op threads the network leaves (``helper_threads``). That pays
+where the network leaves something idle: a GPU's host cores, or CPU cores beyond the network's
+intra-op threads. Where
 the network's threads take every core, the helpers only compete with them (OpenMP threads
 spin while they wait), so by default ``predict`` then runs the steps in turn
 (``overlap_by_default``; ``benchmarks/predict_archive.py`` measures both on 2 cores).
@@ -65,7 +66,6 @@ DEFAULT_OVERLAP = 0.5  # of a plan without one (trained before plans carried the
 # The options that change a mask, so part of its fingerprint; the window batch, device and cache do not.
 FINGERPRINT_OPTIONS = ("roi_size", "overlap", "mode", "flips", "views", "output_format")
 PIPELINE_DEPTH = 2  # preprocessed cases waiting for the network: each holds a whole volume in memory
-HELPER_THREADS = 1  # intra-op threads of the reader and the writer (benchmarks/predict_archive.py)
 _POLL_S = 0.1  # how often a waiting thread looks whether the pipeline was stopped
 
 
@@ -338,8 +338,20 @@ def overlap_by_default(device: str | torch.device) -> bool:
     """
     if torch.device(device).type == "cuda":
         return True
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores > torch.get_num_threads()
+    return _cores() > torch.get_num_threads()
+
+
+def helper_threads(device: str | torch.device) -> int:
+    """Intra-op threads of the pipeline's reader and writer: every core with the network on a GPU,
+    else the cores its threads leave, at least one."""
+    if torch.device(device).type == "cuda":
+        return torch.get_num_threads()
+    return max(1, _cores() - torch.get_num_threads())
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -471,6 +483,7 @@ def _predict_overlapped(jobs: Sequence[_Job], steps: _Steps, done: Callable[[int
     """
     if not jobs:
         return
+    intra_op = helper_threads(steps.options.device)
     to_network: queue.Queue = queue.Queue(PIPELINE_DEPTH)
     to_writer: queue.Queue = queue.Queue(1)
     stop = threading.Event()
@@ -492,7 +505,7 @@ def _predict_overlapped(jobs: Sequence[_Job], steps: _Steps, done: Callable[[int
 
     def helper(work: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
-            torch.set_num_threads(HELPER_THREADS)  # this thread's own intra-op threads; the network keeps its
+            torch.set_num_threads(intra_op)  # this thread's own intra-op threads; the network keeps its
             try:
                 work()
             except BaseException as err:  # raised in the main thread
