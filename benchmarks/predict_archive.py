@@ -18,6 +18,9 @@ tests/test_infer.py builds them): what a prediction costs does not depend on the
 Modes, each in fresh processes predicting every volume into its own folder (cache off, window
 batch predict's default):
 
+  before                  predict(...) of the commit ``--before`` (default a52c081, the last one
+                          before predict learnt parts, resume and the pipeline), from ``git archive``
+
   in turn                 predict(..., pipeline=False), the network on every core (torch's default)
   pipelined               predict(..., pipeline=True), the same network threads, reader and writer
                           threads beside them (helper_threads: one intra-op thread each here)
@@ -50,6 +53,7 @@ MODELS = {
     "tiny": {"feature": 12, "depths": [2, 2, 2, 2], "roi": 64, "overlap": 0.25, "spacing": [2.0, 2.0, 2.0]},
 }
 MODES = {  # worker settings; parts: processes at once, each predicting its part
+    "before": {"before": True},
     "in turn": {"pipeline": False},
     "pipelined": {"pipeline": True},
     "in turn, 1 thread": {"pipeline": False, "threads": 1},
@@ -122,6 +126,13 @@ def worker(spec: dict) -> dict:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    if spec.get("before"):  # an older predict: its own signature, no step timings
+        started, cpu = time.time(), time.process_time()
+        masks = predict(spec["model"], spec["inputs"], spec["out"], PredictOptions(cache="off", device="cpu"),
+                        progress=False)
+        return {"started": started, "ended": time.time(), "cpu_s": time.process_time() - cpu, "masks": len(masks),
+                "step_s": dict.fromkeys(STEPS, float("nan")), "threads": torch.get_num_threads(),
+                "overlapped": False, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     seconds = dict.fromkeys(STEPS, 0.0)
     lock = threading.Lock()
 
@@ -150,11 +161,13 @@ def worker(spec: dict) -> dict:
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def run_mode(checkpoint: Path, inputs: list[Path], out: Path, mode: dict) -> dict:
+def run_mode(checkpoint: Path, inputs: list[Path], out: Path, mode: dict, before_src: Path | None = None) -> dict:
     """One run of ``mode``: its processes started together; wall time from the first one's call of predict
     to the last one's return (imports and start-up are left out, as in a long run they would be)."""
     parts = mode.get("parts", 1)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if mode.get("before"):
+        env["PYTHONPATH"] = str(before_src)
     settings = {k: v for k, v in mode.items() if k != "parts"}
     specs = [{"model": str(checkpoint), "inputs": [str(p) for p in inputs], "out": str(out), **settings,
               "part": [i, parts] if parts > 1 else None} for i in range(parts)]
@@ -195,19 +208,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each mode, interleaved")
     parser.add_argument("--volumes", type=Path, help="Folder for the volumes (kept; default: a temporary one).")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "predict_archive")
+    parser.add_argument("--before", default="a52c081", help="Commit whose predict the 'before' mode runs.")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="predict_archive_") as tmp:
         tmp = Path(tmp)
         started = time.perf_counter()
         inputs = write_volumes(args.volumes or tmp / "volumes", args.cases)
         print(f"{len(inputs)} volumes ready in {time.perf_counter() - started:.0f} s", flush=True)
+        before_src = tmp / "before"
+        if "before" in args.modes:  # the older package, importable ahead of the installed one
+            before_src.mkdir()
+            archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", args.before, "src"], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(before_src)], input=archive, check=True)
+            before_src = before_src / "src"
         runs: dict[tuple[str, str], list[dict]] = {}
         for model_name in args.models:
             checkpoint = write_checkpoint(tmp / f"{model_name}.pt", MODELS[model_name])
             for repeat in range(args.repeats):
                 for mode in args.modes:
                     out = tmp / "out" / model_name / f"{mode.replace(' ', '_').replace(',', '')}_{repeat}"
-                    run = {**run_mode(checkpoint, inputs, out, MODES[mode]), "out": str(out),
+                    run = {**run_mode(checkpoint, inputs, out, MODES[mode], before_src), "out": str(out),
                            "load_1min": os.getloadavg()[0]}  # this run's own threads count too
                     first = runs.get((model_name, args.modes[0]), [run])[0]
                     run["same_masks"] = first is run or same_masks(Path(first["out"]), out)
@@ -215,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{model_name:<6} {mode:<24} run {repeat + 1}: {60 * run['masks'] / run['wall_s']:6.2f} "
                           f"cases/min", flush=True)
     results = [summary(model, mode, found) for (model, mode), found in runs.items()]
-    text = report(results, args.cases, args.repeats)
+    text = report(results, args.cases, args.repeats, args.before)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".txt").write_text(text + "\n")
@@ -232,24 +253,24 @@ def summary(model: str, mode: str, runs: list[dict]) -> dict:
             "same_masks": all(r["same_masks"] for r in runs), "runs": len(runs)}
 
 
-def report(results: list[dict], cases: int, repeats: int) -> str:
+def report(results: list[dict], cases: int, repeats: int, before: str) -> str:
     lines = [f"Predicting {cases} CT-like volumes of 512x512x(80..120) at 0.8x0.8x2.5 mm (synthetic; cache off) on "
              f"{len(os.sched_getaffinity(0))} cores; median of {repeats} interleaved run(s); 1-minute load average "
              f"after a run at most {max(r['load_1min_max'] for r in results):.1f} (2 is this benchmark's own)", "",
-             "| model | mode | network threads | steps overlap | cases/min (range) | s/case | vs in turn | "
+             "| model | mode | network threads | steps overlap | cases/min (range) | s/case | vs before | "
              + " | ".join(f"{s} s" for s in STEPS) + " | CPU s / wall s | peak GiB | same masks |",
              "| --- | --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in STEPS) + " | --- | --- | --- |"]
     for row in results:
-        base = next(r for r in results if r["model"] == row["model"] and r["mode"] == "in turn")
+        base = next(r for r in results if r["model"] == row["model"] and r["mode"] in ("before", "in turn"))
         low, high = row["cases_per_min_range"]
         lines.append(f"| {row['model']} | {row['mode']} | {row['threads']} | {'yes' if row['overlapped'] else 'no'} | "
                      f"{row['cases_per_min']:.2f} ({low:.2f}-{high:.2f}) | {60 / row['cases_per_min']:.2f} | "
                      f"{row['cases_per_min'] / base['cases_per_min']:.2f}x | "
-                     + " | ".join(f"{row['step_s'][s]:.0f}" for s in STEPS)
+                     + " | ".join(f"{row['step_s'][s]:.0f}" if row['step_s'][s] == row['step_s'][s] else "-" for s in STEPS)
                      + f" | {row['cpu_s'] / row['wall_s']:.2f} | {row['peak_rss_gib']:.2f} | "
                      f"{'yes' if row['same_masks'] else 'NO'} |")
-    lines += ["", "vs in turn: cases per minute / those of 'in turn' (the network on every core, one case after the "
-              "other: how predict ran before the pipeline). Step seconds are summed over the cases and processes, "
+    lines += ["", f"vs before: cases per minute / those of 'before' (predict at {before}: the network on every core, "
+              "one case after the other; 'in turn' where 'before' was not run). Step seconds are summed over the cases and processes, "
               "whatever thread ran them (of the median run); where steps overlap they exceed the wall time, and "
               "each step runs slower than alone where they share the cores.",
               "models: " + "; ".join(f"{name}: feature {m['feature']}, depths {'-'.join(map(str, m['depths']))}, "

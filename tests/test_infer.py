@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import shutil
 
@@ -464,7 +465,12 @@ def test_predict_says_what_each_case_costs_and_counts_its_windows(tmp_path, thre
     assert ("  ct", 8 * windows, 8 * windows) in bars  # the window bar: every window of every flip, counted
 
 
-def test_a_case_of_another_modality_than_the_model_is_said(tmp_path, threshold_checkpoint, caplog):
+def test_a_case_of_another_modality_than_the_model_is_said(tmp_path, threshold_checkpoint, caplog, monkeypatch):
+    import nibabel
+
+    loads = []  # every file nibabel opens: the modality is guessed from the pipeline's own read
+    real_load = nibabel.load
+    monkeypatch.setattr(nibabel, "load", lambda path, *a, **k: loads.append(os.path.basename(str(path))) or real_load(path, *a, **k))
     image, _ = box_volume(SHAPE, BOX)
     ct = write_nifti(tmp_path / "ct.nii.gz", image, LPS_ANISO)
     mri = write_nifti(tmp_path / "head.nii.gz", image + 1000.0, LPS_ANISO)  # no air: MRI-like intensities
@@ -479,6 +485,7 @@ def test_a_case_of_another_modality_than_the_model_is_said(tmp_path, threshold_c
     assert len(said) == 2, said  # not the CT
     assert said[0].startswith(f"{mri}: a MRI volume (by its intensities") or said[1].startswith(f"{mri}: a MRI volume (by")
     assert any(line.startswith(f"{declared}: a MRI volume (declared)") for line in said)
+    assert sorted(loads) == ["ct.nii.gz", "head.nii.gz", "t1.nii.gz"]  # each input read once
 
 
 def test_a_run_without_best_checkpoint_is_said_to_predict_with_last(tmp_path, threshold_checkpoint, caplog):

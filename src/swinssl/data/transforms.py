@@ -94,7 +94,9 @@ def case_item(case: Case) -> dict[str, Any]:
 class LoadCased(MapTransform):
     """Read ``image`` (and ``label`` when present) with the checks of ``swinssl.data.io``.
 
-    Resolves a missing ``modality`` from intensities (CT if air-like values are present).
+    Resolves a missing ``modality`` from intensities (CT if air-like values are present). An item
+    with ``"check_modality": True`` keeps its ``modality`` and gets that guess as ``guessed_modality``
+    (prediction warns on a mismatch without reading the file twice).
     ``classes``: allowed label values (None: any integers); ``channels``: expected image channels.
     """
 
@@ -115,8 +117,10 @@ class LoadCased(MapTransform):
             raise DataError(f"{first}: no label for this case (fine-tuning needs one)")
         else:
             d.pop("label", None)
+        if d.pop("check_modality", False):
+            d["guessed_modality"] = guess_modality(d["image"])
         if not d.get("modality"):
-            d["modality"] = guess_modality(d["image"])
+            d["modality"] = d.get("guessed_modality") or guess_modality(d["image"])
         return d
 
 

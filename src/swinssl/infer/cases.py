@@ -46,7 +46,6 @@ from tqdm import tqdm
 
 from swinssl.data.checksums import file_checksum
 from swinssl.data.discover import Case, find_dataset
-from swinssl.data.io import guess_modality, read_volume
 from swinssl.data.transforms import Pipeline, case_item, inference_transforms, invert
 from swinssl.errors import ConfigError, DataError, SwinsslError
 from swinssl.infer.exported import exported_views, is_exported
@@ -115,14 +114,27 @@ def predict_case(model: nn.Module | Sequence[nn.Module], plan: Plan, case_or_pat
     case = _as_case(case_or_path, plan)
     options = dataclasses.replace(options, overlap=overlap_of(options.overlap, plan))
     pipeline = inference_pipeline(plan) if pipeline is None else pipeline
-    data = _preprocessed(pipeline, case)
+    data = _preprocessed(pipeline, case, plan)
     labels, num_classes = _labels(model, plan, case, data["image"], options, progress)
     return _mask(pipeline, data, labels, num_classes, case.images[0])
 
 
-def _preprocessed(pipeline: Pipeline, case: Case) -> dict:
-    """The pipeline's item of ``case``: its preprocessed ``image`` (1, X', Y', Z') with the trace ``invert`` undoes."""
-    return pipeline({**case_item(case), "label": None})  # a case's label plays no part in predicting it
+def _preprocessed(pipeline: Pipeline, case: Case, plan: Plan) -> dict:
+    """The pipeline's item of ``case``: its preprocessed ``image`` (1, X', Y', Z') with the trace ``invert`` undoes.
+
+    A case that does not declare its modality is normalised as the plan's; where its intensities say
+    otherwise (guessed as the pipeline reads it, not in a read of its own), that is said.
+    """
+    checked = case.modality is None and plan.modality in ("CT", "MRI")
+    item = {**case_item(case), "label": None}  # a case's label plays no part in predicting it
+    if checked:
+        item.update(modality=plan.modality, check_modality=True)
+    data = pipeline(item)
+    data.pop("check_modality", None)  # left where the cache answered: that volume was seen in training
+    guessed = data.pop("guessed_modality", None)
+    if checked and guessed is not None and guessed != plan.modality:
+        _said_other_modality(case.images[0], guessed, "by its intensities (air near -1000 HU or not)", plan)
+    return data
 
 
 def _labels(model: nn.Module | Sequence[nn.Module], plan: Plan, case: Case, image: torch.Tensor,
@@ -181,23 +193,17 @@ def _as_case(case_or_path: Case | str | Path, plan: Plan) -> Case:
         if len(cases) != 1:
             raise DataError(f"{case_or_path}: holds {len(cases)} volumes; predict_case takes one (use predict)")
         case = cases[0]
-    if plan.modality in ("CT", "MRI"):
-        # Said, not refused: a CT model on an MRI (or the reverse) predicts, but from input it never saw.
-        seen = case.modality or _guessed_modality(case.images[0])
-        if seen is not None and seen != plan.modality:
-            how = "declared" if case.modality else "by its intensities (air near -1000 HU or not)"
-            log.warning("%s: a %s volume (%s), but the model was fine-tuned on %s; predicting anyway",
-                        case.images[0], seen, how, plan.modality)
-    if case.modality is None and plan.modality in ("CT", "MRI"):
-        # A model trained on one modality normalises like that modality; guessing from intensities could differ.
-        case = dataclasses.replace(case, modality=plan.modality)
+    if case.modality and plan.modality in ("CT", "MRI") and case.modality != plan.modality:
+        _said_other_modality(case.images[0], case.modality, "declared", plan)
+    # A case that declares none is normalised as the plan's modality (_preprocessed): guessing from
+    # intensities could differ from how the model was trained.
     return case
 
 
-def _guessed_modality(path: Path) -> str | None:
-    """CT or MRI by a file's intensities; None for a file the prediction will report as bad anyway."""
-    image = read_volume(path)
-    return guess_modality(image) if torch.isfinite(image.sum()) else None
+def _said_other_modality(path: Path, seen: str, how: str, plan: Plan) -> None:
+    # Said, not refused: a CT model on an MRI (or the reverse) predicts, but from input it never saw.
+    log.warning("%s: a %s volume (%s), but the model was fine-tuned on %s; predicting anyway",
+                path, seen, how, plan.modality)
 
 
 def _check_geometry(mask: MetaTensor, source: Path) -> None:
@@ -440,7 +446,7 @@ class _Steps:
         self.failed: dict[str, str] = {}
 
     def prepare(self, job: _Job) -> dict:
-        return _preprocessed(self.transforms, _as_case(job.case, self.plan))
+        return _preprocessed(self.transforms, _as_case(job.case, self.plan), self.plan)
 
     def network(self, job: _Job, data: dict) -> tuple[torch.Tensor, int]:
         return _labels(self.models, self.plan, job.case, data["image"], self.options, self.progress)
