@@ -32,7 +32,7 @@ batch predict's default):
 Each mode runs ``--repeats`` times, interleaved with the others; the table gives the median and
 the range. Per mode also: the seconds each step took summed over the cases (their sum exceeds the
 wall time where steps overlap), CPU seconds / wall seconds, peak resident memory, and whether
-its masks equal the first mode's, voxel for voxel.
+the share of its mask voxels unlike the first mode's.
 """
 
 from __future__ import annotations
@@ -186,18 +186,24 @@ def run_mode(checkpoint: Path, inputs: list[Path], out: Path, mode: dict, before
             "peak_rss_gib": max(r["peak_rss_gib"] for r in rows)}
 
 
-def same_masks(first: Path, other: Path) -> bool:
+def differing_voxels(first: Path, other: Path) -> float | None:
+    """The share of voxels whose label differs from ``first``'s masks, over every case (None: the folders do
+    not hold the same masks, or a mask's affine differs). A network on another number of threads sums in
+    another order, so a voxel whose two best classes are nearly tied can flip."""
     import nibabel as nib
     import numpy as np
 
     names = sorted(p.name for p in first.glob("*.nii.gz"))
     if not names or names != sorted(p.name for p in other.glob("*.nii.gz")):
-        return False
+        return None
+    differ = total = 0
     for name in names:
         a, b = nib.load(first / name), nib.load(other / name)
-        if not (np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)) and np.array_equal(a.affine, b.affine)):
-            return False
-    return True
+        if a.shape != b.shape or not np.array_equal(a.affine, b.affine):
+            return None
+        differ += int(np.count_nonzero(np.asarray(a.dataobj) != np.asarray(b.dataobj)))
+        total += int(np.prod(a.shape))
+    return differ / total
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -231,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                     run = {**run_mode(checkpoint, inputs, out, MODES[mode], before_src), "out": str(out),
                            "load_1min": os.getloadavg()[0]}  # this run's own threads count too
                     first = runs.get((model_name, args.modes[0]), [run])[0]
-                    run["same_masks"] = first is run or same_masks(Path(first["out"]), out)
+                    run["differing"] = 0.0 if first is run else differing_voxels(Path(first["out"]), out)
                     runs.setdefault((model_name, mode), []).append(run)
                     print(f"{model_name:<6} {mode:<24} run {repeat + 1}: {60 * run['masks'] / run['wall_s']:6.2f} "
                           f"cases/min", flush=True)
@@ -250,7 +256,14 @@ def summary(model: str, mode: str, runs: list[dict]) -> dict:
     return {"model": model, "mode": mode, **median, "cases_per_min": statistics.median(per_minute),
             "load_1min_max": max(r["load_1min"] for r in runs),
             "cases_per_min_range": [min(per_minute), max(per_minute)],
-            "same_masks": all(r["same_masks"] for r in runs), "runs": len(runs)}
+            "differing": None if any(r["differing"] is None for r in runs) else max(r["differing"] for r in runs),
+            "runs": len(runs)}
+
+
+def _differing(share: float | None) -> str:
+    if share is None:
+        return "NOT THE SAME CASES OR GRID"
+    return "none" if share == 0 else f"{100 * share:.2g}%"
 
 
 def report(results: list[dict], cases: int, repeats: int, before: str) -> str:
@@ -258,7 +271,7 @@ def report(results: list[dict], cases: int, repeats: int, before: str) -> str:
              f"{len(os.sched_getaffinity(0))} cores; median of {repeats} interleaved run(s); 1-minute load average "
              f"after a run at most {max(r['load_1min_max'] for r in results):.1f} (2 is this benchmark's own)", "",
              "| model | mode | network threads | steps overlap | cases/min (range) | s/case | vs before | "
-             + " | ".join(f"{s} s" for s in STEPS) + " | CPU s / wall s | peak GiB | same masks |",
+             + " | ".join(f"{s} s" for s in STEPS) + " | CPU s / wall s | peak GiB | voxels differing |",
              "| --- | --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in STEPS) + " | --- | --- | --- |"]
     for row in results:
         base = next(r for r in results if r["model"] == row["model"] and r["mode"] in ("before", "in turn"))
@@ -268,11 +281,13 @@ def report(results: list[dict], cases: int, repeats: int, before: str) -> str:
                      f"{row['cases_per_min'] / base['cases_per_min']:.2f}x | "
                      + " | ".join(f"{row['step_s'][s]:.0f}" if row['step_s'][s] == row['step_s'][s] else "-" for s in STEPS)
                      + f" | {row['cpu_s'] / row['wall_s']:.2f} | {row['peak_rss_gib']:.2f} | "
-                     f"{'yes' if row['same_masks'] else 'NO'} |")
+                     f"{_differing(row['differing'])} |")
     lines += ["", f"vs before: cases per minute / those of 'before' (predict at {before}: the network on every core, "
               "one case after the other; 'in turn' where 'before' was not run). Step seconds are summed over the cases and processes, "
               "whatever thread ran them (of the median run); where steps overlap they exceed the wall time, and "
-              "each step runs slower than alone where they share the cores.",
+              "each step runs slower than alone where they share the cores. Voxels differing: the share of mask "
+              "voxels unlike the first mode's (the most over the runs; a network on another number of threads "
+              "sums in another order, and a voxel whose two best classes nearly tie can flip).",
               "models: " + "; ".join(f"{name}: feature {m['feature']}, depths {'-'.join(map(str, m['depths']))}, "
                                      f"{m['roi']}^3 windows at overlap {m['overlap']}, "
                                      f"{'x'.join(f'{s:g}' for s in m['spacing'])} mm"

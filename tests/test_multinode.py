@@ -1,5 +1,8 @@
 """A 2-node x 1-process CPU fine-tuning (gloo, two ``torchrun`` launchers on localhost) trains exactly as one
-process does on the concatenated batch: same logged losses, same final weights.
+process does on the concatenated batch: same logged losses, same final weights. Both runs read one cache
+folder that two ``swinssl data prepare`` processes filled at once (as two nodes would): every entry is
+built once, by one of them, and neither training builds one. A 2-node pre-training does the same on a
+shared pre-training cache.
 
 That holds because a step's data are defined globally (``engine.data.StepSampler``: rank r takes positions
 r*B .. (r+1)*B-1 of the step's world*B), the DiceCE loss is a mean over equal-sized crops (so the mean of
@@ -12,6 +15,7 @@ and run in float64 (``train.precision=64-true``): see ``WEIGHTS_RTOL``.
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -61,6 +65,13 @@ TINY = [
     "train.num_workers=0", "train.log_every=1", f"train.steps={STEPS}", "train.warmup_steps=1",
     "train.val_fraction=0", f"train.checkpoint_every={STEPS}", "train.accelerator=cpu", "train.devices=1",
     "train.precision=64-true",
+]
+
+PRETRAIN_TINY = [
+    "model.feature_size=12", "model.depths=[1,1,1,1]", "preprocess.roi_size=[64,32,32]", "preprocess.num_crops=1",
+    "preprocess.spacing=null", "train.num_workers=0", "train.log_every=1", f"train.steps={STEPS}",
+    "train.warmup_steps=1", "train.val_fraction=0", f"train.checkpoint_every={STEPS}", "train.accelerator=cpu",
+    "train.devices=1", "train.preview_every=0",
 ]
 
 
@@ -132,12 +143,35 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["value"]) for r in read_metrics(run_dir) if r["split"] == "train" and r["name"] == "loss"]
 
 
+def prepare_on_two_nodes(wrapper: Path, tmp_path: Path, name: str, overrides: list[str], stage: str) -> dict:
+    """Two ``data prepare`` processes at once on one cache folder (``data.cache`` in ``overrides``); each
+    entry's meta.json modification time (ns) after both."""
+    cache = Path(next(o for o in overrides if o.startswith("data.cache=")).split("=", 1)[1])
+    prepare = [sys.executable, str(wrapper), "data", "prepare", *overrides, "--stage", stage, "--workers", "1"]
+    run_all([prepare, prepare], tmp_path, name, threads=1)
+    built = [int(re.search(r" cached, (\d+) built, ", (tmp_path / f"{name}_{i}.log").read_text()).group(1))
+             for i in range(2)]
+    entries = cache_entries(cache)
+    assert entries
+    assert sum(built) == len(entries), f"{name}: built {built} for {len(entries)} entries: one was built twice"
+    assert not list((cache / "entries").glob("*.building"))  # every claim released
+    return entries
+
+
+def cache_entries(cache: Path) -> dict:
+    return {p.name: (p / "meta.json").stat().st_mtime_ns for p in (cache / "entries").iterdir()
+            if not p.name.startswith(".")}
+
+
 def test_two_nodes_train_as_one_process_on_the_concatenated_batch(phantoms, tmp_path):
     import torch
 
     wrapper = tmp_path / "multinode_swinssl.py"
     wrapper.write_text(WRAPPER)
-    common = ["finetune", "--config", "finetune/tiny", *TINY, f"data={phantoms}", f"train.out={tmp_path / 'runs'}"]
+    shared = tmp_path / "shared_cache"
+    data = [*TINY, f"data={phantoms}", f"data.cache={shared}"]
+    prepared = prepare_on_two_nodes(wrapper, tmp_path, "prepare", ["finetune/tiny", *data], "finetune")
+    common = ["finetune", "--config", "finetune/tiny", *data, f"train.out={tmp_path / 'runs'}"]
 
     port = free_port()
     nodes = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
@@ -148,6 +182,7 @@ def test_two_nodes_train_as_one_process_on_the_concatenated_batch(phantoms, tmp_
     single = [sys.executable, str(wrapper), *common, "train.name=single", "train.batch_size=2", "train.num_nodes=1"]
     run_all([single], tmp_path, "single", threads=1)
 
+    assert cache_entries(shared) == prepared  # both trainings read what prepare built, and built nothing
     two, one = tmp_path / "runs" / "nodes", tmp_path / "runs" / "single"
     assert not (tmp_path / "runs" / "nodes" / "checkpoints" / "best.pt").exists()  # no validation ran
     losses_two, losses_one = train_losses(two), train_losses(one)
@@ -161,3 +196,30 @@ def test_two_nodes_train_as_one_process_on_the_concatenated_batch(phantoms, tmp_
     for key, value in b["model"].items():
         assert value.dtype == torch.float64 or not value.is_floating_point(), key  # train.precision=64-true took effect
         torch.testing.assert_close(a["model"][key], value, rtol=WEIGHTS_RTOL, atol=WEIGHTS_ATOL, msg=key)
+
+
+def test_two_nodes_pretrain_on_a_cache_both_prepared(tmp_path):
+    """Pre-training on two nodes from one shared cache: prepared by both at once, read by both, no entry built
+    twice or by the training. Its losses are not compared with one process on the doubled batch: the views
+    (rotations, cutouts, masks) are drawn per rank and step for the rank's batch, and the contrastive loss
+    takes its negatives from the rank's own batch (as the published code does), so they differ by design."""
+    from swinssl.data.phantom import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "data", cases=4, size=32, seed=3)
+    wrapper = tmp_path / "multinode_swinssl.py"
+    wrapper.write_text(WRAPPER)
+    shared = tmp_path / "shared_cache"
+    data = [*PRETRAIN_TINY, f"data={tmp_path / 'data' / 'dataset.json'}", f"data.cache={shared}"]
+    prepared = prepare_on_two_nodes(wrapper, tmp_path, "prepare", ["pretrain/swin_unetr_tiny", *data], "pretrain")
+    port = free_port()
+    nodes = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+              "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+              str(wrapper), "pretrain", "--config", "pretrain/swin_unetr_tiny", *data,
+              f"train.out={tmp_path / 'runs'}", "train.name=nodes", "train.batch_size=1", "train.num_nodes=2",
+              "train.strategy=ddp"] for rank in (0, 1)]
+    run_all(nodes, tmp_path, "nodes", threads=1)
+
+    assert cache_entries(shared) == prepared
+    losses = train_losses(tmp_path / "runs" / "nodes")
+    assert [s for s, _ in losses] == list(range(1, STEPS + 1)) and all(v == v for _, v in losses)
+    assert read_checkpoint(tmp_path / "runs" / "nodes" / "checkpoints" / "last.pt")["step"] == STEPS
