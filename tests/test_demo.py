@@ -86,3 +86,11 @@ def test_one_progress_bar_follows_both_arms_through_their_metrics(tmp_path, caps
                "pretrained": arm("b", "8,train,loss,1.0\n"), "third": arm("c", None)}
     _follow(configs, {init: Job() for init in configs})
     assert "28/90" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+
+
+def test_the_pretraining_table_shows_losses_not_the_start_up_time(tmp_path):
+    from swinssl.workflows.demo import first_last
+
+    (tmp_path / "metrics.csv").write_text("step,split,name,value\n1,train,startup_s,7.9\n1,train,loss,4.0\n"
+                                          "2,train,loss,2.0\n1,train,lr,0.001\n")
+    assert first_last(tmp_path) == {"loss": (4.0, 2.0)}

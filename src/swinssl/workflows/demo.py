@@ -288,7 +288,7 @@ def first_last(run: Path, split: str = "train") -> dict[str, tuple[float, float]
     """Mean of the first and last 10% of the logged values of each loss."""
     series: dict[str, list[float]] = {}
     for row in read_metrics(run):
-        if row["split"] == split and row["name"] not in ("lr", "crops_per_s", "skipped_steps"):
+        if row["split"] == split and row["name"] not in ("lr", "crops_per_s", "skipped_steps", "startup_s"):
             series.setdefault(row["name"], []).append(row["value"])
     out = {}
     for name, values in series.items():
