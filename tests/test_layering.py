@@ -357,10 +357,12 @@ def test_only_the_nnunet_bridge_imports_nnunet():
     assert not outside, f"nnunetv2 imported outside the bridge's nnU-Net-side modules: {outside}"
 
 
-def test_nothing_but_the_cli_imports_the_nnunet_bridge(swinssl_graph):
+def test_nothing_but_the_cli_and_the_benchmark_import_the_nnunet_bridge(swinssl_graph):
+    """The CLI's ``swinssl nnunet`` commands, and the benchmark study's nnU-Net arm (only its ``arm``)."""
     _, edges = swinssl_graph
-    users = [str(e) for e in edges if layer_of(e.imported) == "nnunet" and layer_of(e.importer) not in ("nnunet", "cli")]
-    assert not users, f"the nnU-Net bridge is imported outside the CLI: {users}"
+    users = [str(e) for e in edges if layer_of(e.imported) == "nnunet" and layer_of(e.importer) not in ("nnunet", "cli")
+             and (e.importer, e.imported) != ("swinssl.workflows.benchmark", "swinssl.nnunet.arm")]
+    assert not users, f"the nnU-Net bridge is imported outside the CLI and the benchmark's nnU-Net arm: {users}"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -76,3 +76,35 @@ def modality(
     with user_errors():
         report = run_modality_study(out, preset=preset)
     typer.echo(report.read_text())
+
+
+@study_app.command("benchmark")
+def benchmark(
+    data: Optional[List[str]] = typer.Option(None, "--data", help="A labelled dataset with labelled test cases, "
+                                             "tagged dev (default) or test: PATH, dev:PATH or test:PATH (repeat) "
+                                             "\\[default: phantoms written into OUT/data, dev]."),
+    pretrained: Optional[List[str]] = typer.Option(None, "--pretrained", help="A pre-training run or checkpoint "
+                                                   "to fine-tune from, one arm each: RUN or NAME=RUN (repeat)."),
+    out: Path = typer.Option(Path("runs/study_benchmark"), "--out", "-o", help="Folder for the runs and report."),
+    preset: str = typer.Option("tiny", "--preset", help="Study size: tiny (CPU) or full (GPU, nnU-Net's own "
+                               "1000-epoch schedule)."),
+    fractions: Optional[List[float]] = typer.Option(None, "--fraction", help="Label fraction of the training cases "
+                                                    "(repeat) \\[default: the preset's]."),
+    seeds: Optional[List[int]] = typer.Option(None, "--seed", help="Seed (repeat) \\[default: the preset's]."),
+    nnunet: bool = typer.Option(True, "--nnunet/--no-nnunet", help="The nnU-Net arm (needs the swinssl\\[nnunet] "
+                                "extra: make install-nnunet)."),
+) -> None:
+    """Pre-trained Swin vs scratch vs nnU-Net on your data (OpenMind / Spark3D / Touchstone protocol).
+
+    Per dataset, label fraction and seed, every arm trains on the same cases and is tested on the
+    same test cases, scored by swinssl evaluate: scratch, one arm per --pretrained, and nnU-Net v2's
+    own plans, network and trainer. Pairwise paired tests with Holm's correction per dataset and
+    fraction, mean ranks (dev and test datasets apart), significance maps, device-hours. Writes
+    report.md, results.json, cases.csv and significance_*.png; swinssl report OUT renders them.
+    Finished units are reused when run again (a stopped study resumes)."""
+    from swinssl.workflows.benchmark import run_benchmark_study
+
+    with user_errors():
+        report = run_benchmark_study(data or [], pretrained or [], out, preset=preset, fractions=fractions or None,
+                                     seeds=seeds or None, nnunet=nnunet)
+    typer.echo(report.read_text())

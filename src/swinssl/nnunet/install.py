@@ -37,7 +37,8 @@ class Shim:
 
 
 SHIMS = (
-    Shim("training/nnUNetTrainer", "swinssl.nnunet.trainer", ("nnUNetTrainer_SwinUNETR", "nnUNetTrainer_SwinUNETR_smoke")),
+    Shim("training/nnUNetTrainer", "swinssl.nnunet.trainer",
+         ("nnUNetTrainer_SwinUNETR", "nnUNetTrainer_SwinUNETR_smoke", "nnUNetTrainer_short")),
     Shim("preprocessing/normalization", "swinssl.nnunet.normalization", ("SwinsslNormalization",)),
 )
 

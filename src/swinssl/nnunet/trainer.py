@@ -1,7 +1,9 @@
-"""``nnUNetTrainer_SwinUNETR``: nnU-Net's trainer with swinssl's SwinUNETR as the network.
+"""nnU-Net trainers that swinssl adds: ``nnUNetTrainer_SwinUNETR`` (swinssl's SwinUNETR as the
+network, its smoke variant) and ``nnUNetTrainer_short`` (nnU-Net's own trainer on a short schedule).
 
-Everything but the network and its optimiser is nnU-Net's: planning, preprocessing, data loading
-and augmentation, the training loop, DDP, validation and prediction. Changed:
+``nnUNetTrainer_SwinUNETR``: everything but the network and its optimiser is nnU-Net's: planning,
+preprocessing, data loading and augmentation, the training loop, DDP, validation and prediction.
+Changed:
 
 - the network: swinssl's SwinUNETR with the architecture the plans record (``swinssl nnunet
   plans``), for the plan's input channels and segmentation outputs; any patch size (it pads);
@@ -18,6 +20,11 @@ by ``swinssl nnunet export`` (see ``swinssl.nnunet.export``); the log says how m
 they set (``loaded N of M encoder tensors``). ``nnUNetTrainer_SwinUNETR_smoke`` checks an
 installation in minutes: 2 iterations of 1 epoch at batch 1 on patches of at most
 ``SMOKE_PATCH`` voxels a side, no mirroring, and no final validation.
+
+``nnUNetTrainer_short``: nnU-Net's default trainer (its network, deep-supervised Dice + CE loss, SGD
+with the poly schedule, augmentation, final validation) with only the schedule shortened, read from
+the environment (``SHORT_SCHEDULE_ENV``), for the nnU-Net control arm of swinssl's studies
+(``swinssl.nnunet.arm``).
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import os
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from swinssl.errors import ConfigError
+from swinssl.nnunet import SHORT_SCHEDULE, SHORT_SCHEDULE_ENV
 from swinssl.nnunet.plans import SCHEME, Pretraining, check_modality, describe, network_from_configuration
 
 SMOKE_PATCH = 64  # voxels a side at most for the smoke trainer (SwinUNETR pads to a multiple of 32)
@@ -169,3 +178,45 @@ class nnUNetTrainer_SwinUNETR_smoke(nnUNetTrainer_SwinUNETR):
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         self.print_to_log_file("swinssl smoke: nnU-Net's final validation skipped (train nnUNetTrainer_SwinUNETR "
                                "for a model worth validating)")
+
+
+class nnUNetTrainer_short(nnUNetTrainer):
+    """nnU-Net's default trainer with only its schedule shortened, so that nnU-Net runs on a CPU:
+    nnU-Net's 1000 epochs x 250 iterations take days there. ``num_epochs``,
+    ``num_iterations_per_epoch`` and ``num_val_iterations_per_epoch`` come from the environment
+    variables ``SWINSSL_NNUNET_EPOCHS``, ``SWINSSL_NNUNET_ITERATIONS`` and
+    ``SWINSSL_NNUNET_VAL_ITERATIONS`` (``SHORT_SCHEDULE_ENV``), each a positive integer, default
+    ``SHORT_SCHEDULE`` (10 x 25, 5 validation iterations). The poly learning-rate schedule spans
+    the shortened epochs, as nnU-Net's spans its 1000.
+
+    Everything else is nnU-Net's: network, deep supervision, loss, SGD, augmentation, final
+    validation. Only checkpointing follows the schedule: ``checkpoint_latest.pth`` every 5% of the
+    epochs, at most every epoch (nnU-Net: every 50 of 1000), so that a stopped short run continues
+    (``--c``) instead of starting over.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        schedule = short_schedule()
+        self.num_epochs = schedule["num_epochs"]
+        self.num_iterations_per_epoch = schedule["num_iterations_per_epoch"]
+        self.num_val_iterations_per_epoch = schedule["num_val_iterations_per_epoch"]
+        self.save_every = max(1, round(self.num_epochs * 50 / 1000))
+
+
+def short_schedule(environ: dict[str, str] | None = None) -> dict[str, int]:
+    """``nnUNetTrainer_short``'s schedule: ``SHORT_SCHEDULE`` overridden by the environment."""
+    environ = os.environ if environ is None else environ
+    schedule = dict(SHORT_SCHEDULE)
+    for attribute, variable in SHORT_SCHEDULE_ENV.items():
+        text = environ.get(variable, "").strip()
+        if not text:
+            continue
+        try:
+            schedule[attribute] = int(text)
+        except ValueError:
+            schedule[attribute] = 0
+        if schedule[attribute] < 1:
+            raise ConfigError(f"{variable}={text!r}: expected a positive integer")
+    return schedule

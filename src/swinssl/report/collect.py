@@ -323,6 +323,10 @@ def _collection(path: Path, labels: Path | None) -> Report:
             _add_predictions(report, sub, name, labels, sub)
         elif _is_run(sub):
             report.runs.append(read_run(sub))
+    viewer = (data or {}).get("viewer") or {}
+    for layer, folder in (viewer.get("folders") or {}).items():  # a study's chosen case, one layer per arm
+        labels_of = labels or _locate(viewer.get("labels"), path)
+        _add_predictions(report, path / folder, layer, labels_of, path / folder)
     report.figures = sorted(path.glob("*.png"))
     if kind == "demo" and "verdict" in data:
         _demo_summary(report, data)
