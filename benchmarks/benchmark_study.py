@@ -14,8 +14,10 @@ Datasets:
   template are no independent subjects: the test dataset stands for "data the choices never saw",
   not for a population.
 
-One pre-training (Swin UNETR SSL, the tiny preset of ``study/efficiency_tiny_pretrain``) on the
-training images of both datasets is the pre-trained arm; ``scratch`` and ``nnunet`` are the others.
+One pre-training (Swin UNETR SSL, ``pretrain/swin_unetr_tiny`` under ``study/efficiency_tiny_pretrain``)
+on the phantoms' training images is the pre-trained arm (for the brain MRI an encoder pre-trained on
+other data, as a user starting from a public checkpoint would have); ``scratch`` and ``nnunet`` are
+the others. ``--fraction`` (repeat) narrows the preset's label fractions.
 The study's report files (not its runs and checkpoints) are copied to ``--results``.
 """
 
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared", type=Path, default=HERE.parent.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark_cpu2"))
     parser.add_argument("--results", type=Path, default=HERE / "results" / "benchmark_cpu2")
+    parser.add_argument("--fraction", type=float, action="append", help="label fraction (repeat; default: the preset's)")
     args = parser.parse_args(argv)
     if not (args.shared / "mri" / "mni152_t1.nii.gz").is_file():
         raise SystemExit(f"{args.shared}: no mri/mni152_t1.nii.gz (the real volumes, see ../shared/data/README.md)")
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
                       [f"data={phantoms}", f"train.out={args.out}", "train.name=pretrain_swin_unetr"])
     pre_run = _train(pretrain, cfg, progress=True)
     report = run_benchmark_study([f"dev:{phantoms}", f"test:{brain}"], [f"swin_unetr={pre_run}"],
-                                 args.out / "study", preset="tiny")
+                                 args.out / "study", preset="tiny", fractions=args.fraction)
     args.results.mkdir(parents=True, exist_ok=True)
     study = report.parent
     for path in [*(study / name for name in REPORT_FILES), *study.glob("*.png")]:

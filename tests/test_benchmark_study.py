@@ -129,7 +129,10 @@ def test_every_arm_trains_on_one_split_and_the_outputs_hold_every_number(tmp_pat
     # One test case per arm for the 3D viewer, from the test dataset.
     viewer = results["viewer"]
     assert set(viewer["folders"]) == {"scratch", "nnunet"} and "held" in viewer["labels"]
-    assert all(len(list((out / f).iterdir())) == 1 for f in viewer["folders"].values())
+    for arm_name, folder in viewer["folders"].items():
+        assert [m.name for m in (out / folder).glob("*.nii.gz")] == [f"{viewer['case']}.nii.gz"]
+        unit = next(u for u in results["units"] if u["arm"] == arm_name and u["dataset"] == "held")
+        assert benchmark.EvaluationFolder(out / folder).case_dice() == {viewer["case"]: unit["case_dice"][viewer["case"]]}
 
     # Run again: every unit is reused, nothing trains, nnU-Net is not called, the same numbers come out.
     trained.clear()

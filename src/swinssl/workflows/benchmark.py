@@ -41,7 +41,7 @@ from swinssl.data.discover import find_dataset
 from swinssl.data.phantom import write_phantom_dataset
 from swinssl.engine.finetune import finetune
 from swinssl.errors import ConfigError
-from swinssl.metrics import evaluate
+from swinssl.metrics import evaluate, summarize
 from swinssl.results import EvaluationFolder, write_results
 from swinssl.runs import RunDir
 from swinssl.utils import atomic_write_text
@@ -292,6 +292,9 @@ def viewer_layers(rows: Sequence[dict], datasets: Sequence[Dataset], out: Path) 
             target = out / "viewer" / r["arm"] / mask.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(mask, target)
+            # Its scores as evaluate wrote them, so the report shows them without scoring the folder again.
+            scores = [row for row in r["scores"] if row["case_id"] == case]
+            EvaluationFolder(target.parent).write(scores, {**summarize(scores), "labels": str(dataset.path)})
             folders[r["arm"]] = str(target.parent.relative_to(out))
     return {"labels": str(dataset.path), "case": case, "folders": folders}
 
