@@ -134,6 +134,19 @@ def test_every_arm_trains_on_one_split_and_the_outputs_hold_every_number(tmp_pat
         unit = next(u for u in results["units"] if u["arm"] == arm_name and u["dataset"] == "held")
         assert benchmark.EvaluationFolder(out / folder).case_dice() == {viewer["case"]: unit["case_dice"][viewer["case"]]}
 
+    # swinssl report: the answer, the rank tables and the comparisons, and one case per arm in the viewer.
+    from swinssl.report.collect import collect
+
+    page = collect(out)
+    assert page.kind == "study" and "Best mean rank on the dev datasets: nnunet." in page.summary
+    tables = {t.title.split(" (")[0]: t for t in page.tables}
+    dev_ranks = next(t for title, t in tables.items() if title.startswith("Mean rank on the dev"))
+    assert [row[:2] for row in dev_ranks.rows] == [["nnunet", 1.0], ["scratch", 2.0]]
+    assert len(tables["Pairwise comparisons, paired per case and seed"].rows) == 2
+    assert [c.case_id for c in page.cases] == [viewer["case"]]
+    assert [layer.name for layer in page.cases[0].layers] == ["label", "scratch", "nnunet"]
+    assert all(layer.path is not None for layer in page.cases[0].layers) and not page.notes
+
     # Run again: every unit is reused, nothing trains, nnU-Net is not called, the same numbers come out.
     trained.clear()
     arm.calls.clear()

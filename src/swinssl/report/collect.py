@@ -330,6 +330,8 @@ def _collection(path: Path, labels: Path | None) -> Report:
     report.figures = sorted(path.glob("*.png"))
     if kind == "demo" and "verdict" in data:
         _demo_summary(report, data)
+    elif data and data.get("kind") == "study benchmark":
+        _benchmark_summary(report, data)
     elif data and isinstance(data.get("rows"), list) and all(isinstance(r, dict) for r in data["rows"]):
         rows = data["rows"]
         columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -347,6 +349,28 @@ def _demo_summary(report: Report, results: dict) -> None:
     mean = {init: d.get("mean") for init, d in (results.get("dice") or {}).items() if d.get("mean") is not None}
     if mean:
         report.summary.append("Test mean Dice: " + ", ".join(f"{init} {v:.3f}" for init, v in mean.items()) + ".")
+
+
+def _benchmark_summary(report: Report, results: dict) -> None:
+    """The benchmark study's answer: the arm chosen on dev, the rank tables, every comparison, device-hours."""
+    if results.get("chosen_on_dev"):
+        report.summary.append(f"Best mean rank on the dev datasets: {results['chosen_on_dev']}.")
+    for tag, ranks in (results.get("ranks") or {}).items():
+        settings = list(ranks["mean_dice"])
+        report.tables.append(Table(
+            f"Mean rank on the {tag} datasets (1 = best, ties averaged) and mean Dice per dataset@fraction",
+            ["arm", "mean rank", *settings],
+            [[arm, rank, *(ranks["mean_dice"][s].get(arm) for s in settings)] for arm, rank in ranks["mean_rank"].items()]))
+    columns = ["family", "first", "second", "n", "mean", "low", "high", "effect", "p_value", "p_holm", "sign"]
+    comparisons = results.get("comparisons") or []
+    if comparisons:
+        report.tables.append(Table("Pairwise comparisons, paired per case and seed (p_holm: Holm within each family)",
+                                   columns, [[c.get(k) for k in columns] for c in comparisons]))
+    hours = {**(results.get("device_hours") or {}),
+             **{f"pre-training {k}": v.get("device_hours") for k, v in (results.get("pretraining") or {}).items()}}
+    if hours:
+        report.tables.append(Table("Training device-hours (pre-training apart)", ["arm", "device-hours"],
+                                   [[arm, h] for arm, h in hours.items()]))
 
 
 def _subfolders(path: Path) -> list[Path]:

@@ -251,7 +251,7 @@ def benchmark_results(rows: Sequence[dict], arms: Sequence[str], datasets: Seque
                                  fraction=fraction)
             comparisons += found
             png = out / f"significance_{dataset.tag}_{dataset.name}_{round(fraction * 100):03d}.png"
-            plot_significance_map(found, arms, png, title=f"{family} (Holm-corrected p; row arm vs column arm)")
+            plot_significance_map(found, arms, png, title=family)
             maps[family] = png.name
     ranks = {}
     for tag in TAGS:
