@@ -8,11 +8,12 @@ Datasets:
 
 - ``phantoms`` (dev): 12 synthetic CT phantoms of 64^3 (3 test cases), as the preset writes them;
 - ``brain_mri`` (test): the one labelled real brain MRI of ``--shared`` with a whole-brain tissue map,
-  the MNI152 2009a T1 template (197x233x189, 1 mm), cut into its 8 octants (each a case of about
-  99x117x95 voxels; 2 are test cases), labelled grey and white matter where their probability maps
-  (``mni152_gm_prob``, ``mni152_wm_prob``, 0..255) exceed both the other and half of 255. Octants of one
-  template are no independent subjects: the test dataset stands for "data the choices never saw",
-  not for a population.
+  the MNI152 2009a T1 template (197x233x189, 1 mm), averaged over 2x2x2 blocks to 2 mm (so that
+  nnU-Net trains on it in minutes on a CPU) and cut into its 8 octants (each a case of 49x58x47
+  voxels; 2 are test cases), labelled grey and white matter where their block-averaged probability
+  maps (``mni152_gm_prob``, ``mni152_wm_prob``, 0..255) exceed both the other and half of 255. Octants
+  of one template are no independent subjects: the test dataset stands for "data the choices never
+  saw", not for a population.
 
 One pre-training (Swin UNETR SSL, ``pretrain/swin_unetr_tiny`` under ``study/efficiency_tiny_pretrain``)
 on the phantoms' training images is the pre-trained arm (for the brain MRI an encoder pre-trained on
@@ -42,18 +43,25 @@ def brain_octants(shared: Path, out: Path) -> Path:
     if data.is_file():
         return data
     t1 = nib.load(shared / "mri" / "mni152_t1.nii.gz")
-    gm = np.asarray(nib.load(shared / "mri" / "mni152_gm_prob.nii.gz").dataobj, dtype=np.float32)
-    wm = np.asarray(nib.load(shared / "mri" / "mni152_wm_prob.nii.gz").dataobj, dtype=np.float32)
-    image = np.asarray(t1.dataobj, dtype=np.float32)
+
+    def blocks(path: Path) -> np.ndarray:  # the mean of each 2x2x2 block (odd edges dropped)
+        volume = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+        x, y, z = (s // 2 * 2 for s in volume.shape)
+        return volume[:x, :y, :z].reshape(x // 2, 2, y // 2, 2, z // 2, 2).mean(axis=(1, 3, 5))
+
+    image = blocks(shared / "mri" / "mni152_t1.nii.gz")
+    gm, wm = blocks(shared / "mri" / "mni152_gm_prob.nii.gz"), blocks(shared / "mri" / "mni152_wm_prob.nii.gz")
     label = np.where((gm > wm) & (gm > 127.5), 1, np.where((wm >= gm) & (wm > 127.5), 2, 0)).astype(np.uint8)
+    # A 2 mm voxel's centre is the centre of its 1 mm block: half a voxel from the first 1 mm centre.
+    two_mm = t1.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    two_mm[:3, 3] = (t1.affine @ np.array([0.5, 0.5, 0.5, 1.0]))[:3]
     half = [s // 2 for s in image.shape]
     entries = []
     for i, (x, y, z) in enumerate(np.ndindex(2, 2, 2)):
-        box = tuple(slice(h * k, h * k + h + (s % 2) * k) if k else slice(0, h)
-                    for h, k, s in zip(half, (x, y, z), image.shape))
+        box = tuple(slice(h * k, h * k + h) for h, k in zip(half, (x, y, z)))
         start = np.array([b.start for b in box] + [1.0])
-        affine = t1.affine.copy()
-        affine[:3, 3] = (t1.affine @ start)[:3]  # the octant keeps its place in the template's space
+        affine = two_mm.copy()
+        affine[:3, 3] = (two_mm @ start)[:3]  # the octant keeps its place in the template's space
         split = "test" if i in (3, 6) else "training"
         folder = "Ts" if split == "test" else "Tr"
         name = f"mni152_octant{i}"
