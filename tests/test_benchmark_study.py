@@ -200,6 +200,7 @@ def test_a_pretrained_arm_differs_from_scratch_only_in_its_start(tmp_path, prese
         benchmark.run_unit(benchmark.BENCHMARK[preset], dataset, {**unit, "arm": arm_name}, start, tmp_path, False)
     scratch, pre = configs
     assert pre.finetune.pretrained == str(run) and not scratch.finetune.pretrained
+    assert pre.finetune.allow_modality_change and not scratch.finetune.allow_modality_change  # the user named it
     assert (pre.finetune.label_ratio, pre.seed, pre.data.path) == (scratch.finetune.label_ratio, scratch.seed,
                                                                     scratch.data.path) == (0.5, 3, scratch.data.path)
     assert pre.train.steps == scratch.train.steps == 2

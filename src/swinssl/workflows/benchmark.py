@@ -174,7 +174,9 @@ def run_unit(p: dict, dataset: Dataset, unit: dict, start: Path | None, out: Pat
         cfg = load_config([p["finetune_config"], p["finetune"]],
                           [f"data={dataset.path}", f"train.out={folder}", f"train.name=finetune_{name}",
                            f"finetune.label_ratio={unit['fraction']}", f"seed={unit['seed']}",
-                           *([f"finetune.pretrained={start}"] if start else [])])
+                           # The user named the start: it is compared on this data even if it was
+                           # pre-trained on another modality (the report says so).
+                           *([f"finetune.pretrained={start}", "finetune.allow_modality_change=true"] if start else [])])
         run = _train(finetune, cfg, progress)
         _evaluate(run, dataset.path, pred_dir, progress)
         head = read_head(RunDir(run).last)
@@ -311,7 +313,9 @@ def benchmark_report(results: dict, out: Path) -> str:
     lines += [f"| {d['name']} | {d['tag']} | `{d['path']}` |" for d in setup["datasets"]]
     lines += ["", "Choices (presets, steps, the arm recommended below) are made on `dev` datasets only; `test` "
               "datasets are reported and never chosen on. Every arm trains on the same cases of a dataset, fraction "
-              "and seed, and is scored on the same held-out test cases by `swinssl evaluate` (Dice, NSD).", ""]
+              "and seed, and is scored on the same held-out test cases by `swinssl evaluate` (Dice, NSD). A "
+              "pre-trained arm is fine-tuned from its weights even where it was pre-trained on another modality "
+              "than the dataset's (`finetune.allow_modality_change=true`).", ""]
     if setup.get("nnunet_schedule"):
         s = setup["nnunet_schedule"]
         lines += [f"`nnunet`: nnU-Net v2's own plans (3d_fullres), network and trainer, schedule {s['epochs']} epochs "
