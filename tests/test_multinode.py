@@ -198,6 +198,7 @@ def test_two_nodes_train_as_one_process_on_the_concatenated_batch(phantoms, tmp_
         torch.testing.assert_close(a["model"][key], value, rtol=WEIGHTS_RTOL, atol=WEIGHTS_ATOL, msg=key)
 
 
+@pytest.mark.slow  # the default suite is near its 10 minutes; the fine-tuning test above shares a prepared cache too
 def test_two_nodes_pretrain_on_a_cache_both_prepared(tmp_path):
     """Pre-training on two nodes from one shared cache: prepared by both at once, read by both, no entry built
     twice or by the training. Its losses are not compared with one process on the doubled batch: the views
