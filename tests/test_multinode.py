@@ -2,13 +2,14 @@
 process does on the concatenated batch: same logged losses, same final weights. Both runs read one cache
 folder that two ``swinssl data prepare`` processes filled at once (as two nodes would): every entry is
 built once, by one of them, and neither training builds one. A 2-node pre-training does the same on a
-shared pre-training cache.
+shared pre-training cache, and equals one process on the doubled batch too.
 
 That holds because a step's data are defined globally (``engine.data.StepSampler``: rank r takes positions
 r*B .. (r+1)*B-1 of the step's world*B), the DiceCE loss is a mean over equal-sized crops (so the mean of
 the ranks' means is the global mean, and DDP's averaged gradient is the global gradient), and everything
-else (model init, optimiser, schedule, clipping) is the same on every rank. (A plain SwinUNETR draws no
-random numbers in its loss; SwinMM's view pair, drawn per rank, would break the equality.)
+else (model init, optimiser, schedule, clipping) is the same on every rank. Pre-training draws its views
+for the step's whole batch and computes its losses on the gathered outputs
+(``engine.pretrain.PretrainStage.losses``; one step of every method: tests/test_pretrain_processes.py).
 
 Both runs go through a small wrapper of the CLI that records its pid (so the test can end what it started),
 and run in float64 (``train.precision=64-true``): see ``WEIGHTS_RTOL``.
@@ -71,7 +72,7 @@ PRETRAIN_TINY = [
     "model.feature_size=12", "model.depths=[1,1,1,1]", "preprocess.roi_size=[64,32,32]", "preprocess.num_crops=1",
     "preprocess.spacing=null", "train.num_workers=0", "train.log_every=1", f"train.steps={STEPS}",
     "train.warmup_steps=1", "train.val_fraction=0", f"train.checkpoint_every={STEPS}", "train.accelerator=cpu",
-    "train.devices=1", "train.preview_every=0",
+    "train.devices=1", "train.preview_every=0", "train.precision=64-true",
 ]
 
 
@@ -164,8 +165,6 @@ def cache_entries(cache: Path) -> dict:
 
 
 def test_two_nodes_train_as_one_process_on_the_concatenated_batch(phantoms, tmp_path):
-    import torch
-
     wrapper = tmp_path / "multinode_swinssl.py"
     wrapper.write_text(WRAPPER)
     shared = tmp_path / "shared_cache"
@@ -183,8 +182,15 @@ def test_two_nodes_train_as_one_process_on_the_concatenated_batch(phantoms, tmp_
     run_all([single], tmp_path, "single", threads=1)
 
     assert cache_entries(shared) == prepared  # both trainings read what prepare built, and built nothing
-    two, one = tmp_path / "runs" / "nodes", tmp_path / "runs" / "single"
     assert not (tmp_path / "runs" / "nodes" / "checkpoints" / "best.pt").exists()  # no validation ran
+    assert_same_training(tmp_path / "runs" / "nodes", tmp_path / "runs" / "single")
+
+
+def assert_same_training(two: Path, one: Path) -> None:
+    """The runs in ``two`` (2 nodes) and ``one`` (one process) logged the same losses and ended with the same
+    weights (see WEIGHTS_RTOL)."""
+    import torch
+
     losses_two, losses_one = train_losses(two), train_losses(one)
     assert [s for s, _ in losses_two] == [s for s, _ in losses_one] == list(range(1, STEPS + 1))
     torch.testing.assert_close(torch.tensor([v for _, v in losses_two], dtype=torch.float64),
@@ -199,11 +205,10 @@ def test_two_nodes_train_as_one_process_on_the_concatenated_batch(phantoms, tmp_
 
 
 @pytest.mark.slow  # the default suite is near its 10 minutes; the fine-tuning test above shares a prepared cache too
-def test_two_nodes_pretrain_on_a_cache_both_prepared(tmp_path):
+def test_two_nodes_pretrain_as_one_process_on_a_cache_both_prepared(tmp_path):
     """Pre-training on two nodes from one shared cache: prepared by both at once, read by both, no entry built
-    twice or by the training. Its losses are not compared with one process on the doubled batch: the views
-    (rotations, cutouts, masks) are drawn per rank and step for the rank's batch, and the contrastive loss
-    takes its negatives from the rank's own batch (as the published code does), so they differ by design."""
+    twice or by the training; the same losses and weights as one process with the doubled batch (the
+    cut-out views copy boxes between crops of different nodes, and the contrastive negatives span both)."""
     from swinssl.data.phantom import write_phantom_dataset
 
     write_phantom_dataset(tmp_path / "data", cases=4, size=32, seed=3)
@@ -212,15 +217,15 @@ def test_two_nodes_pretrain_on_a_cache_both_prepared(tmp_path):
     shared = tmp_path / "shared_cache"
     data = [*PRETRAIN_TINY, f"data={tmp_path / 'data' / 'dataset.json'}", f"data.cache={shared}"]
     prepared = prepare_on_two_nodes(wrapper, tmp_path, "prepare", ["pretrain/swin_unetr_tiny", *data], "pretrain")
+    common = ["pretrain", "--config", "pretrain/swin_unetr_tiny", *data, f"train.out={tmp_path / 'runs'}"]
     port = free_port()
     nodes = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
               "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-              str(wrapper), "pretrain", "--config", "pretrain/swin_unetr_tiny", *data,
-              f"train.out={tmp_path / 'runs'}", "train.name=nodes", "train.batch_size=1", "train.num_nodes=2",
+              str(wrapper), *common, "train.name=nodes", "train.batch_size=1", "train.num_nodes=2",
               "train.strategy=ddp"] for rank in (0, 1)]
     run_all(nodes, tmp_path, "nodes", threads=1)
+    single = [sys.executable, str(wrapper), *common, "train.name=single", "train.batch_size=2", "train.num_nodes=1"]
+    run_all([single], tmp_path, "single", threads=1)
 
     assert cache_entries(shared) == prepared
-    losses = train_losses(tmp_path / "runs" / "nodes")
-    assert [s for s, _ in losses] == list(range(1, STEPS + 1)) and all(v == v for _, v in losses)
-    assert read_checkpoint(tmp_path / "runs" / "nodes" / "checkpoints" / "last.pt")["step"] == STEPS
+    assert_same_training(tmp_path / "runs" / "nodes", tmp_path / "runs" / "single")

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from swinssl.ssl.losses import inpainting_l1, ntxent, rotation_ce, weighted_sum
+from swinssl.ssl.losses import gather_rows, inpainting_l1, ntxent, rotation_ce, weighted_sum
 
 
 def ntxent_by_loops(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
@@ -92,9 +92,9 @@ def test_ntxent_gradient_reaches_both_views():
         assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
 
 
-def test_ntxent_without_process_group_ignores_gather():
-    z1, z2 = torch.randn(3, 5), torch.randn(3, 5)
-    assert torch.equal(ntxent(z1, z2, gather=True), ntxent(z1, z2, gather=False))
+def test_gather_rows_without_process_group_is_the_tensor_itself():
+    z = torch.randn(3, 5)
+    assert gather_rows(z) is z
 
 
 # NT-Xent across two processes
@@ -116,7 +116,7 @@ def _ntxent_rank(rank: int, port: int, z1: torch.Tensor, z2: torch.Tensor, queue
         rows = slice(rank * z1.shape[0] // WORLD, (rank + 1) * z1.shape[0] // WORLD)
         local1 = z1[rows].clone().requires_grad_(True)
         local2 = z2[rows].clone().requires_grad_(True)
-        loss = ntxent(local1, local2, temperature=0.5, gather=True)
+        loss = ntxent(gather_rows(local1), gather_rows(local2), temperature=0.5)
         loss.backward()
         queue.put((rank, loss.item(), local1.grad.tolist(), local2.grad.tolist()))
         dist.barrier()  # no rank tears down while another still talks to it
@@ -142,7 +142,7 @@ def test_ntxent_gathered_over_two_processes_equals_the_single_process_loss_and_g
     z1 = torch.randn(6, 4, generator=g, dtype=torch.float64)
     z2 = torch.randn(6, 4, generator=g, dtype=torch.float64)
     ref1, ref2 = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
-    reference = ntxent(ref1, ref2, temperature=0.5, gather=False)
+    reference = ntxent(ref1, ref2, temperature=0.5)
     reference.backward()
 
     ctx = mp.get_context("spawn")

@@ -101,9 +101,18 @@ class PretrainStage:
                                 known_bad=bad.known))
 
     def losses(self, model, batch, step: int, micro: int, fabric):
-        t = self.cfg.train
-        self.generator.manual_seed(sample_seed(self.cfg.seed, step * t.accumulate + micro, fabric.global_rank, 99))
-        return self.method.compute_losses(model, images_of(batch).to(fabric.device), self.generator, self.cfg.method)
+        """The micro-step's losses. With several processes, the views are drawn for the step's whole
+        batch (every process's crops, gathered) from one generator seeded alike everywhere, and each
+        process runs the model on its own crops (``Method.compute_losses``): the losses equal one
+        process's on the whole batch."""
+        t, x, rows = self.cfg.train, images_of(batch).to(fabric.device), None
+        if fabric.world_size > 1:
+            local = x.shape[0]
+            x = fabric.all_gather(x).flatten(0, 1)  # (W, B, ...) in rank order, as engine.data lays the step out
+            rows = slice(fabric.global_rank * local, (fabric.global_rank + 1) * local)
+        # Rank 0's seed on every process (and what one process always used).
+        self.generator.manual_seed(sample_seed(self.cfg.seed, step * t.accumulate + micro, 0, 99))
+        return self.method.compute_losses(model, x, self.generator, self.cfg.method, rows)
 
     def validate(self, model, fabric, run: RunDir, step: int) -> dict[str, float]:
         """The validation losses and the probe, each when due after ``step``."""

@@ -32,7 +32,7 @@ from torch import nn
 from swinssl.config import Config, MethodConfig
 from swinssl.errors import ConfigError
 from swinssl.methods.model import HEADS, SSLModel
-from swinssl.ssl.losses import weighted_sum
+from swinssl.ssl.losses import gather_rows, weighted_sum
 
 # --- view makers ---------------------------------------------------------------------------------
 
@@ -194,16 +194,27 @@ class Method:
         # In the registry's order: the heads are initialised in it, so a seed gives the same weights.
         return SSLModel(cfg.model, cfg.method, [head for head in HEADS if head in needed])
 
-    def compute_losses(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator, method: MethodConfig):
+    def compute_losses(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator, method: MethodConfig,
+                       rows: slice | None = None):
         """One step's losses for crops ``x`` (B, C, D, H, W) in [0, 1].
 
         Returns (weighted total, {task: loss, plus values only logged}, preview panels of the
         first crop). Both views go through the model in one pass: every layer normalises per
         sample, so this equals two passes.
+
+        ``rows``: in a run of several processes, ``x`` is the step's whole batch (every process's
+        crops in rank order) and this process runs the model on ``rows`` of it only. The views are
+        made of the whole batch (every process draws them alike from the same generator), and the
+        model's per-sample outputs are gathered back (``gather_views_output``), so every process
+        computes the whole batch's losses: the losses and the gradient DDP averages are those of one
+        process on the whole batch, whatever the number of processes.
         """
         maker = self.view_maker_of(method)
         views = maker.make(x, generator, method)
-        out = model(torch.cat(list(views["views"])))
+        inputs = list(views["views"]) if rows is None else [view[rows] for view in views["views"]]
+        out = model(torch.cat(inputs))
+        if rows is not None:
+            out = gather_views_output(out, inputs[0].shape[0])
         weights = weighted_tasks(method)
         losses = task_losses(TaskInput(x, views, out, method, generator), weights)
         total = weighted_sum(losses, weights)
@@ -236,6 +247,23 @@ class Method:
         """How many inputs' worth of activations one window holds at once in inference (the
         memory ``infer.volume.window_batch`` plans for)."""
         return 1
+
+
+def gather_views_output(out: dict, local: int) -> dict:
+    """The model's output for this process's ``local`` crops, as if for every process's: a
+    per-sample output ``(2 local, ...)`` (first views, then second views) becomes ``(2 W local, ...)``,
+    every process's first views then every process's second views; each tensor of a pair (the DIM's
+    ``streams``, ``(local, ...)`` each) is gathered on its own; anything else (a preview panel) stays
+    this process's."""
+    gathered = {}
+    for name, value in out.items():
+        if isinstance(value, (tuple, list)):
+            gathered[name] = type(value)(gather_rows(part) for part in value)
+        elif value.shape[0] == 2 * local:
+            gathered[name] = torch.cat([gather_rows(half) for half in value.split(local)])
+        else:
+            gathered[name] = value
+    return gathered
 
 
 def task_losses(step: TaskInput, weights: Mapping[str, float]) -> dict[str, torch.Tensor]:

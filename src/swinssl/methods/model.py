@@ -28,6 +28,9 @@ class SSLModel(nn.Module):
     view's patch embedding is gated by its attention over its partner view's tokens, then each
     gated stream goes through the encoder on its own (the views keep their own outputs for the
     tasks); ``streams`` (the two DIM outputs) and ``gate`` (a preview panel) are added.
+
+    Every per-sample output is ``(2B, ...)`` or a pair of ``(B, ...)``: the shapes that a run of
+    several processes gathers across them (``methods.base.gather_views_output``).
     """
 
     def __init__(self, model: ModelConfig, method: MethodConfig, heads: Sequence[str]):

@@ -95,8 +95,8 @@ def _check_contrast(cfg: Config) -> None:
 
 @register_task("contrast", head="contrastive", check=_check_contrast)
 def contrast(s: TaskInput) -> dict[str, torch.Tensor]:
-    """NT-Xent between the two views of each crop (negatives: every other view, gathered across
-    processes), and the logged collapse monitor ``embed_spread``."""
+    """NT-Xent between the two views of each crop (negatives: every other view of the step's whole
+    batch, all processes' together), and the logged collapse monitor ``embed_spread``."""
     z = s.out["contrastive"]
     return {"contrast": ntxent(z[: s.n], z[s.n :], temperature=s.method.temperature),
             "embed_spread": embedding_spread(z)}

@@ -2,7 +2,8 @@
 
 Inpainting (L1), rotation prediction (cross entropy over 4 quarter turns) and
 contrastive coding (NT-Xent, Chen et al., ICML 2020), combined by a weighted sum.
-Pure functions of tensors; ``ntxent`` may gather embeddings across processes.
+Pure functions of tensors, and ``gather_rows``, the all-gather with gradients through which a
+run of several processes computes them on the step's whole batch (``methods.base.Method.compute_losses``).
 """
 
 from __future__ import annotations
@@ -30,14 +31,8 @@ def rotation_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def _distributed_world() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
 class _GatherRows(torch.autograd.Function):
-    """All-gather with gradients: ``(N, E)`` on each of W ranks -> ``(W N, E)`` in rank order.
+    """All-gather with gradients: ``(N, ...)`` on each of W ranks -> ``(W N, ...)`` in rank order.
 
     Backward sums the gathered gradient over the ranks (every rank's loss depends on
     every rank's rows) and keeps this rank's rows: a reduce-scatter written with
@@ -59,7 +54,20 @@ class _GatherRows(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
-def ntxent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather: bool = True) -> torch.Tensor:
+def gather_rows(z: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``z`` in rank order (``(N, ...)`` -> ``(W N, ...)``), with gradients; ``z``
+    itself outside a process group of several ranks.
+
+    If every rank then computes the same loss L of the gathered rows, the backward gives each rank
+    W * dL/dz_local; DDP averages parameter gradients over the W ranks, which divides that W out
+    again: the parameters receive exactly dL/dtheta of the whole batch's loss.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _GatherRows.apply(z)
+    return z
+
+
+def ntxent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     """NT-Xent loss of two views' embeddings, as the Swin UNETR reference ``Contrast`` loss.
 
     z1, z2: ``(N, E)``, row i of each is one view of sample i. The 2N embeddings
@@ -71,24 +79,13 @@ def ntxent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather:
         loss_i = -log( exp(s_ip / t) / sum_{k != i} exp(s_ik / t) )
 
     The result is the mean over all 2N anchors. Collapsed embeddings (all equal) give
-    ``log(2N - 1)``.
-
-    With ``gather`` under an initialised process group of W > 1 ranks, z1 and z2 are
-    gathered from all ranks (in rank order) and the loss is computed over the global
-    ``2 N W`` views, ordered ``cat(all z1, all z2)`` so that pairs are again ``i <-> i + NW``.
-    Every rank then returns the loss of the concatenated global batch.
+    ``log(2N - 1)``. In a run of several processes, z1 and z2 hold every process's rows
+    (``gather_rows``), so the negatives are the step's whole batch.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if z1.ndim != 2 or z1.shape != z2.shape:
         raise ValueError(f"expected z1 and z2 of the same shape (N, E), got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    if gather and _distributed_world() > 1:
-        # The gather's backward sums, over the W ranks, the gradient of each rank's loss
-        # with respect to this rank's rows. Every rank computes the same global loss L,
-        # so the local gradient is W * dL/dz_local; DDP averages parameter gradients
-        # over the W ranks, which divides that W out again: the parameters receive
-        # exactly dL/dtheta of the global-batch loss.
-        z1, z2 = _GatherRows.apply(z1), _GatherRows.apply(z2)
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2], 0), dim=1)
     logits = z @ z.T / temperature
