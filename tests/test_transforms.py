@@ -219,3 +219,86 @@ def test_every_pipeline_pickles_for_spawned_data_workers(tmp_path, cache):
                  finetune_transforms(cfg, classes=[0, 1, 2], train=False, cache=root)]
     for pipeline in pipelines:
         assert type(pickle.loads(pickle.dumps(pipeline))) is type(pipeline)
+
+
+@pytest.mark.parametrize("spacing_file, spacing, tilted, crop", [
+    ((0.8, 0.8, 2.5), (2.0, 2.0, 2.0), False, True),  # 2.5x along x, y: source coordinates on exact halves
+    ((1.5, 1.5, 2.0), (3.0, 1.0, 1.5), False, False),  # no crop: the file's edge voxels lie past the grid's
+    ((0.7, 1.1, 3.0), (1.5, 3.0, 1.0), False, True),
+    # A tilted file: its grid and the resampled one share their tilt, but the map between them holds rounding
+    # residue off the diagonal (~1e-17), and MONAI's sampling rounds with it: MONAI's inverse runs.
+    ((1.0, 1.0, 1.0), (2.0, 2.0, 2.0), True, False),
+])
+def test_inverse_resampling_of_a_mask_equals_monais_voxel_for_voxel(tmp_path, monkeypatch, spacing_file, spacing,
+                                                                     tilted, crop):
+    """The separable nearest-neighbour inverse (``SeparableNearestResample``) gives MONAI's inverse exactly:
+    every voxel (the border padding past the grid's edge, the foreground crop's zeros outside its box)
+    and the affine; MONAI's full-grid inverse does not run for a grid with axes along the world's."""
+    from monai.transforms import SpatialResample
+
+    from swinssl.data.transforms import SeparableNearestResample
+
+    affine = np.diag([-spacing_file[0], spacing_file[1], spacing_file[2], 1.0])  # L-flipped: reoriented first
+    affine[:3, 3] = (17.3, -4.1, 9.9)
+    if tilted:
+        affine[:3, :3] = affine[:3, :3] @ np.array([[1, 0, 0], [0, np.cos(0.1), -np.sin(0.1)],
+                                                     [0, np.sin(0.1), np.cos(0.1)]])
+    image, _ = body_volume(shape=(53, 47, 31))
+    path = write_nifti(tmp_path / "ct.nii.gz", image.astype(np.int16), affine)
+    pipeline = inference_transforms(PreprocessConfig(spacing=spacing, crop_foreground=crop))
+    data = pipeline(item(path))
+    labels = torch.randint(1, 4, data["image"].shape, generator=torch.Generator().manual_seed(1)).float()
+
+    monai_inverse = SpatialResample.inverse
+
+    def refused(self, data):
+        raise AssertionError("MONAI's full-grid inverse ran")
+
+    if not tilted:
+        monkeypatch.setattr(SpatialResample, "inverse", refused)
+    fast = invert(pipeline, pipeline(item(path)), labels)
+    monkeypatch.setattr(SeparableNearestResample, "inverse", monai_inverse)
+    reference = invert(pipeline, data, labels)
+    assert fast.shape == reference.shape == (1, 53, 47, 31)
+    assert torch.equal(fast.as_tensor(), reference.as_tensor())
+    np.testing.assert_allclose(np.asarray(fast.affine), np.asarray(reference.affine), atol=1e-9)
+    np.testing.assert_allclose(np.asarray(fast.affine), affine, atol=1e-5)
+    assert len(torch.unique(reference)) == (4 if crop else 3)  # classes 1-3 reached the file, and the crop's zeros
+
+
+def test_inverse_of_a_rotating_resample_is_monais():
+    """A resampling that turns the grid (not separable per axis) is inverted by MONAI's own code."""
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    from swinssl.data.transforms import SeparableNearestResample
+
+    turn = np.eye(4)
+    turn[:2, :2] = [[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]]
+    volume = MetaTensor(torch.rand(1, 20, 22, 18, generator=torch.Generator().manual_seed(0)),
+                        affine=torch.eye(4, dtype=torch.float64))
+    ours, theirs = SeparableNearestResample(mode="nearest"), SpatialResample(mode="nearest")
+    back = [r.inverse(r(volume.clone(), dst_affine=torch.from_numpy(turn))) for r in (ours, theirs)]
+    assert back[0].shape == back[1].shape == (1, 20, 22, 18)
+    assert torch.equal(back[0].as_tensor(), back[1].as_tensor())
+
+
+@pytest.mark.parametrize("padding", ["border", "zeros", "reflection"])
+def test_inverse_past_the_grids_edge_pads_as_monai(padding):
+    """A resampled grid smaller than the volume: its inverse reaches past the grid's edge, where each padding
+    mode gives what MONAI's gives."""
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    from swinssl.data.transforms import SeparableNearestResample
+
+    coarse = np.diag([2.5, 1.5, 2.0, 1.0])
+    coarse[:3, 3] = (3.0, -2.0, 1.0)
+    volume = MetaTensor(torch.rand(1, 20, 22, 18, generator=torch.Generator().manual_seed(0)),
+                        affine=torch.eye(4, dtype=torch.float64))
+    ours = SeparableNearestResample(mode="nearest", padding_mode=padding)
+    theirs = SpatialResample(mode="nearest", padding_mode=padding)
+    back = [r.inverse(r(volume.clone(), dst_affine=torch.from_numpy(coarse), spatial_size=(6, 11, 7)))
+            for r in (ours, theirs)]
+    assert back[0].shape == back[1].shape == (1, 20, 22, 18)
+    assert torch.equal(back[0].as_tensor(), back[1].as_tensor())

@@ -45,7 +45,10 @@ from monai.transforms import (
     ScaleIntensityRangePercentiles,
     Spacingd,
     SpatialPadd,
+    SpatialResample,
 )
+from monai.transforms.spatial.functional import spatial_resample
+from monai.utils import TraceKeys, get_torch_dtype_from_string
 
 from swinssl.config import PreprocessConfig
 from swinssl.data.cache import cached, settings_fingerprint
@@ -156,8 +159,60 @@ def _geometry(cfg: PreprocessConfig, keys: list[str]) -> list:
     steps: list = [Orientationd(keys=keys, axcodes=cfg.orientation, labels=None)]
     if cfg.spacing is not None:
         modes = ["bilinear" if k == "image" else "nearest" for k in keys]
-        steps.append(Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes))
+        spacing = Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes)
+        old = spacing.spacing_transform.sp_resample
+        spacing.spacing_transform.sp_resample = SeparableNearestResample(
+            mode=old.mode, padding_mode=old.padding_mode, align_corners=old.align_corners, dtype=old.dtype,
+            lazy=old.lazy)
+        steps.append(spacing)
     return steps
+
+
+class SeparableNearestResample(SpatialResample):
+    """MONAI's ``SpatialResample`` (what ``Spacingd`` resamples with) whose inverse, when it is a
+    nearest-neighbour one between grids with parallel axes (the voxel-to-voxel map a scale and a
+    shift per axis: a resampling after reorientation), gathers along each axis instead of sampling
+    every voxel of the output grid: a predicted mask of a 512x512x100 CT is 26M voxels, and MONAI's
+    grid sampling of them took a quarter of a prediction's time on 2 cores.
+
+    Each axis's source voxels come from MONAI's own resampling of a ramp of indices (1..n) along
+    that axis alone: the same matrices, coordinates, rounding, padding and dtype, so the result
+    equals MONAI's voxel for voxel (tests/test_transforms.py). Any other inverse is MONAI's.
+    """
+
+    def inverse(self, data: torch.Tensor) -> torch.Tensor:
+        info = self.get_most_recent_transform(data)[TraceKeys.EXTRA_INFO]
+        if not isinstance(data, MetaTensor) or data.ndim != 4 or info.get("mode") not in ("nearest", 0):
+            return super().inverse(data)
+        source = data.peek_pending_affine().to(torch.float64).numpy()
+        target = np.asarray(info["src_affine"], dtype=np.float64)
+        voxels = np.linalg.solve(source, target)  # output voxel -> this grid's voxel, as MONAI computes it
+        if voxels.shape != (4, 4) or np.any(voxels[:3, :3][~np.eye(3, dtype=bool)] != 0):
+            return super().inverse(data)
+        transform = self.pop_transform(data)
+        size = [int(n) for n in transform[TraceKeys.ORIG_SIZE]]
+        align = info.get("align_corners")
+        align = False if align in (None, TraceKeys.NONE) else align
+        dtype = get_torch_dtype_from_string(info["dtype"])
+        index = []
+        for axis in range(3):
+            # One axis alone: the other axes are one voxel that maps onto itself.
+            shape_in, shape_out, line = [1, 1, 1], [1, 1, 1], np.eye(4)
+            shape_in[axis], shape_out[axis] = data.shape[1 + axis], size[axis]
+            line[axis, axis], line[axis, 3] = voxels[axis, axis], voxels[axis, 3]
+            ramp = torch.arange(1, data.shape[1 + axis] + 1, dtype=torch.float32).reshape(1, *shape_in)
+            ramp = MetaTensor(ramp, affine=torch.eye(4, dtype=torch.float64))
+            with self.trace_transform(False):
+                picked = spatial_resample(ramp, torch.from_numpy(line), shape_out, info["mode"], info["padding_mode"],
+                                          align, dtype, False, self.get_transform_info())
+            index.append(picked.as_tensor().reshape(-1).round().long() - 1)  # -1: outside, padded with zeros
+        values = data.as_tensor().to(torch.float32)
+        values = torch.cat([values, values.new_zeros(values.shape[0], 1, *values.shape[2:])], 1)[:, index[0]]
+        values = torch.cat([values, values.new_zeros(*values.shape[:2], 1, values.shape[3])], 2)[:, :, index[1]]
+        values = torch.cat([values, values.new_zeros(*values.shape[:3], 1)], 3)[:, :, :, index[2]]
+        out = MetaTensor(values, meta=data.meta, applied_operations=data.applied_operations)
+        out.affine = torch.from_numpy(source) @ torch.from_numpy(voxels)  # as MONAI's track_transform_meta sets it
+        return out
 
 
 @dataclass(frozen=True)
