@@ -83,3 +83,39 @@ def small_phantoms(tmp_path_factory):
     out = tmp_path_factory.mktemp("small_phantoms")
     write_phantom_dataset(out, cases=5, size=32, seed=2)
     return out / "dataset.json"
+
+
+def on_processes(target, world: int, *args, timeout: float = 240.0) -> list:
+    """Run ``target(rank, port, *args, queue)`` in ``world`` spawned processes (a free localhost ``port`` for
+    their process group); each puts one item on ``queue``, starting with its rank. The items, sorted by rank;
+    fails fast (not after the timeout) when a process dies, and leaves none running."""
+    import queue as queue_module
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(rank, port, *args, queue)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    results, deadline = [], time.monotonic() + timeout
+    try:
+        while len(results) < world:
+            try:
+                results.append(queue.get(timeout=0.5))
+            except queue_module.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                    pytest.fail(f"worker processes failed or timed out (exit codes {[p.exitcode for p in procs]})")
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return sorted(results, key=lambda item: item[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -126,6 +127,8 @@ def test_every_arm_trains_on_one_split_and_the_outputs_hold_every_number(tmp_pat
     assert all(r["dice"] == "1" and r["nsd"] == "1" for r in rows if r["arm"] == "nnunet")
     text = report.read_text()
     assert "dev" in text and "never chosen on" in text and "Holm" in text
+    assert not re.search(r"[+-]nan\b", text)  # an interval that does not exist is said in words
+    assert any(c["effect_low"] != c["effect_low"] for c in results["comparisons"]) == ("too few pairs" in text)
     # One test case per arm for the 3D viewer, from the test dataset.
     viewer = results["viewer"]
     assert set(viewer["folders"]) == {"scratch", "nnunet"} and "held" in viewer["labels"]

@@ -12,15 +12,12 @@ the whole batch). float64: the two sides add in different orders.
 
 import datetime
 import os
-import queue as queue_module
-import socket
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import on_processes
 
 from swinssl.config import load_config
 from swinssl.engine.pretrain import PretrainStage
@@ -91,43 +88,13 @@ def _rank(rank: int, port: int, preset: str, queue) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def on_two_processes(preset: str) -> dict:
-    """{rank: (losses, gradients averaged over the processes)} of the step on two processes."""
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, preset, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results, deadline = {}, time.monotonic() + 240
-    try:
-        while len(results) < WORLD:
-            try:
-                rank, losses, grads = queue.get(timeout=0.5)
-                results[rank] = (losses, {name: torch.from_numpy(g) for name, g in grads.items()})
-            except queue_module.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                    pytest.fail(f"worker processes failed or timed out (exit codes {[p.exitcode for p in procs]})")
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-                p.join()
-    return results
-
-
 # The default suite checks Swin UNETR's (the views and negatives that range over the batch go through the
 # same stage code for every method); SwinMM's 64^3 cubes and SwinFUSE's two streams run in the slow suite.
 @pytest.mark.parametrize("preset", [p if "swin_unetr" in p else pytest.param(p, marks=pytest.mark.slow)
                                     for p in PRESETS])
 def test_two_processes_step_as_one_process_on_the_whole_batch(preset):
-    two = on_two_processes(preset)
+    two = {rank: (losses, {name: torch.from_numpy(g) for name, g in grads.items()})
+           for rank, losses, grads in on_processes(_rank, WORLD, preset)}
     losses, grads = step_of(preset, crops(preset), GlooFabric(0, 1))
     assert {"contrast", "inpaint", "rotate"} <= set(losses)
     for rank in range(WORLD):

@@ -1,14 +1,11 @@
 import datetime
 import math
 import os
-import queue as queue_module
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import on_processes
 
 from swinssl.ssl.losses import gather_rows, inpainting_l1, ntxent, rotation_ce, weighted_sum
 
@@ -103,12 +100,6 @@ def test_gather_rows_without_process_group_is_the_tensor_itself():
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ntxent_rank(rank: int, port: int, z1: torch.Tensor, z2: torch.Tensor, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=30))
@@ -124,19 +115,6 @@ def _ntxent_rank(rank: int, port: int, z1: torch.Tensor, z2: torch.Tensor, queue
         dist.destroy_process_group()
 
 
-def _collect(queue, procs, timeout: float) -> list:
-    """One result per process; fails fast (not after the timeout) when a process dies."""
-    results, deadline = [], time.monotonic() + timeout
-    while len(results) < len(procs):
-        try:
-            results.append(queue.get(timeout=0.5))
-        except queue_module.Empty:
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            if dead or time.monotonic() > deadline:
-                pytest.fail(f"worker processes failed or timed out (exit codes {[p.exitcode for p in procs]})")
-    return sorted(results)
-
-
 def test_ntxent_gathered_over_two_processes_equals_the_single_process_loss_and_gradient():
     g = torch.Generator().manual_seed(0)
     z1 = torch.randn(6, 4, generator=g, dtype=torch.float64)
@@ -145,21 +123,7 @@ def test_ntxent_gathered_over_two_processes_equals_the_single_process_loss_and_g
     reference = ntxent(ref1, ref2, temperature=0.5)
     reference.backward()
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ntxent_rank, args=(r, port, z1, z2, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    try:
-        results = _collect(queue, procs, timeout=60.0)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-                p.join()
-    assert all(p.exitcode == 0 for p in procs)
+    results = on_processes(_ntxent_rank, WORLD, z1, z2, timeout=60.0)
 
     n = z1.shape[0] // WORLD
     for rank, loss, grad1, grad2 in results:

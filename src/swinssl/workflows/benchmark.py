@@ -344,9 +344,12 @@ def benchmark_report(results: dict, out: Path) -> str:
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in results["comparisons"]:
         verdict = {1: f"{c['first']} better", -1: f"{c['second']} better", 0: "no detectable difference"}[c["sign"]]
+        # A resample of few pairs often has no d_z (comparison.py): then the interval is not given.
+        effect_ci = ("no interval: too few pairs" if c["effect_low"] != c["effect_low"]
+                     else f"{c['effect_low']:+.2f}..{c['effect_high']:+.2f}")
         lines.append(f"| {c['family']} | {c['first']} | {c['second']} | {c['n']} | {c['mean']:+.3f} "
-                     f"({c['low']:+.3f}..{c['high']:+.3f}) | {c['effect']:+.2f} ({c['effect_low']:+.2f}.."
-                     f"{c['effect_high']:+.2f}) | {c['p_value']:.2g} | {c['p_holm']:.2g} | {verdict} |")
+                     f"({c['low']:+.3f}..{c['high']:+.3f}) | {c['effect']:+.2f} ({effect_ci}) "
+                     f"| {c['p_value']:.2g} | {c['p_holm']:.2g} | {verdict} |")
     lines += ["", "Significance maps (row arm vs column arm, Holm-corrected): "
               + ", ".join(f"`{png}`" for png in results["maps"].values()), "",
               "## Compute", "", "| arm | training device-hours |", "| --- | --- |"]
