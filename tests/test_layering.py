@@ -49,7 +49,8 @@ import pytest
 # Workflows (demo, studies, verdict, estimate) sit above the engine, inference, metrics and report, below the CLI.
 ABOVE_THE_ENGINE = frozenset({"workflows", "cli"})
 EVERY_LAYER = frozenset({"engine", "data", "nn", "ssl", "methods", "infer", "metrics", "cli", "workflows", "report",
-                         "nnunet", "config", "plan", "runs", "plots", "utils", "runtime", "checkpoint", "results"})
+                         "nnunet", "config", "plan", "runs", "plots", "utils", "runtime", "checkpoint", "results",
+                         "bundle"})
 
 
 def _leaf(*may_use: str) -> frozenset[str]:
@@ -83,6 +84,9 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "checkpoint": _leaf("plan", "runs", "utils", "config"),
     "results": _leaf("utils"),
     "plots": _leaf("utils"),
+    # A deployment bundle's runtime is copied into the bundle: it imports nothing of swinssl (nor torch or
+    # MONAI: tests/test_bundle.py).
+    "bundle": _leaf(),
 }
 
 # Stage modules: the stages that the runner runs, and the probe beside them. Siblings: none imports

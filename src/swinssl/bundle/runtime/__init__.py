@@ -1,0 +1,1 @@
+"""The torch-free predictor a bundle carries: numpy only (this module imports nothing of swinssl)."""

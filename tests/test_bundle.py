@@ -1,0 +1,73 @@
+"""The torch-free bundle runtime (``swinssl.bundle.runtime``), step by step against MONAI's torch path on the
+same input, and free of torch, MONAI and swinssl."""
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.data.utils import compute_importance_map, dense_patch_slices
+from monai.inferers import sliding_window_inference
+
+import swinssl.bundle.runtime as runtime
+from swinssl.bundle.runtime.windows import gaussian_weights, sliding_window, window_starts
+
+ALLOWED = {"numpy", "scipy", "nibabel", "onnxruntime", "nrrd", "SimpleITK"}
+
+
+def test_runtime_imports_nothing_of_torch_monai_or_swinssl():
+    """Every import in the runtime's files is the standard library, its own modules or the bundle's requirements."""
+    import sys
+
+    folder = Path(runtime.__file__).parent
+    seen = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                seen |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                seen.add(node.module.split(".")[0])
+    outside = {name for name in seen - ALLOWED if name not in sys.stdlib_module_names and name != "__future__"}
+    assert not outside, f"the bundle runtime imports {sorted(outside)}"
+    assert "numpy" in seen
+
+
+@pytest.mark.parametrize("size, roi, overlap", [(64, 64, 0.25), (100, 64, 0.25), (100, 64, 0.5), (97, 32, 0.7),
+                                                (65, 64, 0.0), (200, 48, 0.99)])
+def test_window_starts_are_monais(size, roi, overlap):
+    interval = roi if roi == size else max(int(roi * (1 - overlap)), 1)
+    slices = dense_patch_slices((size,), (roi,), (interval,))
+    assert window_starts(size, roi, overlap) == [s[0].start for s in slices]
+
+
+@pytest.mark.parametrize("roi", [(64, 64, 64), (96, 48, 32), (5, 7, 3)])
+@pytest.mark.parametrize("mode", ["gaussian", "constant"])
+def test_window_weights_are_monais(roi, mode):
+    expected = compute_importance_map(roi, mode=mode, sigma_scale=0.125, device="cpu").numpy()
+    np.testing.assert_allclose(gaussian_weights(roi, mode), expected, rtol=1e-6, atol=0)
+
+
+def _network(windows):
+    """Two channels that depend on the voxel's place in its window, so the blending shows: numpy or torch."""
+    lib = torch if isinstance(windows, torch.Tensor) else np
+    side = windows.shape[2:]
+    ramp = (lib.arange(side[0]) * 0.01)[:, None, None] + (lib.arange(side[2]) * 0.003)[None, None, :]
+    first = windows[:, :1] * 2 + ramp
+    second = lib.sin(windows[:, 1:2] * 3) - ramp
+    return lib.concatenate([first, second], 1) if lib is np else torch.cat([first, second], 1)
+
+
+@pytest.mark.parametrize("shape, roi, overlap, batch, mode", [
+    ((2, 70, 50, 40), (32, 32, 32), 0.25, 4, "gaussian"),
+    ((2, 70, 50, 40), (32, 24, 32), 0.5, 3, "gaussian"),
+    ((2, 20, 50, 33), (32, 32, 32), 0.25, 2, "gaussian"),  # smaller than the window along x: padded
+    ((2, 40, 40, 40), (32, 32, 32), 0.25, 1, "constant"),
+])
+def test_sliding_window_blends_as_monai(shape, roi, overlap, batch, mode):
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    ours = sliding_window(image, roi, _network, overlap=overlap, batch=batch, mode=mode)
+    theirs = sliding_window_inference(torch.from_numpy(image)[None], roi, batch, _network, overlap=overlap,
+                                      mode=mode)[0].numpy()
+    assert ours.shape == theirs.shape == (2, *shape[1:])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
