@@ -71,3 +71,24 @@ def test_sliding_window_blends_as_monai(shape, roi, overlap, batch, mode):
                                       mode=mode)[0].numpy()
     assert ours.shape == theirs.shape == (2, *shape[1:])
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("axes, signs", [((0, 1, 2), (-1, -1, 1)), ((0, 1, 2), (1, 1, 1)), ((2, 0, 1), (1, -1, -1)),
+                                          ((1, 2, 0), (-1, 1, 1))])
+def test_reorient_is_monais_orientation_and_turns_back(axes, signs):
+    """LPS, RAS and axis-swapped grids: the same voxels and affine as MONAI's ``Orientation``, and back."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation
+
+    from swinssl.bundle.runtime.geometry import reorient, unreorient
+
+    affine = np.zeros((4, 4))
+    for voxel_axis, (world_axis, sign, spacing) in enumerate(zip(axes, signs, (0.8, 1.2, 2.5))):
+        affine[world_axis, voxel_axis] = sign * spacing
+    affine[:, 3] = (12.0, -7.5, 30.0, 1.0)
+    array = np.random.default_rng(1).random((2, 9, 7, 5)).astype(np.float32)
+    turned, turned_affine = reorient(array, affine, "RAS")
+    expected = Orientation(axcodes="RAS", labels=None)(MetaTensor(torch.from_numpy(array), affine=torch.from_numpy(affine)))
+    np.testing.assert_array_equal(turned, expected.numpy())
+    np.testing.assert_allclose(turned_affine, np.asarray(expected.affine), atol=1e-9)
+    np.testing.assert_array_equal(unreorient(turned, turned_affine, affine), array)

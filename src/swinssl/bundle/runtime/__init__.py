@@ -1,1 +1,4 @@
-"""The torch-free predictor a bundle carries: numpy only (this module imports nothing of swinssl)."""
+"""The torch-free predictor a bundle carries (this package imports nothing of swinssl, torch or MONAI).
+
+``windows``: sliding windows with MONAI's Gaussian blending; ``geometry``: reorientation and back.
+"""
