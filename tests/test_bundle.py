@@ -92,3 +92,45 @@ def test_reorient_is_monais_orientation_and_turns_back(axes, signs):
     np.testing.assert_array_equal(turned, expected.numpy())
     np.testing.assert_allclose(turned_affine, np.asarray(expected.affine), atol=1e-9)
     np.testing.assert_array_equal(unreorient(turned, turned_affine, affine), array)
+
+
+@pytest.mark.parametrize("spacing_file, spacing, tilt", [
+    ((0.8, 0.8, 2.5), (2.0, 2.0, 2.0), 0.0),
+    ((1.5, 1.5, 2.0), (3.0, 1.0, 1.5), 0.0),
+    ((1.0, 1.0, 1.0), (1.0005, 2.0, 0.7), 0.0),  # within MONAI's tolerance of its own spacing: x is kept
+    ((-0.9, 1.1, 3.0), (2.0, 2.0, 2.0), 0.15),  # a flipped, tilted grid: resampled along its own axes
+])
+def test_resampling_is_monais_spacing(spacing_file, spacing, tilt):
+    """The grid (affine, shape) and the linearly interpolated voxels of MONAI's ``Spacing`` (bilinear, border)."""
+    from monai.data import MetaTensor
+    from monai.transforms import Spacing
+
+    from swinssl.bundle.runtime.geometry import resample_linear, resampled_grid
+
+    affine = np.diag([*spacing_file, 1.0])
+    affine[:3, :3] = np.array([[1, 0, 0], [0, np.cos(tilt), -np.sin(tilt)], [0, np.sin(tilt), np.cos(tilt)]]) @ affine[:3, :3]
+    affine[:3, 3] = (-40.0, 12.5, 7.0)
+    array = np.random.default_rng(2).random((1, 31, 26, 17)).astype(np.float32)
+    expected = Spacing(pixdim=spacing, mode="bilinear")(MetaTensor(torch.from_numpy(array), affine=torch.from_numpy(affine)))
+    grid, shape = resampled_grid(affine, array.shape[1:], spacing)
+    assert shape == tuple(expected.shape[1:])
+    np.testing.assert_allclose(grid, np.asarray(expected.affine), atol=1e-9)
+    np.testing.assert_allclose(resample_linear(array, affine, grid, shape), expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_resampling_onto_a_shifted_grid_is_monais():
+    """A grid that starts between voxels and reaches past the volume: MONAI's bilinear values, the edge's past it."""
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    from swinssl.bundle.runtime.geometry import resample_linear
+
+    affine = np.diag([1.2, 0.9, 2.0, 1.0])
+    grid = np.diag([2.0, 0.7, 1.5, 1.0])
+    grid[:3, 3] = (-3.1, 0.45, 2.2)
+    array = np.random.default_rng(3).random((2, 15, 12, 9)).astype(np.float32)
+    shape = (11, 18, 14)
+    expected = SpatialResample(mode="bilinear", padding_mode="border")(
+        MetaTensor(torch.from_numpy(array), affine=torch.from_numpy(affine)), dst_affine=torch.from_numpy(grid),
+        spatial_size=shape)
+    np.testing.assert_allclose(resample_linear(array, affine, grid, shape), expected.numpy(), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
 """The torch-free predictor a bundle carries (this package imports nothing of swinssl, torch or MONAI).
 
-``windows``: sliding windows with MONAI's Gaussian blending; ``geometry``: reorientation and back.
+``windows``: sliding windows with MONAI's Gaussian blending; ``geometry``: reorientation and back, the
+resampled grid and linear resampling onto it (MONAI's ``Orientation`` and ``Spacing``).
 """

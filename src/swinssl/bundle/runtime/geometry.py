@@ -1,4 +1,6 @@
-"""A volume's grid in numpy and nibabel: reorientation (MONAI's ``Orientation``), without torch."""
+"""A volume's grid in numpy and nibabel, without torch: reorientation (MONAI's ``Orientation``) and resampling
+(MONAI's ``Spacing``, bilinear with border padding).
+"""
 
 from __future__ import annotations
 
@@ -19,3 +21,44 @@ def unreorient(array: np.ndarray, affine: np.ndarray, original_affine: np.ndarra
     ``original_affine``."""
     turn = orientations.ornt_transform(orientations.io_orientation(affine), orientations.io_orientation(original_affine))
     return np.stack([orientations.apply_orientation(channel, turn) for channel in array])
+
+
+SPACING_TOLERANCE = 1e-3  # MONAI's AFFINE_TOL: an axis within it of the target spacing keeps its own
+
+
+def resampled_grid(affine: np.ndarray, shape: tuple[int, ...], spacing: tuple[float, ...]) -> tuple[np.ndarray, tuple]:
+    """The affine and shape of the grid MONAI's ``Spacing`` resamples a volume of ``shape`` on ``affine`` to:
+    the same axis directions at ``spacing`` mm, covering the volume's voxel centres, starting at its corner."""
+    rzs = affine[:3, :3]
+    own = np.sqrt((rzs * rzs).sum(0))
+    target = np.asarray(spacing, dtype=np.float64)
+    target = np.where(np.abs(own - target) <= SPACING_TOLERANCE, own, target)
+    zs = np.linalg.cholesky(rzs.T @ rzs).T
+    rotation = rzs @ np.linalg.inv(zs)
+    grid = np.eye(4)
+    grid[:3, :3] = rotation @ np.diag(np.sign(np.diag(zs)) * np.abs(target))
+    # The grid shares the volume's axis directions, so the volume's first voxel is its smallest corner
+    # along every grid axis: the grid starts there (as MONAI's compute_shape_offset finds), and the
+    # volume spans (n - 1) * own / target grid voxels per axis.
+    grid[:3, 3] = affine[:3, 3]
+    out_shape = tuple(int(n) for n in np.round((np.asarray(shape) - 1.0) * own / np.abs(target) + 1.0))
+    return grid, out_shape
+
+
+def resample_linear(array: np.ndarray, affine: np.ndarray, grid: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``array`` ``(C, X, Y, Z)`` on ``affine`` linearly interpolated onto the grid ``grid``/``shape`` with
+    the same axis directions (the voxel-to-voxel map a scale and shift per axis): one linear
+    interpolation per axis, positions past the edge taking the edge's value (MONAI's bilinear
+    resampling with border padding)."""
+    voxels = np.linalg.solve(affine, grid)
+    if np.any(np.abs(voxels[:3, :3][~np.eye(3, dtype=bool)]) > 1e-6):
+        raise ValueError("resample_linear: the grids' axes are not parallel")
+    out = array.astype(np.float32, copy=False)
+    for axis in range(3):
+        size = out.shape[1 + axis]
+        position = np.clip(voxels[axis, axis] * np.arange(shape[axis]) + voxels[axis, 3], 0, size - 1)
+        low = np.minimum(np.floor(position).astype(np.int64), size - 1)
+        high = np.minimum(low + 1, size - 1)
+        weight = (position - low).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
+        out = np.take(out, low, axis=1 + axis) * (1 - weight) + np.take(out, high, axis=1 + axis) * weight
+    return out.astype(np.float32)
