@@ -134,3 +134,46 @@ def test_linear_resampling_onto_a_shifted_grid_is_monais():
         MetaTensor(torch.from_numpy(array), affine=torch.from_numpy(affine)), dst_affine=torch.from_numpy(grid),
         spatial_size=shape)
     np.testing.assert_allclose(resample_linear(array, affine, grid, shape), expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("modality, how", [("CT", "percentile"), ("MRI", "percentile"), ("MRI", "zscore")])
+def test_normalisation_is_the_pipelines(modality, how):
+    """CT window, MRI percentiles (per channel, one channel constant) and MRI z-score on non-zero voxels, as
+    swinssl's ``intensity_normalizer``."""
+    from swinssl.config import PreprocessConfig, to_dict
+    from swinssl.bundle.runtime.intensity import normalize
+    from swinssl.data.transforms import intensity_normalizer
+
+    rng = np.random.default_rng(4)
+    image = (rng.normal(0, 400, (2, 20, 18, 14)) if modality == "CT" else rng.gamma(2.0, 80.0, (2, 20, 18, 14)))
+    image = image.astype(np.float32)
+    image[:, :4] = 0.0  # background zeros (kept by the z-score)
+    if how == "zscore":
+        image[1, 4:] = 7.0  # non-zero voxels without spread: sd taken as 1
+    elif modality == "MRI":
+        image[1] = 7.0  # constant but for a few voxels: equal percentiles, so shifted only, not clipped
+        image[1, 0, 0, :5] = 100.0
+    cfg = PreprocessConfig(ct_window=(-175.0, 250.0), mri_normalization=how)
+    expected = np.asarray(intensity_normalizer(cfg, modality)(torch.from_numpy(image.copy())))
+    np.testing.assert_allclose(normalize(image, modality, to_dict(cfg)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_foreground_box_and_modality_guess_are_the_pipelines():
+    from monai.transforms import CropForeground
+
+    from swinssl.bundle.runtime.intensity import foreground_box, guess_modality
+    from swinssl.data.io import guess_modality as pipeline_guess
+    from swinssl.data.transforms import Above
+
+    image = np.zeros((2, 30, 25, 20), np.float32)
+    image[0, 5:12, 3:20, 7:8] = 0.4
+    image[1, 20:26, 10:11, 2:15] = 0.9
+    box = foreground_box(image, 0.1)
+    expected = CropForeground(select_fn=Above(0.1), allow_smaller=True)(torch.from_numpy(image))
+    np.testing.assert_array_equal(image[(slice(None), *box)], np.asarray(expected))
+    assert foreground_box(image, 1.0) == (slice(0, 0),) * 3
+    ct = np.full((1, 20, 20, 20), -1000.0, np.float32)
+    ct[:, 5:15] = 40.0
+    for volume in (ct, np.abs(ct) / 10, ct * 0.3):  # air, no negatives, lows of -300 (not air: MRI)
+        assert guess_modality(volume) == pipeline_guess(torch.from_numpy(volume))
+    assert [guess_modality(v) for v in (ct, np.abs(ct) / 10, ct * 0.3)] == ["CT", "MRI", "MRI"]
