@@ -177,3 +177,25 @@ def test_foreground_box_and_modality_guess_are_the_pipelines():
     for volume in (ct, np.abs(ct) / 10, ct * 0.3):  # air, no negatives, lows of -300 (not air: MRI)
         assert guess_modality(volume) == pipeline_guess(torch.from_numpy(volume))
     assert [guess_modality(v) for v in (ct, np.abs(ct) / 10, ct * 0.3)] == ["CT", "MRI", "MRI"]
+
+
+@pytest.mark.parametrize("spacing_file, spacing", [((0.8, 0.8, 2.5), (2.0, 2.0, 2.0)), ((1.5, 1.1, 2.0), (3.0, 1.0, 1.5))])
+def test_a_mask_goes_back_to_the_files_grid_as_the_pipeline_inverts_it(spacing_file, spacing):
+    """Random labels on the resampled grid, back onto the file's grid: the voxels of MONAI's nearest inverse."""
+    from monai.data import MetaTensor
+    from monai.transforms import Spacing
+
+    from swinssl.bundle.runtime.geometry import resample_nearest, resampled_grid
+
+    affine = np.diag([*spacing_file, 1.0])
+    affine[:3, 3] = (-40.0, 12.5, 7.0)
+    shape = (53, 47, 31)
+    spacing_step = Spacing(pixdim=spacing, mode="nearest")
+    coarse = spacing_step(MetaTensor(torch.zeros(1, *shape), affine=torch.from_numpy(affine)))
+    labels = torch.randint(0, 4, coarse.shape, generator=torch.Generator().manual_seed(5)).float()
+    expected = spacing_step.inverse(MetaTensor(labels, meta=coarse.meta, applied_operations=coarse.applied_operations))
+    grid, _ = resampled_grid(affine, shape, spacing)
+    back = resample_nearest(labels.numpy(), grid, affine, shape)
+    assert back.shape == tuple(expected.shape)
+    differing = float((back != expected.numpy()).mean())
+    assert differing == 0.0, f"{differing:.2e} of the voxels differ"

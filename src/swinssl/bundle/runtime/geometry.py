@@ -62,3 +62,34 @@ def resample_linear(array: np.ndarray, affine: np.ndarray, grid: np.ndarray, sha
         weight = (position - low).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
         out = np.take(out, low, axis=1 + axis) * (1 - weight) + np.take(out, high, axis=1 + axis) * weight
     return out.astype(np.float32)
+
+
+def _sampled_positions(scale: float, shift: float, size_in: int, size_out: int) -> np.ndarray:
+    """The source coordinate of each output voxel along one axis, in the float64 steps MONAI and torch take
+    (``to_norm_affine``, ``affine_grid``, ``grid_sample`` with ``align_corners=False``), so that a voxel
+    whose nearest source is a tie (exactly between two, as every other voxel of a 2x resampling) goes
+    the same way."""
+    src = np.array([[2.0 / size_in, 1.0 / size_in - 1.0], [0.0, 1.0]])
+    dst = np.linalg.inv(np.array([[2.0 / size_out, 1.0 / size_out - 1.0], [0.0, 1.0]]))
+    mapped = src @ np.array([[scale, shift], [0.0, 1.0]])
+    slope, offset = mapped[0, 0] * dst[0, 0], mapped[0, 0] * dst[0, 1] + mapped[0, 1]
+    i = np.arange(size_out, dtype=np.float64)
+    step = 2.0 / (size_out - 1) if size_out > 1 else 0.0
+    base = np.where(i < size_out // 2, -1.0 + step * i, 1.0 - step * (size_out - 1 - i)) if size_out > 1 else np.array([-1.0])
+    base = base * (size_out - 1) / size_out
+    return ((base * slope + offset + 1.0) * size_in - 1.0) / 2.0
+
+
+def resample_nearest(array: np.ndarray, affine: np.ndarray, grid: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``array`` ``(C, X, Y, Z)`` on ``affine`` onto the grid ``grid``/``shape`` with the same axis directions,
+    each voxel taking its nearest source voxel (ties as MONAI's resampling breaks them), positions past the
+    edge the edge's: how a mask goes back from the network's grid to the file's."""
+    voxels = np.linalg.solve(affine, grid)
+    if np.any(np.abs(voxels[:3, :3][~np.eye(3, dtype=bool)]) > 1e-6):
+        raise ValueError("resample_nearest: the grids' axes are not parallel")
+    out = array
+    for axis in range(3):
+        size = out.shape[1 + axis]
+        position = _sampled_positions(voxels[axis, axis], voxels[axis, 3], size, shape[axis])
+        out = np.take(out, np.rint(np.clip(position, 0, size - 1)).astype(np.int64), axis=1 + axis)
+    return out
