@@ -56,7 +56,7 @@ def resample_linear(array: np.ndarray, affine: np.ndarray, grid: np.ndarray, sha
     out = array.astype(np.float32, copy=False)
     for axis in range(3):
         size = out.shape[1 + axis]
-        position = np.clip(voxels[axis, axis] * np.arange(shape[axis]) + voxels[axis, 3], 0, size - 1)
+        position = np.clip(_sampled_positions(voxels[axis, axis], voxels[axis, 3], size, shape[axis]), 0, size - 1)
         low = np.minimum(np.floor(position).astype(np.int64), size - 1)
         high = np.minimum(low + 1, size - 1)
         weight = (position - low).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
