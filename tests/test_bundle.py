@@ -199,3 +199,49 @@ def test_a_mask_goes_back_to_the_files_grid_as_the_pipeline_inverts_it(spacing_f
     assert back.shape == tuple(expected.shape)
     differing = float((back != expected.numpy()).mean())
     assert differing == 0.0, f"{differing:.2e} of the voxels differ"
+
+
+@pytest.mark.parametrize("spacing, crop", [((2.0, 2.0, 2.0), True), (None, False)])
+def test_the_runtimes_mask_is_swinssl_predicts(tmp_path, spacing, crop):
+    """A phantom CT on an LPS grid through a small random SwinUNETR: the runtime's mask (the network run
+    through numpy) equals ``predict_case``'s in the file's shape, but for voxels whose source on the network's
+    grid is a tie between two voxels (a random network's classes change from voxel to voxel, so a tie broken
+    the other way shows; see ``geometry._sampled_positions``)."""
+    import nibabel as nib
+    from conftest import body_volume, write_nifti
+
+    from swinssl.bundle.runtime.predict import predict_array
+    from swinssl.config import ModelConfig, PreprocessConfig
+    from swinssl.infer.cases import predict_case
+    from swinssl.nn.swin_unetr import SwinUNETR
+    from swinssl.plan import Plan
+
+    image, _ = body_volume(shape=(53, 47, 31))
+    path = write_nifti(tmp_path / "ct.nii.gz", (image * 300 - 200).astype(np.int16))
+    torch.manual_seed(0)
+    network = SwinUNETR(in_channels=1, out_channels=3, feature_size=12, depths=(1, 1, 1, 1)).eval()
+    plan = Plan(network=ModelConfig(feature_size=12, depths=(1, 1, 1, 1)),
+                preprocess=PreprocessConfig(spacing=spacing, crop_foreground=crop, ct_window=(-175.0, 250.0),
+                                            roi_size=(32, 32, 32)),
+                out_channels=3, modality="CT", overlap=0.25)
+    expected = predict_case(network, plan, path)[0].numpy()
+
+    def windows(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return network(torch.from_numpy(batch)).numpy()
+
+    volume = nib.load(path)
+    mask = predict_array(np.asarray(volume.dataobj)[None], volume.affine, plan.to_dict(), windows)
+    assert mask.shape == expected.shape == (53, 47, 31) and mask.dtype == np.uint8
+    assert len(np.unique(expected)) > 1  # the network's mask is not all one class
+    ties = np.zeros(mask.shape, bool)
+    if spacing is not None:  # the file voxels whose source coordinate lies halfway between two voxels
+        turned = np.diag(np.abs(np.diag(volume.affine)[:3]))  # the reoriented grid's spacing
+        for axis in range(3):
+            position = np.arange(mask.shape[axis]) * turned[axis, axis] / spacing[axis]
+            on_tie = np.isclose(position % 1, 0.5, atol=1e-9)
+            flipped = volume.affine[axis, axis] < 0  # LPS: the file's axis runs against the reoriented one
+            on_tie = on_tie[::-1] if flipped else on_tie
+            ties |= on_tie.reshape([-1 if a == axis else 1 for a in range(3)])
+    assert not (mask != expected)[~ties].any()
+    assert (mask != expected).mean() <= 0.01

@@ -67,8 +67,10 @@ def resample_linear(array: np.ndarray, affine: np.ndarray, grid: np.ndarray, sha
 def _sampled_positions(scale: float, shift: float, size_in: int, size_out: int) -> np.ndarray:
     """The source coordinate of each output voxel along one axis, in the float64 steps MONAI and torch take
     (``to_norm_affine``, ``affine_grid``, ``grid_sample`` with ``align_corners=False``), so that a voxel
-    whose nearest source is a tie (exactly between two, as every other voxel of a 2x resampling) goes
-    the same way."""
+    whose nearest source is a tie (exactly between two, as every other voxel of a 2x resampling) mostly
+    goes the same way. Not always: torch's vectorised ``linspace`` rounds by the CPU's vector width, a
+    last bit no portable code reproduces; a tie may then go to the other neighbour (measured: one plane
+    of 53 in a 1.5 -> 2 mm inverse; tests/test_bundle.py)."""
     src = np.array([[2.0 / size_in, 1.0 / size_in - 1.0], [0.0, 1.0]])
     dst = np.linalg.inv(np.array([[2.0 / size_out, 1.0 / size_out - 1.0], [0.0, 1.0]]))
     mapped = src @ np.array([[scale, shift], [0.0, 1.0]])
@@ -82,8 +84,9 @@ def _sampled_positions(scale: float, shift: float, size_in: int, size_out: int) 
 
 def resample_nearest(array: np.ndarray, affine: np.ndarray, grid: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """``array`` ``(C, X, Y, Z)`` on ``affine`` onto the grid ``grid``/``shape`` with the same axis directions,
-    each voxel taking its nearest source voxel (ties as MONAI's resampling breaks them), positions past the
-    edge the edge's: how a mask goes back from the network's grid to the file's."""
+    each voxel taking its nearest source voxel (ties mostly as MONAI's resampling breaks them: see
+    ``_sampled_positions``), positions past the edge the edge's: how a mask goes back from the network's
+    grid to the file's."""
     voxels = np.linalg.solve(affine, grid)
     if np.any(np.abs(voxels[:3, :3][~np.eye(3, dtype=bool)]) > 1e-6):
         raise ValueError("resample_nearest: the grids' axes are not parallel")
