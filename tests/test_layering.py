@@ -86,7 +86,7 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "plots": _leaf("utils"),
     # A deployment bundle's runtime is copied into the bundle: it imports nothing of swinssl (nor torch or
     # MONAI: tests/test_bundle.py).
-    "bundle": _leaf(),
+    "bundle": _leaf("bundle"),
 }
 
 # Stage modules: the stages that the runner runs, and the probe beside them. Siblings: none imports
