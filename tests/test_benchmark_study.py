@@ -128,6 +128,10 @@ def test_every_arm_trains_on_one_split_and_the_outputs_hold_every_number(tmp_pat
     text = report.read_text()
     assert "dev" in text and "never chosen on" in text and "Holm" in text
     assert not re.search(r"[+-]nan\b", text)  # an interval that does not exist is said in words
+    for u in results["units"]:  # each mean Dice of the report's table: over the unit's test cases
+        if u["arm"] == "scratch":
+            mean = sum(u["case_dice"].values()) / len(u["case_dice"])
+            assert f"| {u['dataset']} ({u['tag']}) | 1 | {mean:.3f} | 1.000 |" in text
     assert any(c["effect_low"] != c["effect_low"] for c in results["comparisons"]) == ("too few pairs" in text)
     # One test case per arm for the 3D viewer, from the test dataset.
     viewer = results["viewer"]

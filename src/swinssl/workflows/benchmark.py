@@ -235,10 +235,8 @@ def mean_dice_by_setting(rows: Sequence[dict], tag: str) -> dict[str, dict[str, 
 def choose_on_dev(rows: Sequence[dict]) -> str | None:
     """The arm the study recommends: the best mean rank over the dev datasets' settings. Only dev rows
     are read: a test dataset never feeds a choice. None without dev datasets."""
-    dev = [r for r in rows if r["tag"] == "dev"]
-    if not dev:
-        return None
-    return next(iter(mean_ranks(mean_dice_by_setting(dev, "dev"))))
+    settings = mean_dice_by_setting(rows, "dev")
+    return next(iter(mean_ranks(settings))) if settings else None
 
 
 def benchmark_results(rows: Sequence[dict], arms: Sequence[str], datasets: Sequence[Dataset], out: Path) -> dict:
@@ -305,7 +303,6 @@ def benchmark_report(results: dict, out: Path) -> str:
     """``report.md``: setup, mean Dice, rank tables (dev and test apart), corrected comparisons, maps,
     device-hours, and the choice made on dev."""
     setup = results["setup"]
-    units = results["units"]
     lines = ["# Benchmark study: pre-trained Swin vs scratch vs nnU-Net", "",
              f"Preset `{setup['preset']}`; label fractions {', '.join(f'{f:g}' for f in setup['fractions'])}; "
              f"seeds {', '.join(map(str, setup['seeds']))}; arms {', '.join(f'`{a}`' for a in setup['arms'])}.", ""]
@@ -325,11 +322,8 @@ def benchmark_report(results: dict, out: Path) -> str:
               "| --- | --- |" + " --- |" * len(setup["arms"])]
     for d in setup["datasets"]:
         for f in setup["fractions"]:
-            cells = []
-            for arm in setup["arms"]:
-                values = [v for u in units if u["dataset"] == d["name"] and u["fraction"] == f and u["arm"] == arm
-                          for v in u["case_dice"].values()]
-                cells.append(f"{sum(values) / len(values):.3f}" if values else "-")
+            means = results["ranks"].get(d["tag"], {}).get("mean_dice", {}).get(f"{d['name']}@{f:g}", {})
+            cells = [f"{means[arm]:.3f}" if arm in means else "-" for arm in setup["arms"]]
             lines.append(f"| {d['name']} ({d['tag']}) | {f:g} | " + " | ".join(cells) + " |")
     for tag in TAGS:
         if tag in results["ranks"]:

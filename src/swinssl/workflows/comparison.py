@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from swinssl.plots import save_figure
 from swinssl.workflows.verdict import paired_verdict
 
 
@@ -272,12 +273,5 @@ def significance_figure(comparisons: Sequence[Comparison], arms: Sequence[str], 
 
 
 def plot_significance_map(comparisons: Sequence[Comparison], arms: Sequence[str], path: Path, title: str) -> Path:
-    """Write ``significance_figure`` as a PNG at ``path``."""
-    path = Path(path)
-    fig = significance_figure(comparisons, arms, title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)  # a reader never sees half a PNG
-    return path
+    """Write ``significance_figure`` as a PNG at ``path`` (atomically: ``plots.save_figure``)."""
+    return save_figure(Path(path), significance_figure(comparisons, arms, title), dpi=100)
