@@ -207,9 +207,10 @@ class SeparableNearestResample(SpatialResample):
                                           align, dtype, False, self.get_transform_info())
             index.append(picked.as_tensor().reshape(-1).round().long() - 1)  # -1: outside, padded with zeros
         values = data.as_tensor().to(torch.float32)
-        values = torch.cat([values, values.new_zeros(values.shape[0], 1, *values.shape[2:])], 1)[:, index[0]]
-        values = torch.cat([values, values.new_zeros(*values.shape[:2], 1, values.shape[3])], 2)[:, :, index[1]]
-        values = torch.cat([values, values.new_zeros(*values.shape[:3], 1)], 3)[:, :, :, index[2]]
+        for axis, picked in enumerate(index, start=1):
+            zeros = list(values.shape)
+            zeros[axis] = 1  # one plane of zeros after the last: what index -1 picks
+            values = torch.cat([values, values.new_zeros(zeros)], axis)[(slice(None),) * axis + (picked,)]
         out = MetaTensor(values, meta=data.meta, applied_operations=data.applied_operations)
         out.affine = torch.from_numpy(source) @ torch.from_numpy(voxels)  # as MONAI's track_transform_meta sets it
         return out

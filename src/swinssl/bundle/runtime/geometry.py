@@ -45,14 +45,21 @@ def resampled_grid(affine: np.ndarray, shape: tuple[int, ...], spacing: tuple[fl
     return grid, out_shape
 
 
+def _axis_map(affine: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The map from ``grid``'s voxels to ``affine``'s (4 x 4), refused unless it acts per axis (a scale and a
+    shift each: the grids' axes are parallel)."""
+    voxels = np.linalg.solve(affine, grid)
+    if np.any(np.abs(voxels[:3, :3][~np.eye(3, dtype=bool)]) > 1e-6):
+        raise ValueError("the grids' axes are not parallel: resampling here acts per axis")
+    return voxels
+
+
 def resample_linear(array: np.ndarray, affine: np.ndarray, grid: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """``array`` ``(C, X, Y, Z)`` on ``affine`` linearly interpolated onto the grid ``grid``/``shape`` with
     the same axis directions (the voxel-to-voxel map a scale and shift per axis): one linear
     interpolation per axis, positions past the edge taking the edge's value (MONAI's bilinear
     resampling with border padding)."""
-    voxels = np.linalg.solve(affine, grid)
-    if np.any(np.abs(voxels[:3, :3][~np.eye(3, dtype=bool)]) > 1e-6):
-        raise ValueError("resample_linear: the grids' axes are not parallel")
+    voxels = _axis_map(affine, grid)
     out = array.astype(np.float32, copy=False)
     for axis in range(3):
         size = out.shape[1 + axis]
@@ -87,9 +94,7 @@ def resample_nearest(array: np.ndarray, affine: np.ndarray, grid: np.ndarray, sh
     each voxel taking its nearest source voxel (ties mostly as MONAI's resampling breaks them: see
     ``_sampled_positions``), positions past the edge the edge's: how a mask goes back from the network's
     grid to the file's."""
-    voxels = np.linalg.solve(affine, grid)
-    if np.any(np.abs(voxels[:3, :3][~np.eye(3, dtype=bool)]) > 1e-6):
-        raise ValueError("resample_nearest: the grids' axes are not parallel")
+    voxels = _axis_map(affine, grid)
     out = array
     for axis in range(3):
         size = out.shape[1 + axis]
